@@ -1,4 +1,479 @@
 //! Experiment configuration: the TOML schema, `--set` overrides and validation.
+//!
+//! A config file names the run and its seed and holds the tables `[data]`, `[model]`,
+//! `[train]` and one `[[loss]]` table per loss term. Unknown keys are errors that name the key
+//! and suggest the nearest valid one; values are checked before any work starts.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{anyhow, bail, Context, Result};
+use serde::{de::DeserializeOwned, Deserialize, Serialize};
+
+use crate::data::synth::SynthConfig;
+use crate::loss::{Activation, Loss, TermDefaults};
+
+/// One experiment: data, model, schedule and loss.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// The run's name: its outputs go to `runs/<name>/`.
+    pub name: String,
+    #[serde(default)]
+    pub seed: u64,
+    pub data: DataConfig,
+    #[serde(default)]
+    pub model: ModelConfig,
+    pub train: TrainConfig,
+    /// The `[[loss]]` tables, parsed by the loss registry.
+    #[serde(default)]
+    pub loss: Vec<toml::Table>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DataConfig {
+    /// Dataset folder: `images/` + `masks/`, or `train/` and `val/` each holding both.
+    pub root: PathBuf,
+    /// Side of the square images the model sees (resized); divisible by 2^depth.
+    pub image_size: usize,
+    /// 1 (grey) or 3 (RGB); images are converted.
+    #[serde(default = "three")]
+    pub channels: usize,
+    /// Output channels: 1 for binary masks, C for class-index masks.
+    #[serde(default = "one")]
+    pub classes: usize,
+    /// Share of the images held out for validation (without `train/` + `val/` folders).
+    #[serde(default = "default_val_fraction")]
+    pub val_fraction: f64,
+    /// Mask value excluded from the loss and metrics (class-index masks).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ignore_index: Option<i64>,
+    /// Per-channel normalisation; computed from the training images when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mean: Option<Vec<f64>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub std: Option<Vec<f64>>,
+    #[serde(default)]
+    pub augment: AugmentConfig,
+    /// Threads that prepare batches while the model trains.
+    #[serde(default = "two")]
+    pub workers: usize,
+    /// Generate `root` with these settings when it does not exist.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub synth: Option<SynthConfig>,
+}
+
+/// Training-time augmentation (train split only, seeded).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AugmentConfig {
+    /// Random horizontal and vertical flips.
+    #[serde(default = "yes")]
+    pub flip: bool,
+    /// Random rotation by a multiple of 90°.
+    #[serde(default = "yes")]
+    pub rotate90: bool,
+    /// Largest brightness shift, in standard deviations (0 = off).
+    #[serde(default = "default_jitter")]
+    pub brightness: f64,
+    /// Largest relative contrast change (0 = off).
+    #[serde(default = "default_jitter")]
+    pub contrast: f64,
+    /// Smallest side of a random crop, as a fraction of the image, resized back (1 = off).
+    #[serde(default = "one_f")]
+    pub min_crop: f64,
+}
+
+impl Default for AugmentConfig {
+    fn default() -> Self {
+        Self {
+            flip: true,
+            rotate90: true,
+            brightness: default_jitter(),
+            contrast: default_jitter(),
+            min_crop: 1.0,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelConfig {
+    #[serde(default = "default_base_width")]
+    pub base_width: usize,
+    #[serde(default = "default_depth")]
+    pub depth: usize,
+    /// π of the head's bias init −log((1 − π)/π); 0 keeps PyTorch's default init.
+    #[serde(default = "default_prior")]
+    pub prior: f64,
+    /// Output activation; default: sigmoid for 1 class, softmax for more.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub activation: Option<Activation>,
+}
+
+impl Default for ModelConfig {
+    fn default() -> Self {
+        Self {
+            base_width: default_base_width(),
+            depth: default_depth(),
+            prior: default_prior(),
+            activation: None,
+        }
+    }
+}
+
+/// Learning-rate schedule after warm-up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Schedule {
+    Constant,
+    Cosine,
+    /// `(1 − t)^0.9`, nnU-Net's schedule.
+    Poly,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainConfig {
+    pub epochs: usize,
+    pub batch_size: usize,
+    #[serde(default = "default_lr")]
+    pub lr: f64,
+    #[serde(default = "default_weight_decay")]
+    pub weight_decay: f64,
+    #[serde(default = "default_schedule")]
+    pub schedule: Schedule,
+    #[serde(default)]
+    pub warmup_epochs: f64,
+    /// Largest global gradient norm (absent = no clipping).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub grad_clip: Option<f64>,
+    /// auto | cpu | cuda | cuda:N | metal
+    #[serde(default = "default_device")]
+    pub device: String,
+    /// Also checkpoint every this many updates (0: only at the end of each epoch).
+    #[serde(default)]
+    pub checkpoint_every: usize,
+    /// A non-finite loss or gradient: stop with an error, or skip the batch and count it.
+    #[serde(default)]
+    pub on_non_finite: NonFinite,
+}
+
+/// What training does with a batch whose loss or gradient is NaN or infinite.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NonFinite {
+    /// Stop with an error naming the epoch, step and loss term; the last checkpoint is kept.
+    #[default]
+    Error,
+    /// Skip the update and count the batch.
+    Skip,
+}
+
+fn one() -> usize {
+    1
+}
+fn two() -> usize {
+    2
+}
+fn three() -> usize {
+    3
+}
+fn yes() -> bool {
+    true
+}
+fn one_f() -> f64 {
+    1.0
+}
+fn default_val_fraction() -> f64 {
+    0.2
+}
+fn default_jitter() -> f64 {
+    0.1
+}
+fn default_base_width() -> usize {
+    16
+}
+fn default_depth() -> usize {
+    4
+}
+fn default_prior() -> f64 {
+    0.01
+}
+fn default_lr() -> f64 {
+    1e-3
+}
+fn default_weight_decay() -> f64 {
+    1e-4
+}
+fn default_schedule() -> Schedule {
+    Schedule::Cosine
+}
+fn default_device() -> String {
+    "auto".into()
+}
+
+impl Config {
+    /// Reads `path`, applies `--set key=value` overrides and validates the result. Errors name
+    /// the file, and the line and column of TOML syntax errors.
+    pub fn load(path: &Path, overrides: &[String]) -> Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read config {}", path.display()))?;
+        Self::from_toml(&text, overrides).with_context(|| format!("config {}", path.display()))
+    }
+
+    /// Parses, overrides and validates a config given as TOML text.
+    pub fn from_toml(text: &str, overrides: &[String]) -> Result<Self> {
+        let mut table: toml::Table = text.parse().map_err(|e: toml::de::Error| anyhow!("{e}"))?;
+        for o in overrides {
+            apply_override(&mut table, o)?;
+        }
+        let config: Config = from_table(table, "")?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// The loss of the `[[loss]]` tables, checked against the model's output channels.
+    pub fn loss(&self) -> Result<Loss> {
+        let loss = Loss::from_tables(&self.loss, self.term_defaults())?;
+        loss.check(self.data.classes)?;
+        Ok(loss)
+    }
+
+    pub fn term_defaults(&self) -> TermDefaults {
+        TermDefaults {
+            activation: self.model.activation,
+            ignore_index: self.data.ignore_index,
+        }
+    }
+
+    /// The model's output activation.
+    pub fn activation(&self) -> Activation {
+        self.model
+            .activation
+            .unwrap_or_else(|| Activation::default_for(self.data.classes))
+    }
+
+    /// The resolved config as TOML (overrides applied, defaults filled in).
+    pub fn to_toml(&self) -> Result<String> {
+        toml::to_string(self).context("cannot encode the config as TOML")
+    }
+
+    fn validate(&self) -> Result<()> {
+        let bad = |key: &str, msg: String| Err(anyhow!("{key}: {msg}"));
+        if self.name.is_empty()
+            || self.name.contains(['/', '\\'])
+            || self.name == "."
+            || self.name == ".."
+        {
+            return bad(
+                "name",
+                format!("`{}` is not usable as a folder name", self.name),
+            );
+        }
+        let d = &self.data;
+        let m = &self.model;
+        let t = &self.train;
+        if !(1..=6).contains(&m.depth) {
+            return bad("model.depth", format!("must be 1..=6, got {}", m.depth));
+        }
+        if m.base_width == 0 {
+            return bad("model.base_width", "must be >= 1".into());
+        }
+        if !(m.prior == 0.0 || (m.prior > 0.0 && m.prior < 1.0)) {
+            return bad(
+                "model.prior",
+                format!(
+                    "must lie in (0, 1) (or 0 for PyTorch's default bias init), got {}",
+                    m.prior
+                ),
+            );
+        }
+        let multiple = 1usize << m.depth;
+        if d.image_size == 0 || !d.image_size.is_multiple_of(multiple) {
+            return bad(
+                "data.image_size",
+                format!(
+                    "{} is not a positive multiple of 2^depth = {multiple} (model.depth = {})",
+                    d.image_size, m.depth
+                ),
+            );
+        }
+        if ![1, 3].contains(&d.channels) {
+            return bad(
+                "data.channels",
+                format!("must be 1 or 3, got {}", d.channels),
+            );
+        }
+        if d.classes == 0 {
+            return bad("data.classes", "must be >= 1".into());
+        }
+        if !(d.val_fraction > 0.0 && d.val_fraction < 1.0) {
+            return bad(
+                "data.val_fraction",
+                format!("must lie in (0, 1), got {}", d.val_fraction),
+            );
+        }
+        for (key, values) in [("data.mean", &d.mean), ("data.std", &d.std)] {
+            if let Some(v) = values {
+                if v.len() != d.channels {
+                    return bad(
+                        key,
+                        format!("has {} entries for {} channels", v.len(), d.channels),
+                    );
+                }
+                if v.iter().any(|x| !x.is_finite()) {
+                    return bad(key, "must hold finite numbers".into());
+                }
+            }
+        }
+        if let Some(std) = &d.std {
+            if std.iter().any(|s| *s <= 0.0) {
+                return bad("data.std", "must be > 0".into());
+            }
+        }
+        let a = &d.augment;
+        if !(0.0..=2.0).contains(&a.brightness) {
+            return bad(
+                "data.augment.brightness",
+                format!("must lie in [0, 2], got {}", a.brightness),
+            );
+        }
+        if !(0.0..1.0).contains(&a.contrast) {
+            return bad(
+                "data.augment.contrast",
+                format!("must lie in [0, 1), got {}", a.contrast),
+            );
+        }
+        if !(a.min_crop > 0.0 && a.min_crop <= 1.0) {
+            return bad(
+                "data.augment.min_crop",
+                format!("must lie in (0, 1], got {}", a.min_crop),
+            );
+        }
+        if d.workers == 0 {
+            return bad("data.workers", "must be >= 1".into());
+        }
+        if let Some(s) = &d.synth {
+            s.validate().map_err(|e| anyhow!("data.synth.{e}"))?;
+        }
+        if t.epochs == 0 {
+            return bad("train.epochs", "must be >= 1".into());
+        }
+        if t.batch_size == 0 {
+            return bad("train.batch_size", "must be >= 1".into());
+        }
+        if !(t.lr > 0.0 && t.lr.is_finite()) {
+            return bad("train.lr", format!("must be > 0, got {}", t.lr));
+        }
+        if !(t.weight_decay >= 0.0 && t.weight_decay.is_finite()) {
+            return bad(
+                "train.weight_decay",
+                format!("must be >= 0, got {}", t.weight_decay),
+            );
+        }
+        if !(t.warmup_epochs >= 0.0 && t.warmup_epochs <= t.epochs as f64) {
+            return bad(
+                "train.warmup_epochs",
+                format!(
+                    "must lie in [0, epochs = {}], got {}",
+                    t.epochs, t.warmup_epochs
+                ),
+            );
+        }
+        if let Some(c) = t.grad_clip {
+            if !(c > 0.0 && c.is_finite()) {
+                return bad("train.grad_clip", format!("must be > 0, got {c}"));
+            }
+        }
+        crate::device::DeviceChoice::parse(&t.device).map_err(|e| anyhow!("train.device: {e}"))?;
+        self.loss()?;
+        Ok(())
+    }
+}
+
+/// Deserializes a TOML table into `T`; errors name the dotted key (below `prefix`) and suggest
+/// the nearest valid key or value.
+pub fn from_table<T: DeserializeOwned>(table: toml::Table, prefix: &str) -> Result<T> {
+    serde_path_to_error::deserialize(toml::Value::Table(table)).map_err(|e| {
+        let path = e.path().to_string();
+        let message = explain_de_error(&e.inner().to_string(), &[]);
+        let key = match (prefix, path.as_str()) {
+            (p, ".") => p.to_string(),
+            ("", p) => p.to_string(),
+            (p, q) => format!("{p}.{q}"),
+        };
+        if key.is_empty() {
+            anyhow!("{message}")
+        } else {
+            anyhow!("{key}: {message}")
+        }
+    })
+}
+
+/// Applies one `key=value` override: the key is a dotted path of table keys and array
+/// indices (`train.epochs`, `loss.1.gamma`); the value is TOML (`3`, `1e-3`, `true`,
+/// `"x"`, `[1, 2]`) or else a bare string.
+pub fn apply_override(table: &mut toml::Table, assignment: &str) -> Result<()> {
+    let (key, raw) = assignment
+        .split_once('=')
+        .ok_or_else(|| anyhow!("--set {assignment}: expected key=value"))?;
+    let (key, raw) = (key.trim(), raw.trim());
+    let parts: Vec<&str> = key.split('.').collect();
+    if parts.iter().any(|p| p.is_empty()) {
+        bail!("--set {assignment}: malformed key `{key}`");
+    }
+    let value = match format!("v = {raw}").parse::<toml::Table>() {
+        Ok(mut t) => t.remove("v").expect("the parsed key"),
+        Err(_) => toml::Value::String(raw.to_string()),
+    };
+    let mut root = toml::Value::Table(std::mem::take(table));
+    let result = set_path(&mut root, &parts, value, "");
+    if let toml::Value::Table(t) = root {
+        *table = t;
+    }
+    result.map_err(|e| anyhow!("--set {assignment}: {e}"))
+}
+
+fn set_path(
+    node: &mut toml::Value,
+    parts: &[&str],
+    value: toml::Value,
+    parent: &str,
+) -> std::result::Result<(), String> {
+    let (first, rest) = parts.split_first().expect("a non-empty path");
+    let here = if parent.is_empty() {
+        first.to_string()
+    } else {
+        format!("{parent}.{first}")
+    };
+    let slot = match node {
+        toml::Value::Table(t) => {
+            if rest.is_empty() {
+                t.insert(first.to_string(), value);
+                return Ok(());
+            }
+            t.entry(first.to_string())
+                .or_insert_with(|| toml::Value::Table(toml::Table::new()))
+        }
+        toml::Value::Array(items) => {
+            let i: usize = first
+                .parse()
+                .map_err(|_| format!("`{parent}` is a list: index it with a number"))?;
+            let len = items.len();
+            let slot = items
+                .get_mut(i)
+                .ok_or_else(|| format!("`{parent}` has {len} entries, no index {i}"))?;
+            if rest.is_empty() {
+                *slot = value;
+                return Ok(());
+            }
+            slot
+        }
+        _ => return Err(format!("`{parent}` is a value, not a table")),
+    };
+    set_path(slot, rest, value, &here)
+}
 
 /// `" (did you mean `x`?)"` when a candidate is close to `given`, else `""`.
 pub fn suggest(given: &str, candidates: &[&str]) -> String {
@@ -14,7 +489,8 @@ pub fn suggest(given: &str, candidates: &[&str]) -> String {
 /// Rewrites a serde message about an unknown field or variant so it suggests the nearest
 /// valid name; `extra` are further valid names the message does not list.
 pub fn explain_de_error(message: &str, extra: &[&str]) -> String {
-    let message = message.trim_end();
+    // toml appends "\nin `key`" lines: the caller names the key itself
+    let message = message.lines().next().unwrap_or_default().trim_end();
     let Some(rest) = message
         .strip_prefix("unknown field `")
         .or_else(|| message.strip_prefix("unknown variant `"))

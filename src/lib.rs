@@ -1,6 +1,18 @@
 //! segtrain: a U-Net segmentation trainer on Candle with imbalance-aware losses.
 //!
-//! Data flows one way: [`config`] → data → model → [`loss`] → train → metrics / export.
+//! Data flows one way: [`config`] → data → model → [`loss`] → train → metrics / export; the
+//! [`cli`] commands sit on top.
 
+pub mod cli;
 pub mod config;
+pub mod data;
+pub mod device;
+pub mod export;
+pub mod fsutil;
+pub mod inference;
+pub mod kernels;
 pub mod loss;
+pub mod metrics;
+pub mod model;
+pub mod predict;
+pub mod train;

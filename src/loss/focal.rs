@@ -49,7 +49,10 @@ fn default_gamma() -> f64 {
 
 /// The class-balancing weight α: one float, or (softmax) one per class.
 #[derive(Debug, Clone, Deserialize)]
-#[serde(untagged)]
+#[serde(
+    untagged,
+    expecting = "a number in [0, 1] or (softmax) a list of one number per class"
+)]
 pub enum Alpha {
     Scalar(f64),
     PerClass(Vec<f64>),

@@ -70,9 +70,14 @@ impl LossKind {
 fn build_from_table<T: LossFn + DeserializeOwned + 'static>(
     options: toml::Table,
 ) -> std::result::Result<Box<dyn LossFn>, String> {
-    let loss: T = options
-        .try_into()
-        .map_err(|e: toml::de::Error| explain_de_error(e.message(), COMMON_KEYS))?;
+    let loss: T = serde_path_to_error::deserialize(toml::Value::Table(options)).map_err(|e| {
+        let message = explain_de_error(&e.inner().to_string(), COMMON_KEYS);
+        match e.path().to_string().as_str() {
+            "." => message,
+            _ if message.starts_with("unknown key") => message,
+            key => format!("`{key}`: {message}"),
+        }
+    })?;
     loss.validate()?;
     Ok(Box::new(loss))
 }

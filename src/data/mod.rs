@@ -1,0 +1,435 @@
+//! Datasets: folders of image/mask pairs, read once into memory, split, normalised.
+//!
+//! Layout: `ROOT/images/<stem>.{png,jpg,jpeg}` with `ROOT/masks/<stem>.png`, or `ROOT/train/…`
+//! and `ROOT/val/…` with the same layout. Images are converted to the configured channels and
+//! resized to `image_size` (bilinear); masks are resized with nearest neighbour. Binary masks
+//! (classes = 1): any non-zero value is foreground. Class-index masks: value = class, or
+//! `ignore_index`.
+
+pub mod augment;
+pub mod loader;
+pub mod synth;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use anyhow::{anyhow, bail, Context, Result};
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use rayon::prelude::*;
+
+use crate::config::DataConfig;
+
+/// One image/mask pair on disk.
+#[derive(Debug, Clone)]
+pub struct PairPaths {
+    pub stem: String,
+    pub image: PathBuf,
+    pub mask: PathBuf,
+}
+
+/// A loaded pair: the image as planar `channels × size × size` values in [0, 1] (not yet
+/// normalised) and the mask as one class index per pixel (`ignore_index` kept as is).
+#[derive(Debug, Clone)]
+pub struct Sample {
+    pub stem: String,
+    pub image: Vec<f32>,
+    pub mask: Vec<u8>,
+}
+
+/// How to read pairs: what the model expects.
+#[derive(Debug, Clone, Copy)]
+pub struct Format {
+    pub channels: usize,
+    pub size: usize,
+    pub classes: usize,
+    pub ignore_index: Option<i64>,
+}
+
+impl Format {
+    pub fn of(cfg: &DataConfig) -> Self {
+        Self {
+            channels: cfg.channels,
+            size: cfg.image_size,
+            classes: cfg.classes,
+            ignore_index: cfg.ignore_index,
+        }
+    }
+
+    /// The mask value stored for ignored pixels (must fit a u8 mask).
+    fn ignore_value(&self) -> Option<u8> {
+        self.ignore_index.and_then(|i| u8::try_from(i).ok())
+    }
+}
+
+const IMAGE_EXTENSIONS: &[&str] = &["png", "jpg", "jpeg"];
+
+/// The pairs of one `images/` + `masks/` folder, sorted by stem. A missing partner is an error
+/// that names the file.
+pub fn scan_pairs(dir: &Path) -> Result<Vec<PairPaths>> {
+    let (images_dir, masks_dir) = (dir.join("images"), dir.join("masks"));
+    for d in [&images_dir, &masks_dir] {
+        if !d.is_dir() {
+            bail!(
+                "{}: missing folder; a dataset holds images/<stem>.png|jpg and masks/<stem>.png",
+                d.display()
+            );
+        }
+    }
+    let list = |d: &Path, extensions: &[&str]| -> Result<BTreeMap<String, PathBuf>> {
+        let mut found = BTreeMap::new();
+        for entry in std::fs::read_dir(d).with_context(|| format!("cannot list {}", d.display()))? {
+            let path = entry?.path();
+            let ext = path
+                .extension()
+                .map(|e| e.to_string_lossy().to_ascii_lowercase())
+                .unwrap_or_default();
+            if !path.is_file() || !extensions.contains(&ext.as_str()) {
+                continue;
+            }
+            let stem = path
+                .file_stem()
+                .expect("a file name")
+                .to_string_lossy()
+                .to_string();
+            if let Some(previous) = found.insert(stem.clone(), path.clone()) {
+                bail!(
+                    "{} and {}: two images with the stem `{stem}`",
+                    previous.display(),
+                    path.display()
+                );
+            }
+        }
+        Ok(found)
+    };
+    let images = list(&images_dir, IMAGE_EXTENSIONS)?;
+    let masks = list(&masks_dir, &["png"])?;
+    for (stem, path) in &masks {
+        if !images.contains_key(stem) {
+            bail!(
+                "{}: mask without an image (no images/{stem}.png|jpg)",
+                path.display()
+            );
+        }
+    }
+    images
+        .into_iter()
+        .map(|(stem, image)| match masks.get(&stem) {
+            Some(mask) => Ok(PairPaths {
+                stem,
+                image,
+                mask: mask.clone(),
+            }),
+            None => Err(anyhow!(
+                "{}: image without a mask (expected {})",
+                image.display(),
+                masks_dir.join(format!("{stem}.png")).display()
+            )),
+        })
+        .collect()
+}
+
+/// Reads an image as planar `channels × size × size` values in [0, 1].
+pub fn load_image(path: &Path, channels: usize, size: usize) -> Result<(Vec<f32>, (u32, u32))> {
+    let img = image::ImageReader::open(path)
+        .with_context(|| format!("cannot open {}", path.display()))?
+        .with_guessed_format()
+        .with_context(|| format!("cannot read {}", path.display()))?
+        .decode()
+        .map_err(|e| anyhow!("{}: not a readable image ({e})", path.display()))?;
+    let dims = (img.width(), img.height());
+    Ok((image_to_planar(&img, channels, size), dims))
+}
+
+/// Converts a decoded image to `channels` (grey or RGB) and resizes it to `size × size`
+/// (bilinear, antialiased when shrinking), as planar f32 in [0, 1].
+pub fn image_to_planar(img: &image::DynamicImage, channels: usize, size: usize) -> Vec<f32> {
+    use image::imageops::{resize, FilterType};
+    let s = size as u32;
+    let planes: Vec<Vec<f32>> = if channels == 1 {
+        let grey = image::DynamicImage::ImageLuma16(img.to_luma16()).into_rgb32f();
+        let r = resize(&grey, s, s, FilterType::Triangle);
+        vec![r.pixels().map(|p| p.0[0]).collect()]
+    } else {
+        let rgb = img.to_rgb32f();
+        let r = resize(&rgb, s, s, FilterType::Triangle);
+        (0..3)
+            .map(|c| r.pixels().map(|p| p.0[c]).collect())
+            .collect()
+    };
+    planes.concat()
+}
+
+/// A mask PNG's values, one per pixel: grey level (8 or 16 bit), palette index, or for colour
+/// masks the largest of R, G, B (alpha is ignored).
+pub struct MaskValues {
+    pub values: Vec<u32>,
+    pub width: u32,
+    pub height: u32,
+    /// True for RGB(A) masks, which can only be binary.
+    pub colour: bool,
+}
+
+/// Reads a mask PNG without any colour conversion (palette indices stay indices).
+pub fn read_mask_values(path: &Path) -> Result<MaskValues> {
+    let file =
+        std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+    let mut decoder = png::Decoder::new(std::io::BufReader::new(file));
+    decoder.set_transformations(png::Transformations::IDENTITY);
+    let mut reader = decoder
+        .read_info()
+        .map_err(|e| anyhow!("{}: not a readable PNG mask ({e})", path.display()))?;
+    let size = reader
+        .output_buffer_size()
+        .ok_or_else(|| anyhow!("{}: PNG too large", path.display()))?;
+    let mut buf = vec![0; size];
+    let info = reader
+        .next_frame(&mut buf)
+        .map_err(|e| anyhow!("{}: corrupt PNG mask ({e})", path.display()))?;
+    let samples = info.color_type.samples();
+    let colour_samples = match info.color_type {
+        png::ColorType::GrayscaleAlpha | png::ColorType::Rgba => samples - 1,
+        _ => samples,
+    };
+    let bits = info.bit_depth as usize;
+    let sample = |row: &[u8], i: usize| -> u32 {
+        match bits {
+            16 => u16::from_be_bytes([row[2 * i], row[2 * i + 1]]) as u32,
+            8 => row[i] as u32,
+            _ => {
+                let per_byte = 8 / bits;
+                let shift = 8 - bits * (i % per_byte + 1);
+                ((row[i / per_byte] >> shift) as u32) & ((1 << bits) - 1)
+            }
+        }
+    };
+    let (w, h) = (info.width as usize, info.height as usize);
+    let mut values = Vec::with_capacity(w * h);
+    for y in 0..h {
+        let row = &buf[y * info.line_size..(y + 1) * info.line_size];
+        for x in 0..w {
+            let v = (0..colour_samples)
+                .map(|c| sample(row, x * samples + c))
+                .max();
+            values.push(v.unwrap_or(0));
+        }
+    }
+    Ok(MaskValues {
+        values,
+        width: info.width,
+        height: info.height,
+        colour: colour_samples == 3,
+    })
+}
+
+/// Reads a mask and maps it to class indices, resized to `size` (nearest neighbour). Binary:
+/// any non-zero value is 1. Class-index: each value must be a class or `ignore_index`.
+pub fn load_mask(path: &Path, format: &Format) -> Result<(Vec<u8>, (u32, u32))> {
+    let MaskValues {
+        values,
+        width: w,
+        height: h,
+        colour,
+    } = read_mask_values(path)?;
+    if colour && format.classes > 1 {
+        bail!(
+            "{}: an RGB mask can only be binary; class-index masks (classes = {}) must be grey or palette PNGs",
+            path.display(),
+            format.classes
+        );
+    }
+    let ignore = format.ignore_index;
+    let classes: Vec<u8> = if format.classes == 1 && ignore.is_none() {
+        values.iter().map(|&v| u8::from(v > 0)).collect()
+    } else {
+        let ignore_value = format.ignore_value();
+        values
+            .iter()
+            .map(|&v| {
+                if Some(v as i64) == ignore {
+                    return Ok(ignore_value.expect("checked ignore_index"));
+                }
+                if format.classes == 1 {
+                    return Ok(u8::from(v > 0));
+                }
+                if (v as usize) < format.classes {
+                    Ok(v as u8)
+                } else {
+                    let ignored = match ignore {
+                        Some(i) => format!(" or ignore_index {i}"),
+                        None => String::new(),
+                    };
+                    Err(anyhow!(
+                        "{}: mask value {v} is not a class (classes = {}: values 0..={}{ignored})",
+                        path.display(),
+                        format.classes,
+                        format.classes - 1
+                    ))
+                }
+            })
+            .collect::<Result<_>>()?
+    };
+    Ok((
+        resize_nearest(&classes, w as usize, h as usize, format.size),
+        (w, h),
+    ))
+}
+
+/// Nearest-neighbour resize of a `w × h` map to `size × size` (pixel centres aligned).
+pub fn resize_nearest(values: &[u8], w: usize, h: usize, size: usize) -> Vec<u8> {
+    let mut out = Vec::with_capacity(size * size);
+    for y in 0..size {
+        let sy = (((y as f64 + 0.5) * h as f64 / size as f64) as usize).min(h - 1);
+        for x in 0..size {
+            let sx = (((x as f64 + 0.5) * w as f64 / size as f64) as usize).min(w - 1);
+            out.push(values[sy * w + sx]);
+        }
+    }
+    out
+}
+
+/// Loads one pair; image and mask must have the same size.
+pub fn load_pair(pair: &PairPaths, format: &Format) -> Result<Sample> {
+    let (image, image_dims) = load_image(&pair.image, format.channels, format.size)?;
+    let (mask, mask_dims) = load_mask(&pair.mask, format)?;
+    if image_dims != mask_dims {
+        bail!(
+            "{} is {}×{} but its mask {} is {}×{}",
+            pair.image.display(),
+            image_dims.0,
+            image_dims.1,
+            pair.mask.display(),
+            mask_dims.0,
+            mask_dims.1
+        );
+    }
+    Ok(Sample {
+        stem: pair.stem.clone(),
+        image,
+        mask,
+    })
+}
+
+/// Loads pairs in parallel, in order.
+pub fn load_pairs(pairs: &[PairPaths], format: &Format) -> Result<Vec<Sample>> {
+    pairs.par_iter().map(|p| load_pair(p, format)).collect()
+}
+
+/// The training and validation samples of a dataset and the normalisation applied to images.
+pub struct Dataset {
+    pub train: Vec<Sample>,
+    pub val: Vec<Sample>,
+    pub format: Format,
+    pub mean: Vec<f32>,
+    pub std: Vec<f32>,
+}
+
+impl Dataset {
+    /// Reads `root` (generating it first from `cfg.synth` when it does not exist), splits it
+    /// (`train/` + `val/` folders, or a seeded `val_fraction` split) and computes the
+    /// per-channel mean and std of the training images unless the config gives them.
+    pub fn open(cfg: &DataConfig, seed: u64) -> Result<Self> {
+        let root = &cfg.root;
+        if !root.exists() {
+            match &cfg.synth {
+                Some(synth) => {
+                    eprintln!(
+                        "generating the synthetic `{}` data set in {} ({} images of {}²)",
+                        synth.kind.name(),
+                        root.display(),
+                        synth.count,
+                        synth.size
+                    );
+                    synth::write_dataset(synth, root)?;
+                }
+                None => bail!("data.root: {} does not exist", root.display()),
+            }
+        }
+        let format = Format::of(cfg);
+        if let Some(i) = format.ignore_index {
+            if format.ignore_value().is_none() || (i as usize) < format.classes {
+                bail!("data.ignore_index: {i} must lie in classes..=255 to be stored in a mask");
+            }
+        }
+        let (train_pairs, val_pairs) = if root.join("train").is_dir() && root.join("val").is_dir() {
+            (
+                scan_pairs(&root.join("train"))?,
+                scan_pairs(&root.join("val"))?,
+            )
+        } else {
+            let mut all = scan_pairs(root)?;
+            if all.len() < 2 {
+                bail!(
+                    "{}: found {} image/mask pair(s); need at least 2 to hold one out for validation",
+                    root.display(),
+                    all.len()
+                );
+            }
+            all.shuffle(&mut ChaCha8Rng::seed_from_u64(seed ^ 0x5EED_5711));
+            let n_val =
+                ((all.len() as f64 * cfg.val_fraction).round() as usize).clamp(1, all.len() - 1);
+            let val = all.split_off(all.len() - n_val);
+            (all, val)
+        };
+        if train_pairs.is_empty() {
+            bail!("{}: no training images", root.display());
+        }
+        if val_pairs.is_empty() {
+            bail!("{}: the validation split is empty", root.display());
+        }
+        let train = load_pairs(&train_pairs, &format)?;
+        let val = load_pairs(&val_pairs, &format)?;
+        let (mean, std) = match (&cfg.mean, &cfg.std) {
+            (Some(m), Some(s)) => (
+                m.iter().map(|&v| v as f32).collect(),
+                s.iter().map(|&v| v as f32).collect(),
+            ),
+            (m, s) => {
+                let (cm, cs) = channel_stats(&train, format.channels, format.size);
+                (
+                    m.as_ref()
+                        .map_or(cm, |m| m.iter().map(|&v| v as f32).collect()),
+                    s.as_ref()
+                        .map_or(cs, |s| s.iter().map(|&v| v as f32).collect()),
+                )
+            }
+        };
+        Ok(Self {
+            train,
+            val,
+            format,
+            mean,
+            std,
+        })
+    }
+}
+
+/// Per-channel mean and standard deviation of planar images (std floored at 1e-3).
+pub fn channel_stats(samples: &[Sample], channels: usize, size: usize) -> (Vec<f32>, Vec<f32>) {
+    let plane = size * size;
+    (0..channels)
+        .map(|c| {
+            let (mut sum, mut sq, mut n) = (0f64, 0f64, 0f64);
+            for s in samples {
+                for &v in &s.image[c * plane..(c + 1) * plane] {
+                    sum += v as f64;
+                    sq += (v as f64) * (v as f64);
+                    n += 1.0;
+                }
+            }
+            let mean = sum / n;
+            let var = (sq / n - mean * mean).max(0.0);
+            (mean as f32, (var.sqrt().max(1e-3)) as f32)
+        })
+        .unzip()
+}
+
+/// `(x − mean) / std` per channel of a planar image, in place.
+pub fn normalize(image: &mut [f32], mean: &[f32], std: &[f32]) {
+    let plane = image.len() / mean.len();
+    for (c, chunk) in image.chunks_mut(plane).enumerate() {
+        let (m, s) = (mean[c], std[c]);
+        chunk.iter_mut().for_each(|v| *v = (*v - m) / s);
+    }
+}

@@ -1,0 +1,292 @@
+//! The U-Net, parameter for parameter the PyTorch module of the README (same names, shapes and
+//! initialisation scheme), so that `model.safetensors` loads into it with `strict=True`.
+
+mod init;
+
+use candle_core::{DType, Device, Result, Tensor};
+use candle_nn::{Init, VarBuilder, VarMap};
+use serde::{Deserialize, Serialize};
+
+pub use init::seeded_var_builder;
+
+use crate::kernels;
+
+/// BatchNorm epsilon and momentum (PyTorch's defaults).
+pub const BN_EPS: f64 = 1e-5;
+pub const BN_MOMENTUM: f64 = 0.1;
+
+/// The architecture: enough to rebuild the module and to check a weight file against it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UNetConfig {
+    pub in_channels: usize,
+    pub classes: usize,
+    pub base_width: usize,
+    pub depth: usize,
+}
+
+impl UNetConfig {
+    /// Every entry of the PyTorch module's `state_dict`: name, shape and whether it is a
+    /// trainable parameter (BatchNorm running statistics and `num_batches_tracked` are buffers).
+    pub fn state_dict_spec(&self) -> Vec<(String, Vec<usize>, DType)> {
+        let mut spec = vec![];
+        let mut double_conv = |prefix: &str, a: usize, b: usize| {
+            for (i, cin) in [(1, a), (2, b)] {
+                spec.push((
+                    format!("{prefix}.conv{i}.weight"),
+                    vec![b, cin, 3, 3],
+                    DType::F32,
+                ));
+                for stat in ["weight", "bias", "running_mean", "running_var"] {
+                    spec.push((format!("{prefix}.bn{i}.{stat}"), vec![b], DType::F32));
+                }
+                spec.push((
+                    format!("{prefix}.bn{i}.num_batches_tracked"),
+                    vec![],
+                    DType::I64,
+                ));
+            }
+        };
+        let f = self.base_width;
+        double_conv("inc", self.in_channels, f);
+        for i in 1..=self.depth {
+            double_conv(&format!("down{i}"), f << (i - 1), f << i);
+        }
+        let mut ups = vec![];
+        for i in 1..=self.depth {
+            let a = f << (self.depth - i + 1);
+            double_conv(&format!("up{i}"), a, a / 2);
+            ups.push((i, a));
+        }
+        for (i, a) in ups {
+            spec.push((format!("up{i}.up.weight"), vec![a, a / 2, 2, 2], DType::F32));
+            spec.push((format!("up{i}.up.bias"), vec![a / 2], DType::F32));
+        }
+        spec.push((
+            "head.weight".into(),
+            vec![self.classes, f, 1, 1],
+            DType::F32,
+        ));
+        spec.push(("head.bias".into(), vec![self.classes], DType::F32));
+        spec
+    }
+
+    /// Forward FLOPs of one image of `size × size` (multiply-adds count as 2).
+    pub fn forward_flops(&self, size: usize) -> f64 {
+        let conv = |cin: usize, cout: usize, k: usize, pixels: usize| {
+            2.0 * (cin * cout * k * k * pixels) as f64
+        };
+        let f = self.base_width;
+        let mut flops = 0.0;
+        let mut double = |a: usize, b: usize, side: usize| {
+            flops += conv(a, b, 3, side * side) + conv(b, b, 3, side * side);
+        };
+        double(self.in_channels, f, size);
+        for i in 1..=self.depth {
+            double(f << (i - 1), f << i, size >> i);
+        }
+        for i in 1..=self.depth {
+            let a = f << (self.depth - i + 1);
+            let side = size >> (self.depth - i);
+            double(a, a / 2, side);
+        }
+        let mut up = 0.0;
+        for i in 1..=self.depth {
+            let a = f << (self.depth - i + 1);
+            let side_in = size >> (self.depth - i + 1);
+            up += conv(a, a / 2, 2, side_in * side_in);
+        }
+        flops + up + conv(f, self.classes, 1, size * size)
+    }
+}
+
+/// PyTorch's default Conv init: U(−1/√fan_in, 1/√fan_in) for weight and bias
+/// (kaiming_uniform with a = √5).
+fn torch_uniform(fan_in: usize) -> Init {
+    let bound = 1.0 / (fan_in as f64).sqrt();
+    Init::Uniform {
+        lo: -bound,
+        up: bound,
+    }
+}
+
+/// BatchNorm2d with PyTorch's semantics: batch statistics in training (running statistics
+/// updated with momentum 0.1 and the unbiased variance), running statistics in evaluation.
+pub struct BatchNorm {
+    weight: Tensor,
+    bias: Tensor,
+    running_mean: Tensor,
+    running_var: Tensor,
+}
+
+impl BatchNorm {
+    fn new(channels: usize, vb: VarBuilder) -> Result<Self> {
+        Ok(Self {
+            weight: vb.get_with_hints(channels, "weight", Init::Const(1.0))?,
+            bias: vb.get_with_hints(channels, "bias", Init::Const(0.0))?,
+            running_mean: vb.get_with_hints(channels, "running_mean", Init::Const(0.0))?,
+            running_var: vb.get_with_hints(channels, "running_var", Init::Const(1.0))?,
+        })
+    }
+
+    /// `relu(bn(x))`; in training also updates the running statistics in place.
+    fn forward_relu(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        if !train {
+            return kernels::scale_shift_relu(
+                x,
+                &self.running_mean,
+                &self.running_var,
+                &self.weight,
+                &self.bias,
+                BN_EPS,
+            );
+        }
+        let (mean, var) = kernels::batch_stats(x)?;
+        let (n, _, h, w) = x.dims4()?;
+        let count = (n * h * w) as f64;
+        let unbiased = (var.detach() * (count / (count - 1.0).max(1.0)))?;
+        let m = BN_MOMENTUM;
+        let new_mean = ((&self.running_mean * (1.0 - m))? + (mean.detach() * m)?)?;
+        let new_var = ((&self.running_var * (1.0 - m))? + (unbiased * m)?)?;
+        self.running_mean.slice_set(&new_mean, 0, 0)?;
+        self.running_var.slice_set(&new_var, 0, 0)?;
+        kernels::scale_shift_relu(x, &mean, &var, &self.weight, &self.bias, BN_EPS)
+    }
+}
+
+/// `[Conv3×3 (no bias) → BN → ReLU] × 2`.
+pub struct DoubleConv {
+    conv1: Tensor,
+    bn1: BatchNorm,
+    conv2: Tensor,
+    bn2: BatchNorm,
+}
+
+impl DoubleConv {
+    fn new(a: usize, b: usize, vb: VarBuilder) -> Result<Self> {
+        Ok(Self {
+            conv1: vb
+                .pp("conv1")
+                .get_with_hints((b, a, 3, 3), "weight", torch_uniform(a * 9))?,
+            bn1: BatchNorm::new(b, vb.pp("bn1"))?,
+            conv2: vb
+                .pp("conv2")
+                .get_with_hints((b, b, 3, 3), "weight", torch_uniform(b * 9))?,
+            bn2: BatchNorm::new(b, vb.pp("bn2"))?,
+        })
+    }
+
+    fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        let x = self
+            .bn1
+            .forward_relu(&kernels::conv3x3(x, &self.conv1)?, train)?;
+        self.bn2
+            .forward_relu(&kernels::conv3x3(&x, &self.conv2)?, train)
+    }
+}
+
+/// `ConvTranspose2d(a, a/2, 2, stride 2)` → `cat([skip, up], 1)` → DoubleConv.
+struct Up {
+    weight: Tensor,
+    bias: Tensor,
+    conv: DoubleConv,
+}
+
+impl Up {
+    fn new(a: usize, b: usize, vb: VarBuilder) -> Result<Self> {
+        // PyTorch computes a transposed conv's fan-in from weight.size(1) · k · k
+        let init = torch_uniform(a / 2 * 4);
+        Ok(Self {
+            weight: vb
+                .pp("up")
+                .get_with_hints((a, a / 2, 2, 2), "weight", init)?,
+            bias: vb.pp("up").get_with_hints(a / 2, "bias", init)?,
+            conv: DoubleConv::new(a, b, vb)?,
+        })
+    }
+
+    fn forward(&self, x: &Tensor, skip: &Tensor, train: bool) -> Result<Tensor> {
+        let up = kernels::conv_transpose2x2(x, &self.weight, &self.bias)?;
+        self.conv.forward(&Tensor::cat(&[skip, &up], 1)?, train)
+    }
+}
+
+/// U-Net of base width f and depth d: `inc`, `down1..down{d}`, `up1` (deepest) `..up{d}`, `head`.
+pub struct UNet {
+    pub config: UNetConfig,
+    inc: DoubleConv,
+    downs: Vec<DoubleConv>,
+    ups: Vec<Up>,
+    head_weight: Tensor,
+    head_bias: Tensor,
+}
+
+impl UNet {
+    /// Builds the module from `vb`. `prior` (π) sets the head's bias to −log((1 − π)/π), the
+    /// focal-loss paper's initialisation, so that every output starts at p ≈ π; without it the
+    /// bias takes PyTorch's default init.
+    pub fn new(config: UNetConfig, prior: Option<f64>, vb: VarBuilder) -> Result<Self> {
+        let f = config.base_width;
+        let d = config.depth;
+        let inc = DoubleConv::new(config.in_channels, f, vb.pp("inc"))?;
+        let downs = (1..=d)
+            .map(|i| DoubleConv::new(f << (i - 1), f << i, vb.pp(format!("down{i}"))))
+            .collect::<Result<_>>()?;
+        let ups = (1..=d)
+            .map(|i| {
+                let a = f << (d - i + 1);
+                Up::new(a, a / 2, vb.pp(format!("up{i}")))
+            })
+            .collect::<Result<_>>()?;
+        let head = vb.pp("head");
+        let bias_init = match prior {
+            Some(p) => Init::Const(-((1.0 - p) / p).ln()),
+            None => torch_uniform(f),
+        };
+        Ok(Self {
+            config,
+            inc,
+            downs,
+            ups,
+            head_weight: head.get_with_hints(
+                (config.classes, f, 1, 1),
+                "weight",
+                torch_uniform(f),
+            )?,
+            head_bias: head.get_with_hints(config.classes, "bias", bias_init)?,
+        })
+    }
+
+    /// Logits `(N, classes, H, W)` of images `(N, in_channels, H, W)`; H and W divisible by 2^depth.
+    pub fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        let mut skips = vec![self.inc.forward(x, train)?];
+        for down in &self.downs {
+            let pooled = kernels::max_pool2(skips.last().expect("non-empty"))?;
+            skips.push(down.forward(&pooled, train)?);
+        }
+        let mut x = skips.pop().expect("non-empty");
+        for up in &self.ups {
+            x = up.forward(&x, &skips.pop().expect("one skip per level"), train)?;
+        }
+        kernels::conv1x1(&x, &self.head_weight, &self.head_bias)
+    }
+}
+
+/// A fresh, seeded model and the `VarMap` that owns its parameters and running statistics.
+pub fn init(
+    config: UNetConfig,
+    prior: Option<f64>,
+    seed: u64,
+    device: &Device,
+) -> Result<(UNet, VarMap)> {
+    let map = VarMap::new();
+    let vb = seeded_var_builder(&map, seed, DType::F32, device);
+    let model = UNet::new(config, prior, vb)?;
+    Ok((model, map))
+}
+
+/// Names of the trainable parameters among a state dict's entries.
+pub fn is_trainable(name: &str) -> bool {
+    !(name.ends_with(".running_mean")
+        || name.ends_with(".running_var")
+        || name.ends_with(".num_batches_tracked"))
+}

@@ -1,0 +1,684 @@
+//! The training loop: AdamW with warm-up and a schedule, global-norm gradient clipping,
+//! validation every epoch, the best model exported, checkpoints to resume from.
+//!
+//! A run writes to `runs/<name>/`: `config.toml` (resolved), `metrics.csv` (a row per epoch),
+//! `checkpoint.safetensors` (+ the previous one), `model.safetensors` (best validation Dice)
+//! and `summary.json`. Every file is replaced atomically.
+
+pub mod optim;
+pub mod schedule;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{anyhow, bail, Context, Result};
+use candle_core::{DType, Device, Tensor, Var};
+use candle_nn::{VarBuilder, VarMap};
+use indicatif::{ProgressBar, ProgressStyle};
+use serde::Serialize;
+
+use crate::config::{Config, NonFinite};
+use crate::data::loader::{epoch_batches, eval_batches, mix_seed, BatchRecipe, TrainLoader};
+use crate::data::Dataset;
+use crate::device::DeviceChoice;
+use crate::export::{self, ModelMeta};
+use crate::fsutil::{atomic_write, read_safetensors, write_safetensors};
+use crate::inference;
+use crate::loss::Loss;
+use crate::metrics::Report;
+use crate::model::{self, is_trainable, UNet, UNetConfig};
+use optim::AdamW;
+
+/// How to run a training job, beyond its config.
+#[derive(Debug, Clone)]
+pub struct TrainOptions {
+    /// Overrides `train.device`.
+    pub device: Option<String>,
+    /// Continue the run in the run folder from its last checkpoint.
+    pub resume: bool,
+    /// Replace whatever the run folder holds.
+    pub overwrite: bool,
+    /// Parent of the run folders (`runs`).
+    pub runs_dir: PathBuf,
+    /// Show progress bars (they are hidden anyway when stderr is not a terminal).
+    pub progress: bool,
+}
+
+impl Default for TrainOptions {
+    fn default() -> Self {
+        Self {
+            device: None,
+            resume: false,
+            overwrite: false,
+            runs_dir: PathBuf::from("runs"),
+            progress: true,
+        }
+    }
+}
+
+/// The outcome of a run (`summary.json`).
+#[derive(Debug, Clone, Serialize)]
+pub struct Summary {
+    pub name: String,
+    pub best_epoch: usize,
+    pub val_dice: f64,
+    pub val_iou: f64,
+    pub val_precision: f64,
+    pub val_recall: f64,
+    pub epochs: usize,
+    pub steps: u64,
+    pub train_seconds: f64,
+    pub seconds_per_epoch: f64,
+    pub images_per_second: f64,
+    pub skipped_batches: u64,
+    pub device: String,
+    pub run_dir: PathBuf,
+}
+
+/// One row of `metrics.csv`.
+#[derive(Debug, Clone)]
+struct EpochRow {
+    epoch: usize,
+    lr: f64,
+    loss: f64,
+    terms: Vec<f64>,
+    val: Report,
+    seconds: f64,
+    images_per_second: f64,
+}
+
+/// Everything a checkpoint restores besides tensors.
+#[derive(Debug, Clone, Default, Serialize, serde::Deserialize)]
+struct Progress {
+    /// The epoch in progress (0-based) and the next batch within it.
+    epoch: usize,
+    batch: usize,
+    /// Optimiser updates so far (also the BatchNorm `num_batches_tracked`).
+    step: u64,
+    best_dice: Option<f64>,
+    best_epoch: usize,
+    train_seconds: f64,
+    skipped: u64,
+    /// Sums over the batches of the epoch in progress: loss, each term, images, seconds.
+    epoch_loss: f64,
+    epoch_terms: Vec<f64>,
+    epoch_images: usize,
+    epoch_seconds: f64,
+    mean: Vec<f32>,
+    std: Vec<f32>,
+}
+
+const CHECKPOINT: &str = "checkpoint.safetensors";
+const PREVIOUS_CHECKPOINT: &str = "checkpoint.prev.safetensors";
+const CHECKPOINT_FORMAT: &str = "segtrain-checkpoint/1";
+
+/// Trains the model of `config` and returns the run's summary.
+pub fn train(config: &Config, opts: &TrainOptions) -> Result<Summary> {
+    let loss = config.loss()?;
+    let choice = DeviceChoice::parse(opts.device.as_deref().unwrap_or(&config.train.device))?;
+    let (device, device_name) = choice.open()?;
+    let run_dir = opts.runs_dir.join(&config.name);
+    let resolved = config.to_toml()?;
+    let resume_from = prepare_run_dir(&run_dir, &resolved, opts)?;
+    eprintln!("device: {device_name}");
+
+    let dataset = Dataset::open(&config.data, config.seed)?;
+    let unet = UNetConfig {
+        in_channels: config.data.channels,
+        classes: config.data.classes,
+        base_width: config.model.base_width,
+        depth: config.model.depth,
+    };
+    let prior = (config.model.prior > 0.0).then_some(config.model.prior);
+    let (model, vars) = model::init(unet, prior, config.seed, &device)?;
+    let params = trainable(&vars);
+    let mut optimizer = AdamW::new(params, config.train.weight_decay)?;
+    let mut progress = Progress {
+        mean: dataset.mean.clone(),
+        std: dataset.std.clone(),
+        ..Progress::default()
+    };
+    if let Some(path) = &resume_from {
+        progress = load_checkpoint(path, &vars, &mut optimizer, &device)?;
+        if progress.mean != dataset.mean || progress.std != dataset.std {
+            bail!(
+                "{}: the data set changed since the checkpoint was written",
+                run_dir.display()
+            );
+        }
+        eprintln!(
+            "resuming {} at epoch {}, batch {} (update {})",
+            run_dir.display(),
+            progress.epoch + 1,
+            progress.batch,
+            progress.step
+        );
+    } else {
+        atomic_write(&run_dir.join("config.toml"), resolved.as_bytes())?;
+    }
+    let mut rows = read_metrics(&run_dir, progress.epoch)?;
+
+    let ignore = config.data.ignore_index.map(|i| i as u8);
+    let train_recipe = BatchRecipe {
+        samples: Arc::new(dataset.train.clone()),
+        channels: dataset.format.channels,
+        size: dataset.format.size,
+        mean: dataset.mean.clone(),
+        std: dataset.std.clone(),
+        augment: Some(config.data.augment.clone()),
+    };
+    let val_recipe = BatchRecipe {
+        samples: Arc::new(dataset.val.clone()),
+        augment: None,
+        ..train_recipe.clone()
+    };
+    let t = &config.train;
+    let per_epoch = dataset.train.len().div_ceil(t.batch_size);
+    let total_steps = per_epoch * t.epochs;
+    let warmup = (t.warmup_epochs * per_epoch as f64).round() as usize;
+    let activation = config.activation();
+    let meta = |metrics: &Report| -> Result<ModelMeta> {
+        Ok(ModelMeta {
+            unet,
+            image_size: config.data.image_size,
+            activation,
+            mean: dataset.mean.clone(),
+            std: dataset.std.clone(),
+            ignore_index: config.data.ignore_index,
+            temperature: 1.0,
+            config: resolved.clone(),
+            metrics: serde_json::to_value(metrics)?,
+        })
+    };
+
+    eprintln!(
+        "{}: {} training / {} validation images of {}², {} epochs of {per_epoch} updates",
+        config.name,
+        dataset.train.len(),
+        dataset.val.len(),
+        config.data.image_size,
+        t.epochs
+    );
+    let term_names: Vec<&str> = loss.terms.iter().map(|t| t.kind).collect();
+    while progress.epoch < t.epochs {
+        let epoch = progress.epoch;
+        let batches = epoch_batches(dataset.train.len(), t.batch_size, config.seed, epoch);
+        let loader = TrainLoader::new(
+            train_recipe.clone(),
+            batches,
+            progress.batch,
+            mix_seed(config.seed, epoch as u64),
+            config.data.workers,
+        );
+        let bar = progress_bar(opts.progress, per_epoch, progress.batch, epoch, t.epochs);
+        if progress.epoch_terms.len() != term_names.len() {
+            progress.epoch_terms = vec![0.0; term_names.len()];
+        }
+        let mut lr = 0.0;
+        for batch in loader {
+            let started = Instant::now();
+            let (images, masks) = batch?;
+            let n = images.dim(0)?;
+            lr = schedule::learning_rate(
+                t.schedule,
+                t.lr,
+                progress.step as usize,
+                total_steps,
+                warmup,
+            );
+            let outcome = train_step(
+                &model,
+                &loss,
+                &mut optimizer,
+                (&images.to_device(&device)?, &masks.to_device(&device)?),
+                lr,
+                t.grad_clip,
+            );
+            let at = format!("epoch {}, update {}", epoch + 1, progress.step + 1);
+            match outcome.with_context(|| at.clone())? {
+                StepOutcome::Done { loss: value, terms } => {
+                    progress.step += 1;
+                    progress.epoch_loss += value * n as f64;
+                    for (s, v) in progress.epoch_terms.iter_mut().zip(&terms) {
+                        *s += v * n as f64;
+                    }
+                    progress.epoch_images += n;
+                }
+                StepOutcome::NonFinite(what) => match t.on_non_finite {
+                    NonFinite::Error => bail!(
+                        "{at}: {what}; the last checkpoint in {} is kept (train.on_non_finite = \"skip\" skips such batches)",
+                        run_dir.display()
+                    ),
+                    NonFinite::Skip => {
+                        progress.skipped += 1;
+                        bar.suspend(|| eprintln!("{at}: {what}; batch skipped"));
+                    }
+                },
+            }
+            progress.batch += 1;
+            let seconds = started.elapsed().as_secs_f64();
+            progress.epoch_seconds += seconds;
+            progress.train_seconds += seconds;
+            bar.set_position(progress.batch as u64);
+            bar.set_message(running_message(&progress, &term_names));
+            if t.checkpoint_every > 0
+                && progress.step.is_multiple_of(t.checkpoint_every as u64)
+                && progress.batch < per_epoch
+            {
+                save_checkpoint(&run_dir, &vars, &optimizer, &progress, &resolved)?;
+            }
+        }
+        bar.finish_and_clear();
+
+        let eval_model = detached_model(&vars, unet, &device)?;
+        let evaluation = inference::evaluate(
+            &eval_model,
+            eval_batches(&val_recipe, t.batch_size),
+            &device,
+            activation,
+            1.0,
+            ignore,
+        )?;
+        let report = evaluation.report();
+        let images = progress.epoch_images.max(1) as f64;
+        let row = EpochRow {
+            epoch: epoch + 1,
+            lr,
+            loss: progress.epoch_loss / images,
+            terms: progress.epoch_terms.iter().map(|s| s / images).collect(),
+            val: report.clone(),
+            seconds: progress.epoch_seconds,
+            images_per_second: progress.epoch_images as f64 / progress.epoch_seconds.max(1e-9),
+        };
+        println!("{}", epoch_line(&row, t.epochs, &term_names));
+        rows.push(row);
+        write_metrics(&run_dir, &rows, &term_names)?;
+        if progress.best_dice.is_none_or(|best| report.dice > best) {
+            progress.best_dice = Some(report.dice);
+            progress.best_epoch = epoch + 1;
+            let weights = export::state_dict(&unet, &vars, progress.step, DType::F32)?;
+            export::save(
+                &run_dir.join("model.safetensors"),
+                &weights,
+                &meta(&report)?,
+            )?;
+        }
+        progress.epoch += 1;
+        progress.batch = 0;
+        progress.epoch_loss = 0.0;
+        progress.epoch_terms = vec![0.0; term_names.len()];
+        progress.epoch_images = 0;
+        progress.epoch_seconds = 0.0;
+        save_checkpoint(&run_dir, &vars, &optimizer, &progress, &resolved)?;
+    }
+
+    let best = rows
+        .iter()
+        .find(|r| r.epoch == progress.best_epoch)
+        .ok_or_else(|| anyhow!("metrics.csv lacks the best epoch {}", progress.best_epoch))?;
+    let images: f64 = rows.iter().map(|r| r.images_per_second * r.seconds).sum();
+    let seconds: f64 = rows.iter().map(|r| r.seconds).sum();
+    let summary = Summary {
+        name: config.name.clone(),
+        best_epoch: progress.best_epoch,
+        val_dice: best.val.dice,
+        val_iou: best.val.iou,
+        val_precision: best.val.precision,
+        val_recall: best.val.recall,
+        epochs: t.epochs,
+        steps: progress.step,
+        train_seconds: progress.train_seconds,
+        seconds_per_epoch: seconds / rows.len().max(1) as f64,
+        images_per_second: images / seconds.max(1e-9),
+        skipped_batches: progress.skipped,
+        device: device_name,
+        run_dir: run_dir.clone(),
+    };
+    atomic_write(
+        &run_dir.join("summary.json"),
+        serde_json::to_string_pretty(&summary)?.as_bytes(),
+    )?;
+    Ok(summary)
+}
+
+enum StepOutcome {
+    Done {
+        loss: f64,
+        terms: Vec<f64>,
+    },
+    /// What was not finite: a loss term or the gradient.
+    NonFinite(String),
+}
+
+/// Forward, loss, backward, clipping and one AdamW update.
+fn train_step(
+    model: &UNet,
+    loss: &Loss,
+    optimizer: &mut AdamW,
+    (images, masks): (&Tensor, &Tensor),
+    lr: f64,
+    grad_clip: Option<f64>,
+) -> Result<StepOutcome> {
+    let logits = model.forward(images, true)?;
+    let value = loss.forward(&logits, masks)?;
+    let scalar = |t: &Tensor| -> Result<f64> { Ok(t.to_dtype(DType::F64)?.to_scalar::<f64>()?) };
+    let terms = value.terms.iter().map(scalar).collect::<Result<Vec<_>>>()?;
+    if let Some(i) = terms.iter().position(|v| !v.is_finite()) {
+        let term = &loss.terms[i];
+        return Ok(StepOutcome::NonFinite(format!(
+            "loss term {i} (`{}`) is {}",
+            term.kind, terms[i]
+        )));
+    }
+    let total = scalar(&value.total)?;
+    let grads = value.total.backward()?;
+    let norm = optimizer.grad_norm(&grads)?;
+    if !norm.is_finite() {
+        return Ok(StepOutcome::NonFinite(format!(
+            "the gradient norm is {norm}"
+        )));
+    }
+    let scale = match grad_clip {
+        Some(c) if norm > c => c / (norm + 1e-6),
+        _ => 1.0,
+    };
+    optimizer.step(&grads, lr, scale)?;
+    Ok(StepOutcome::Done { loss: total, terms })
+}
+
+/// The optimiser's parameters: every variable but BatchNorm's running statistics, by name.
+fn trainable(vars: &VarMap) -> Vec<(String, Var)> {
+    let data = vars.data().lock().expect("variable map lock");
+    let mut params: Vec<(String, Var)> = data
+        .iter()
+        .filter(|(name, _)| is_trainable(name))
+        .map(|(name, var)| (name.clone(), var.clone()))
+        .collect();
+    params.sort_by(|a, b| a.0.cmp(&b.0));
+    params
+}
+
+/// A copy of the model for evaluation that shares the weights' storage but records no
+/// gradients.
+pub fn detached_model(vars: &VarMap, unet: UNetConfig, device: &Device) -> Result<UNet> {
+    let tensors: HashMap<String, Tensor> = vars
+        .data()
+        .lock()
+        .expect("variable map lock")
+        .iter()
+        .map(|(k, v)| (k.clone(), v.as_tensor().detach()))
+        .collect();
+    Ok(UNet::new(
+        unet,
+        None,
+        VarBuilder::from_tensors(tensors, DType::F32, device),
+    )?)
+}
+
+/// Checks the run folder: a fresh run needs it empty (or `--overwrite`), `--resume` needs a
+/// checkpoint of the same config. Returns the checkpoint to resume from.
+fn prepare_run_dir(run_dir: &Path, resolved: &str, opts: &TrainOptions) -> Result<Option<PathBuf>> {
+    let occupied = run_dir.is_dir()
+        && std::fs::read_dir(run_dir)
+            .with_context(|| format!("cannot list {}", run_dir.display()))?
+            .next()
+            .is_some();
+    if opts.resume && opts.overwrite {
+        bail!("--resume and --overwrite exclude each other");
+    }
+    if occupied && opts.overwrite {
+        std::fs::remove_dir_all(run_dir)
+            .with_context(|| format!("cannot clear {}", run_dir.display()))?;
+    } else if occupied && !opts.resume {
+        let state = if run_dir.join("summary.json").exists() {
+            "a finished"
+        } else {
+            "an unfinished"
+        };
+        bail!(
+            "{} already holds {state} run; pass --resume to continue it or --overwrite to start over",
+            run_dir.display()
+        );
+    }
+    std::fs::create_dir_all(run_dir)
+        .with_context(|| format!("cannot create {}", run_dir.display()))?;
+    if !opts.resume {
+        return Ok(None);
+    }
+    // a kill between keeping the previous checkpoint and writing the next leaves only the
+    // previous one
+    let Some(checkpoint) = [CHECKPOINT, PREVIOUS_CHECKPOINT]
+        .iter()
+        .map(|f| run_dir.join(f))
+        .find(|p| p.exists())
+    else {
+        if occupied {
+            bail!("{}: nothing to resume (no {CHECKPOINT})", run_dir.display());
+        }
+        return Ok(None);
+    };
+    let previous = std::fs::read_to_string(run_dir.join("config.toml"))
+        .with_context(|| format!("{}: cannot read config.toml", run_dir.display()))?;
+    if strip_device(&previous) != strip_device(resolved) {
+        bail!(
+            "{} holds a run of a different config; --resume needs the same config and overrides (or use --overwrite)",
+            run_dir.display()
+        );
+    }
+    Ok(Some(checkpoint))
+}
+
+/// The resolved config without `train.device`, which may change between resumes.
+fn strip_device(toml_text: &str) -> String {
+    toml_text
+        .lines()
+        .filter(|l| !l.trim_start().starts_with("device ="))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+fn save_checkpoint(
+    run_dir: &Path,
+    vars: &VarMap,
+    optimizer: &AdamW,
+    progress: &Progress,
+    config: &str,
+) -> Result<()> {
+    let mut tensors: Vec<(String, Tensor)> = vars
+        .data()
+        .lock()
+        .expect("variable map lock")
+        .iter()
+        .map(|(k, v)| (format!("model.{k}"), v.as_tensor().clone()))
+        .collect();
+    tensors.extend(optimizer.state());
+    let meta = HashMap::from([
+        ("format".to_string(), CHECKPOINT_FORMAT.to_string()),
+        ("progress".to_string(), serde_json::to_string(progress)?),
+        ("config".to_string(), config.to_string()),
+    ]);
+    let current = run_dir.join(CHECKPOINT);
+    if current.exists() {
+        std::fs::rename(&current, run_dir.join(PREVIOUS_CHECKPOINT)).with_context(|| {
+            format!(
+                "cannot keep the previous checkpoint in {}",
+                run_dir.display()
+            )
+        })?;
+    }
+    write_safetensors(&current, &tensors, Some(meta))
+}
+
+fn load_checkpoint(
+    path: &Path,
+    vars: &VarMap,
+    optimizer: &mut AdamW,
+    device: &Device,
+) -> Result<Progress> {
+    let (tensors, meta) = read_safetensors(path, device)?;
+    if meta.get("format").map(String::as_str) != Some(CHECKPOINT_FORMAT) {
+        bail!("{}: not a segtrain checkpoint", path.display());
+    }
+    let progress: Progress = serde_json::from_str(
+        meta.get("progress")
+            .ok_or_else(|| anyhow!("{}: checkpoint lacks its progress", path.display()))?,
+    )
+    .with_context(|| format!("{}: progress", path.display()))?;
+    for (name, var) in vars.data().lock().expect("variable map lock").iter() {
+        let t = tensors
+            .get(&format!("model.{name}"))
+            .ok_or_else(|| anyhow!("{}: checkpoint lacks `{name}`", path.display()))?;
+        var.set(t)
+            .with_context(|| format!("{}: `{name}`", path.display()))?;
+    }
+    optimizer
+        .load_state(&tensors, progress.step)
+        .with_context(|| path.display().to_string())?;
+    Ok(progress)
+}
+
+fn csv_header(terms: &[&str]) -> String {
+    let mut cols = vec!["epoch".to_string(), "lr".into(), "train_loss".into()];
+    cols.extend(
+        terms
+            .iter()
+            .enumerate()
+            .map(|(i, t)| format!("loss_{i}_{t}")),
+    );
+    cols.extend(
+        [
+            "val_dice",
+            "val_iou",
+            "val_precision",
+            "val_recall",
+            "seconds",
+            "images_per_second",
+        ]
+        .map(String::from),
+    );
+    cols.join(",")
+}
+
+fn write_metrics(run_dir: &Path, rows: &[EpochRow], terms: &[&str]) -> Result<()> {
+    let mut out = csv_header(terms) + "\n";
+    for r in rows {
+        let mut cols = vec![
+            r.epoch.to_string(),
+            format!("{:e}", r.lr),
+            format!("{:.6}", r.loss),
+        ];
+        cols.extend(r.terms.iter().map(|v| format!("{v:.6}")));
+        cols.extend(
+            [r.val.dice, r.val.iou, r.val.precision, r.val.recall]
+                .iter()
+                .map(|v| format!("{v:.6}")),
+        );
+        cols.push(format!("{:.3}", r.seconds));
+        cols.push(format!("{:.2}", r.images_per_second));
+        out += &(cols.join(",") + "\n");
+    }
+    atomic_write(&run_dir.join("metrics.csv"), out.as_bytes())
+}
+
+/// The rows of an existing `metrics.csv` for epochs before `before` (0-based epoch count), so a
+/// resumed run neither loses nor duplicates rows.
+fn read_metrics(run_dir: &Path, before: usize) -> Result<Vec<EpochRow>> {
+    let path = run_dir.join("metrics.csv");
+    let Ok(text) = std::fs::read_to_string(&path) else {
+        return Ok(vec![]);
+    };
+    let mut lines = text.lines();
+    let header: Vec<&str> = lines.next().unwrap_or_default().split(',').collect();
+    let terms = header.iter().filter(|h| h.starts_with("loss_")).count();
+    let mut rows = vec![];
+    for line in lines {
+        let v: Vec<f64> = line
+            .split(',')
+            .map(|x| x.parse::<f64>())
+            .collect::<std::result::Result<_, _>>()
+            .with_context(|| format!("{}: malformed row `{line}`", path.display()))?;
+        if v.len() != header.len() {
+            bail!("{}: malformed row `{line}`", path.display());
+        }
+        let epoch = v[0] as usize;
+        if epoch > before {
+            continue;
+        }
+        let at = 3 + terms;
+        rows.push(EpochRow {
+            epoch,
+            lr: v[1],
+            loss: v[2],
+            terms: v[3..at].to_vec(),
+            val: Report {
+                dice: v[at],
+                iou: v[at + 1],
+                precision: v[at + 2],
+                recall: v[at + 3],
+                ..Report::default()
+            },
+            seconds: v[at + 4],
+            images_per_second: v[at + 5],
+        });
+    }
+    Ok(rows)
+}
+
+fn progress_bar(
+    show: bool,
+    len: usize,
+    position: usize,
+    epoch: usize,
+    epochs: usize,
+) -> ProgressBar {
+    let bar = if show {
+        ProgressBar::new(len as u64)
+    } else {
+        ProgressBar::hidden()
+    };
+    bar.set_style(
+        ProgressStyle::with_template("{prefix} [{bar:25}] {pos}/{len} {msg}")
+            .expect("a valid template")
+            .progress_chars("=> "),
+    );
+    bar.set_prefix(format!("epoch {}/{epochs}", epoch + 1));
+    bar.set_position(position as u64);
+    bar
+}
+
+fn running_message(p: &Progress, terms: &[&str]) -> String {
+    let n = p.epoch_images.max(1) as f64;
+    let parts: Vec<String> = terms
+        .iter()
+        .zip(&p.epoch_terms)
+        .map(|(t, s)| format!("{t} {:.4}", s / n))
+        .collect();
+    format!(
+        "loss {:.4} [{}] {:.1} img/s",
+        p.epoch_loss / n,
+        parts.join(", "),
+        p.epoch_images as f64 / p.epoch_seconds.max(1e-9)
+    )
+}
+
+fn epoch_line(r: &EpochRow, epochs: usize, terms: &[&str]) -> String {
+    let parts: Vec<String> = terms
+        .iter()
+        .zip(&r.terms)
+        .map(|(t, v)| format!("{t} {v:.4}"))
+        .collect();
+    format!(
+        "epoch {}/{epochs}  loss {:.4} [{}]  val dice {:.4} iou {:.4} precision {:.4} recall {:.4}  {:.1} img/s  {:.1} s",
+        r.epoch,
+        r.loss,
+        parts.join(", "),
+        r.val.dice,
+        r.val.iou,
+        r.val.precision,
+        r.val.recall,
+        r.images_per_second,
+        r.seconds
+    )
+}

@@ -1,0 +1,121 @@
+//! AdamW (Loshchilov & Hutter 2019) with PyTorch's update rule, and a state that a checkpoint
+//! can save and restore exactly (Candle's own AdamW keeps its moments private).
+
+use std::collections::HashMap;
+
+use candle_core::backprop::GradStore;
+use candle_core::{Result, Tensor, Var};
+
+pub const BETA1: f64 = 0.9;
+pub const BETA2: f64 = 0.999;
+pub const EPS: f64 = 1e-8;
+
+/// One trainable parameter and its moment estimates.
+struct Slot {
+    name: String,
+    var: Var,
+    m: Var,
+    v: Var,
+}
+
+pub struct AdamW {
+    slots: Vec<Slot>,
+    pub weight_decay: f64,
+    /// Number of updates taken so far.
+    pub step: u64,
+}
+
+impl AdamW {
+    /// Optimises `params` (name, variable), in the given order.
+    pub fn new(params: Vec<(String, Var)>, weight_decay: f64) -> Result<Self> {
+        let slots = params
+            .into_iter()
+            .map(|(name, var)| {
+                let zeros = var.as_tensor().zeros_like()?;
+                Ok(Slot {
+                    name,
+                    m: Var::from_tensor(&zeros)?,
+                    v: Var::from_tensor(&zeros)?,
+                    var,
+                })
+            })
+            .collect::<Result<_>>()?;
+        Ok(Self {
+            slots,
+            weight_decay,
+            step: 0,
+        })
+    }
+
+    /// `sqrt(Σ ‖g‖²)` over the parameters' gradients (missing gradients count as zero).
+    pub fn grad_norm(&self, grads: &GradStore) -> Result<f64> {
+        let mut total = 0f64;
+        for s in &self.slots {
+            if let Some(g) = grads.get(s.var.as_tensor()) {
+                total += g
+                    .sqr()?
+                    .sum_all()?
+                    .to_dtype(candle_core::DType::F64)?
+                    .to_scalar::<f64>()?;
+            }
+        }
+        Ok(total.sqrt())
+    }
+
+    /// One update with learning rate `lr`, gradients scaled by `grad_scale` (clipping):
+    /// `p ← p − lr·λ·p`, `m ← β₁m + (1−β₁)g`, `v ← β₂v + (1−β₂)g²`,
+    /// `p ← p − lr·m̂/(√v̂ + ε)` with bias-corrected `m̂`, `v̂`.
+    pub fn step(&mut self, grads: &GradStore, lr: f64, grad_scale: f64) -> Result<()> {
+        self.step += 1;
+        let t = self.step as i32;
+        let (c1, c2) = (1.0 - BETA1.powi(t), 1.0 - BETA2.powi(t));
+        for s in &self.slots {
+            let Some(g) = grads.get(s.var.as_tensor()) else {
+                continue;
+            };
+            let g = if grad_scale != 1.0 {
+                (g * grad_scale)?
+            } else {
+                g.clone()
+            };
+            let m = ((s.m.as_tensor() * BETA1)? + (&g * (1.0 - BETA1))?)?;
+            let v = ((s.v.as_tensor() * BETA2)? + (g.sqr()? * (1.0 - BETA2))?)?;
+            let denom = ((&v / c2)?.sqrt()? + EPS)?;
+            let update = ((&m / c1)? / denom)?;
+            let p = s.var.as_tensor();
+            let decayed = (p * (1.0 - lr * self.weight_decay))?;
+            s.var.set(&(decayed - (update * lr)?)?)?;
+            s.m.set(&m)?;
+            s.v.set(&v)?;
+        }
+        Ok(())
+    }
+
+    /// The moments, named `adam.m.<param>` and `adam.v.<param>`.
+    pub fn state(&self) -> Vec<(String, Tensor)> {
+        self.slots
+            .iter()
+            .flat_map(|s| {
+                [
+                    (format!("adam.m.{}", s.name), s.m.as_tensor().clone()),
+                    (format!("adam.v.{}", s.name), s.v.as_tensor().clone()),
+                ]
+            })
+            .collect()
+    }
+
+    /// Restores the moments saved by [`Self::state`] and the step count.
+    pub fn load_state(&mut self, tensors: &HashMap<String, Tensor>, step: u64) -> Result<()> {
+        for s in &self.slots {
+            for (kind, var) in [("m", &s.m), ("v", &s.v)] {
+                let key = format!("adam.{kind}.{}", s.name);
+                let t = tensors
+                    .get(&key)
+                    .ok_or_else(|| candle_core::Error::Msg(format!("checkpoint lacks `{key}`")))?;
+                var.set(&t.to_device(var.device())?)?;
+            }
+        }
+        self.step = step;
+        Ok(())
+    }
+}
