@@ -3,6 +3,7 @@
 //! Data flows one way: [`config`] → data → model → [`loss`] → train → metrics / export; the
 //! [`cli`] commands sit on top.
 
+pub mod bench;
 pub mod cli;
 pub mod config;
 pub mod data;

@@ -8,6 +8,11 @@ use segtrain::device::DeviceChoice;
 use segtrain::predict::PredictOptions;
 use segtrain::train::TrainOptions;
 
+// Training allocates and frees activation-sized buffers every step: mimalloc reuses them
+// instead of returning pages to the OS and faulting them in again.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Semantic segmentation with a U-Net on Candle, trained with imbalance-aware losses.
 #[derive(Parser)]
 #[command(name = "segtrain", version, about)]
@@ -68,6 +73,9 @@ enum Command {
         #[arg(long, value_enum, default_value = "f32")]
         dtype: ExportDType,
     },
+    /// Benchmark a training step (default), inference (--infer) or the loss (--loss) on
+    /// synthetic tensors; prints one JSON line per measurement.
+    Bench(BenchArgs),
     /// Evaluate and inspect the loss registry.
     #[command(subcommand)]
     Loss(LossCommand),
@@ -121,6 +129,42 @@ struct SynthArgs {
     /// Share of masks corrupted (dilated, eroded, shifted or dropped).
     #[arg(long, default_value_t = 0.0)]
     label_noise: f64,
+}
+
+#[derive(clap::Args)]
+struct BenchArgs {
+    #[arg(long, default_value_t = 8)]
+    batch: usize,
+    #[arg(long, default_value_t = 128)]
+    size: usize,
+    #[arg(long, default_value_t = 3)]
+    channels: usize,
+    #[arg(long, default_value_t = 16)]
+    base_width: usize,
+    #[arg(long, default_value_t = 4)]
+    depth: usize,
+    /// Timed repetitions (after 2 untimed ones).
+    #[arg(long, default_value_t = 20)]
+    steps: usize,
+    /// Forward pass only, in evaluation mode.
+    #[arg(long)]
+    infer: bool,
+    /// The loss micro-benchmark (focal and Dice + focal, forward + backward) on
+    /// (batch, 1, size, size) logits; use --size 256.
+    #[arg(long)]
+    loss: bool,
+    /// Also print the time spent in each kernel (ms per timed step).
+    #[arg(long)]
+    profile: bool,
+    /// fast: the custom CPU kernels; candle: Candle's generic ops.
+    #[arg(long, value_enum, default_value = "fast")]
+    kernels: KernelChoice,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum KernelChoice {
+    Fast,
+    Candle,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -248,6 +292,40 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             };
             segtrain::export::convert(&run.join("model.safetensors"), &out, dtype)?;
             println!("wrote {}", out.display());
+            Ok(())
+        }
+        Command::Bench(a) => {
+            let opts = segtrain::bench::BenchOptions {
+                batch: a.batch,
+                size: a.size,
+                channels: a.channels,
+                base_width: a.base_width,
+                depth: a.depth,
+                steps: a.steps.max(1),
+                warmup: 2,
+                kernels: match a.kernels {
+                    KernelChoice::Fast => segtrain::kernels::Kernels::FastCpu,
+                    KernelChoice::Candle => segtrain::kernels::Kernels::Candle,
+                },
+                profile: a.profile,
+            };
+            segtrain::kernels::profile::enable(a.profile);
+            let results = if a.loss {
+                segtrain::bench::loss(&opts)?
+            } else if a.infer {
+                vec![segtrain::bench::inference(&opts)?]
+            } else {
+                vec![segtrain::bench::train_step(&opts)?]
+            };
+            for r in results {
+                println!("{}", serde_json::to_string(&r)?);
+            }
+            if a.profile {
+                for (name, ms, calls) in segtrain::kernels::profile::report() {
+                    let per_step = ms / opts.steps as f64;
+                    println!("{name:<28} {per_step:9.2} ms/step  {:6} calls/step", calls / opts.steps);
+                }
+            }
             Ok(())
         }
         Command::Loss(LossCommand::Eval { config, input, out }) => {

@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 
 pub use init::seeded_var_builder;
 
-use crate::kernels;
+use crate::kernels::{BatchStats, BnParams, CandleOps, FastCpuOps, Kernels, Ops};
 
 /// BatchNorm epsilon and momentum (PyTorch's defaults).
 pub const BN_EPS: f64 = 1e-5;
@@ -128,28 +128,28 @@ impl BatchNorm {
         })
     }
 
-    /// `relu(bn(x))`; in training also updates the running statistics in place.
-    fn forward_relu(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        if !train {
-            return kernels::scale_shift_relu(
-                x,
-                &self.running_mean,
-                &self.running_var,
-                &self.weight,
-                &self.bias,
-                BN_EPS,
-            );
+    fn params(&self) -> BnParams<'_> {
+        BnParams {
+            weight: &self.weight,
+            bias: &self.bias,
+            running_mean: &self.running_mean,
+            running_var: &self.running_var,
+            eps: BN_EPS,
         }
-        let (mean, var) = kernels::batch_stats(x)?;
-        let (n, _, h, w) = x.dims4()?;
-        let count = (n * h * w) as f64;
-        let unbiased = (var.detach() * (count / (count - 1.0).max(1.0)))?;
-        let m = BN_MOMENTUM;
-        let new_mean = ((&self.running_mean * (1.0 - m))? + (mean.detach() * m)?)?;
-        let new_var = ((&self.running_var * (1.0 - m))? + (unbiased * m)?)?;
-        self.running_mean.slice_set(&new_mean, 0, 0)?;
-        self.running_var.slice_set(&new_var, 0, 0)?;
-        kernels::scale_shift_relu(x, &mean, &var, &self.weight, &self.bias, BN_EPS)
+    }
+
+    /// Folds a training pass's batch statistics into the running ones, in place.
+    fn update(&self, stats: Option<BatchStats>) -> Result<()> {
+        if let Some(s) = stats {
+            let count = s.count as f64;
+            let unbiased = (s.var * (count / (count - 1.0).max(1.0)))?;
+            let m = BN_MOMENTUM;
+            let new_mean = ((&self.running_mean * (1.0 - m))? + (s.mean * m)?)?;
+            let new_var = ((&self.running_var * (1.0 - m))? + (unbiased * m)?)?;
+            self.running_mean.slice_set(&new_mean, 0, 0)?;
+            self.running_var.slice_set(&new_var, 0, 0)?;
+        }
+        Ok(())
     }
 }
 
@@ -164,23 +164,20 @@ pub struct DoubleConv {
 impl DoubleConv {
     fn new(a: usize, b: usize, vb: VarBuilder) -> Result<Self> {
         Ok(Self {
-            conv1: vb
-                .pp("conv1")
-                .get_with_hints((b, a, 3, 3), "weight", torch_uniform(a * 9))?,
+            conv1: vb.pp("conv1").get_with_hints((b, a, 3, 3), "weight", torch_uniform(a * 9))?,
             bn1: BatchNorm::new(b, vb.pp("bn1"))?,
-            conv2: vb
-                .pp("conv2")
-                .get_with_hints((b, b, 3, 3), "weight", torch_uniform(b * 9))?,
+            conv2: vb.pp("conv2").get_with_hints((b, b, 3, 3), "weight", torch_uniform(b * 9))?,
             bn2: BatchNorm::new(b, vb.pp("bn2"))?,
         })
     }
 
-    fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        let x = self
-            .bn1
-            .forward_relu(&kernels::conv3x3(x, &self.conv1)?, train)?;
-        self.bn2
-            .forward_relu(&kernels::conv3x3(&x, &self.conv2)?, train)
+    /// Runs on the channel concatenation of `xs` (one input, or `[skip, up]`).
+    fn forward<O: Ops>(&self, ops: &O, xs: &[&O::Act], train: bool) -> Result<O::Act> {
+        let (x, stats) = ops.conv_bn_relu(xs, &self.conv1, &self.bn1.params(), train)?;
+        self.bn1.update(stats)?;
+        let (y, stats) = ops.conv_bn_relu(&[&x], &self.conv2, &self.bn2.params(), train)?;
+        self.bn2.update(stats)?;
+        Ok(y)
     }
 }
 
@@ -196,17 +193,15 @@ impl Up {
         // PyTorch computes a transposed conv's fan-in from weight.size(1) · k · k
         let init = torch_uniform(a / 2 * 4);
         Ok(Self {
-            weight: vb
-                .pp("up")
-                .get_with_hints((a, a / 2, 2, 2), "weight", init)?,
+            weight: vb.pp("up").get_with_hints((a, a / 2, 2, 2), "weight", init)?,
             bias: vb.pp("up").get_with_hints(a / 2, "bias", init)?,
             conv: DoubleConv::new(a, b, vb)?,
         })
     }
 
-    fn forward(&self, x: &Tensor, skip: &Tensor, train: bool) -> Result<Tensor> {
-        let up = kernels::conv_transpose2x2(x, &self.weight, &self.bias)?;
-        self.conv.forward(&Tensor::cat(&[skip, &up], 1)?, train)
+    fn forward<O: Ops>(&self, ops: &O, x: &O::Act, skip: &O::Act, train: bool) -> Result<O::Act> {
+        let up = ops.up2x2(x, &self.weight, &self.bias)?;
+        self.conv.forward(ops, &[skip, &up], train)
     }
 }
 
@@ -247,27 +242,41 @@ impl UNet {
             inc,
             downs,
             ups,
-            head_weight: head.get_with_hints(
-                (config.classes, f, 1, 1),
-                "weight",
-                torch_uniform(f),
-            )?,
+            head_weight: head.get_with_hints((config.classes, f, 1, 1), "weight", torch_uniform(f))?,
             head_bias: head.get_with_hints(config.classes, "bias", bias_init)?,
         })
     }
 
-    /// Logits `(N, classes, H, W)` of images `(N, in_channels, H, W)`; H and W divisible by 2^depth.
+    /// Logits `(N, classes, H, W)` of images `(N, in_channels, H, W)`; H and W divisible by
+    /// 2^depth. Runs the fast CPU kernels on the CPU, Candle's ops elsewhere.
     pub fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        let mut skips = vec![self.inc.forward(x, train)?];
+        self.forward_using(Kernels::for_device(x.device()), x, train)
+    }
+
+    /// [`Self::forward`] with a chosen kernel implementation.
+    pub fn forward_using(&self, kernels: Kernels, x: &Tensor, train: bool) -> Result<Tensor> {
+        match kernels {
+            Kernels::Candle => self.forward_with(&CandleOps, x, train),
+            Kernels::FastCpu => self.forward_with(&FastCpuOps, x, train),
+        }
+    }
+
+    fn forward_with<O: Ops>(&self, ops: &O, x: &Tensor, train: bool) -> Result<Tensor> {
+        let (_, _, h, w) = x.dims4()?;
+        let multiple = 1 << self.config.depth;
+        if h % multiple != 0 || w % multiple != 0 {
+            candle_core::bail!("input {h}x{w} is not divisible by 2^depth = {multiple}");
+        }
+        let mut skips = vec![self.inc.forward(ops, &[&ops.input(x)?], train)?];
         for down in &self.downs {
-            let pooled = kernels::max_pool2(skips.last().expect("non-empty"))?;
-            skips.push(down.forward(&pooled, train)?);
+            let pooled = ops.max_pool2(skips.last().expect("non-empty"))?;
+            skips.push(down.forward(ops, &[&pooled], train)?);
         }
         let mut x = skips.pop().expect("non-empty");
         for up in &self.ups {
-            x = up.forward(&x, &skips.pop().expect("one skip per level"), train)?;
+            x = up.forward(ops, &x, &skips.pop().expect("one skip per level"), train)?;
         }
-        kernels::conv1x1(&x, &self.head_weight, &self.head_bias)
+        ops.head(&x, &self.head_weight, &self.head_bias)
     }
 }
 

@@ -1,0 +1,160 @@
+//! `segtrain bench`: training-step, inference and loss micro-benchmarks on synthetic tensors,
+//! one JSON line each (`bench/pytorch_bench.py` measures PyTorch on the same model and step).
+
+use std::time::Instant;
+
+use anyhow::Result;
+use candle_core::{DType, Device, Tensor, Var};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use serde::Serialize;
+
+use crate::kernels::profile::time;
+use crate::kernels::Kernels;
+use crate::loss::Loss;
+use crate::model::{self, is_trainable, UNetConfig};
+use crate::train::optim::AdamW;
+
+/// What to measure.
+#[derive(Debug, Clone)]
+pub struct BenchOptions {
+    pub batch: usize,
+    pub size: usize,
+    pub channels: usize,
+    pub base_width: usize,
+    pub depth: usize,
+    pub steps: usize,
+    pub warmup: usize,
+    pub kernels: Kernels,
+    /// Collect per-kernel times ([`crate::kernels::profile`]).
+    pub profile: bool,
+}
+
+/// One benchmark's result.
+#[derive(Debug, Clone, Serialize)]
+pub struct BenchResult {
+    pub what: String,
+    pub kernels: String,
+    pub batch: usize,
+    pub size: usize,
+    pub ms_median: f64,
+    pub ms_min: f64,
+    pub images_per_second: f64,
+    /// Model FLOPs per second (training: 3 × the forward's), in GFLOP/s.
+    pub gflops: f64,
+    pub peak_rss_mb: f64,
+    pub threads: usize,
+}
+
+/// The DiceFocal loss of the comparison (MONAI `DiceFocalLoss(sigmoid=True)`: Dice + focal
+/// with γ = 2, no α, mean).
+pub const DICE_FOCAL: &str = "[[loss]]\nkind = \"dice\"\n[[loss]]\nkind = \"focal\"\ngamma = 2.0\n";
+
+/// Peak resident memory of this process, in MiB (Linux; 0 elsewhere).
+pub fn peak_rss_mb() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+        })
+        .map_or(0.0, |kb| kb / 1024.0)
+}
+
+fn timings(warmup: usize, steps: usize, mut f: impl FnMut() -> Result<()>) -> Result<(f64, f64)> {
+    let profiling = crate::kernels::profile::enabled();
+    crate::kernels::profile::enable(false);
+    for _ in 0..warmup {
+        f()?;
+    }
+    crate::kernels::profile::enable(profiling);
+    let mut ms = Vec::with_capacity(steps);
+    for _ in 0..steps {
+        let t = Instant::now();
+        f()?;
+        ms.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    ms.sort_by(f64::total_cmp);
+    Ok((ms[ms.len() / 2], ms[0]))
+}
+
+/// A binary target with about `fraction` positives, as a `(N, H, W)` u8 map.
+fn sparse_target(n: usize, size: usize, fraction: f64, seed: u64) -> Result<Tensor> {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let v: Vec<u8> = (0..n * size * size).map(|_| u8::from(rng.random_bool(fraction))).collect();
+    Ok(Tensor::from_vec(v, (n, size, size), &Device::Cpu)?)
+}
+
+fn result(what: &str, o: &BenchOptions, (median, min): (f64, f64), flops_per_image: f64) -> BenchResult {
+    BenchResult {
+        what: what.into(),
+        kernels: format!("{:?}", o.kernels),
+        batch: o.batch,
+        size: o.size,
+        ms_median: median,
+        ms_min: min,
+        images_per_second: o.batch as f64 / (median / 1e3),
+        gflops: flops_per_image * o.batch as f64 / (median / 1e3) / 1e9,
+        peak_rss_mb: peak_rss_mb(),
+        threads: rayon::current_num_threads(),
+    }
+}
+
+/// Forward + DiceFocal loss + backward + AdamW, `steps` times.
+pub fn train_step(o: &BenchOptions) -> Result<BenchResult> {
+    let cfg = UNetConfig { in_channels: o.channels, classes: 1, base_width: o.base_width, depth: o.depth };
+    let (model, vars) = model::init(cfg, Some(0.01), 0, &Device::Cpu)?;
+    let params: Vec<(String, Var)> = {
+        let data = vars.data().lock().expect("variable map lock");
+        let mut p: Vec<_> = data.iter().filter(|(k, _)| is_trainable(k)).map(|(k, v)| (k.clone(), v.clone())).collect();
+        p.sort_by(|a, b| a.0.cmp(&b.0));
+        p
+    };
+    let mut opt = AdamW::new(params, 1e-4)?;
+    let loss = Loss::from_toml_str(DICE_FOCAL)?;
+    let x = Tensor::randn(0f32, 1.0, (o.batch, o.channels, o.size, o.size), &Device::Cpu)?;
+    let y = sparse_target(o.batch, o.size, 0.05, 1)?;
+    let times = timings(o.warmup, o.steps, || {
+        let logits = time("step: forward", || model.forward_using(o.kernels, &x, true))?;
+        let value = time("step: loss", || loss.forward(&logits, &y))?;
+        let grads = time("step: backward", || value.total.backward())?;
+        time("step: optimizer", || opt.step(&grads, 1e-3, 1.0))?;
+        Ok(())
+    })?;
+    Ok(result("train_step", o, times, 3.0 * cfg.forward_flops(o.size)))
+}
+
+/// Forward in evaluation mode.
+pub fn inference(o: &BenchOptions) -> Result<BenchResult> {
+    let cfg = UNetConfig { in_channels: o.channels, classes: 1, base_width: o.base_width, depth: o.depth };
+    let (_, vars) = model::init(cfg, Some(0.01), 0, &Device::Cpu)?;
+    let eval = crate::train::detached_model(&vars, cfg, &Device::Cpu)?;
+    let x = Tensor::randn(0f32, 1.0, (o.batch, o.channels, o.size, o.size), &Device::Cpu)?;
+    let times = timings(o.warmup, o.steps, || {
+        eval.forward_using(o.kernels, &x, false)?;
+        Ok(())
+    })?;
+    Ok(result("inference", o, times, cfg.forward_flops(o.size)))
+}
+
+/// Loss forward + backward on `(batch, 1, size, size)` logits with ≈ 2 % positives: focal
+/// alone and DiceFocal.
+pub fn loss(o: &BenchOptions) -> Result<Vec<BenchResult>> {
+    let x = Var::from_tensor(&Tensor::randn(0f32, 2.0, (o.batch, 1, o.size, o.size), &Device::Cpu)?)?;
+    let y = sparse_target(o.batch, o.size, 0.02, 2)?.to_dtype(DType::F32)?.unsqueeze(1)?;
+    let mut out = vec![];
+    for (name, config) in [
+        ("loss_focal", "[[loss]]\nkind = \"focal\"\ngamma = 2.0\nalpha = 0.25\n"),
+        ("loss_dice_focal", DICE_FOCAL),
+    ] {
+        let loss = Loss::from_toml_str(config)?;
+        let times = timings(o.warmup, o.steps, || {
+            let v = loss.forward(x.as_tensor(), &y)?;
+            v.total.backward()?;
+            Ok(())
+        })?;
+        out.push(result(name, o, times, 0.0));
+    }
+    Ok(out)
+}

@@ -1,0 +1,92 @@
+//! The fast CPU kernels against Candle's generic ops: same outputs, gradients and running
+//! statistics on small U-Nets (the CUDA/Metal path is the generic one).
+
+use candle_core::{Device, Tensor};
+use segtrain::kernels::Kernels;
+use segtrain::model::{init, UNetConfig};
+
+fn snapshot(vars: &candle_nn::VarMap) -> Vec<(String, Tensor)> {
+    let mut v: Vec<(String, Tensor)> = vars
+        .data()
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|(k, v)| (k.clone(), v.as_tensor().copy().unwrap()))
+        .collect();
+    v.sort_by(|a, b| a.0.cmp(&b.0));
+    v
+}
+
+fn max_rel_diff(a: &Tensor, b: &Tensor) -> f32 {
+    let a: Vec<f32> = a.flatten_all().unwrap().to_vec1().unwrap();
+    let b: Vec<f32> = b.flatten_all().unwrap().to_vec1().unwrap();
+    assert_eq!(a.len(), b.len());
+    let scale = a.iter().fold(1f32, |m, v| m.max(v.abs()));
+    a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max) / scale
+}
+
+/// (logits, gradients of every variable, variables after the pass)
+fn pass(kernels: Kernels, cfg: UNetConfig, x: &Tensor, weights: &Tensor, train: bool) -> (Tensor, Vec<(String, Tensor)>, Vec<(String, Tensor)>) {
+    let (model, vars) = init(cfg, Some(0.01), 11, &Device::Cpu).unwrap();
+    let logits = model.forward_using(kernels, x, train).unwrap();
+    let mut grads = vec![];
+    if train {
+        // a loss that weighs every logit differently
+        let loss = (logits.tanh().unwrap() * weights).unwrap().sum_all().unwrap();
+        let g = loss.backward().unwrap();
+        for (name, var) in vars.data().lock().unwrap().iter() {
+            if let Some(t) = g.get(var.as_tensor()) {
+                grads.push((name.clone(), t.clone()));
+            }
+        }
+        grads.sort_by(|a, b| a.0.cmp(&b.0));
+    }
+    (logits, grads, snapshot(&vars))
+}
+
+#[test]
+fn fast_cpu_kernels_match_candle_ops() {
+    for (cfg, n, size) in [
+        (UNetConfig { in_channels: 3, classes: 1, base_width: 4, depth: 2 }, 2, 16),
+        (UNetConfig { in_channels: 1, classes: 3, base_width: 3, depth: 3 }, 3, 24),
+        (UNetConfig { in_channels: 2, classes: 2, base_width: 5, depth: 1 }, 1, 10),
+    ] {
+        let x = Tensor::randn(0f32, 1.0, (n, cfg.in_channels, size, size), &Device::Cpu).unwrap();
+        let weights = Tensor::randn(0f32, 1.0, (n, cfg.classes, size, size), &Device::Cpu).unwrap();
+        for train in [true, false] {
+            let (ya, ga, va) = pass(Kernels::Candle, cfg, &x, &weights, train);
+            let (yb, gb, vb) = pass(Kernels::FastCpu, cfg, &x, &weights, train);
+            assert_eq!(ya.dims(), yb.dims());
+            assert!(max_rel_diff(&ya, &yb) < 1e-4, "{cfg:?} train={train}: logits differ by {}", max_rel_diff(&ya, &yb));
+            assert_eq!(ga.len(), gb.len());
+            if train {
+                assert!(ga.len() > 10, "gradients reach the weights");
+            }
+            for ((name, a), (_, b)) in ga.iter().zip(&gb) {
+                let d = max_rel_diff(a, b);
+                assert!(d < 1e-4, "{cfg:?}: gradient of {name} differs by {d}");
+            }
+            for ((name, a), (_, b)) in va.iter().zip(&vb) {
+                let d = max_rel_diff(a, b);
+                assert!(d < 1e-5, "{cfg:?}: {name} after the pass differs by {d}");
+            }
+        }
+    }
+}
+
+#[test]
+fn max_pooling_sends_the_whole_gradient_to_the_maximum() {
+    // Candle 0.11's own max_pool2d backward scales it by 1/4; both kernel sets must not
+    use segtrain::kernels::{CandleOps, FastCpuOps, Ops};
+    let x = candle_core::Var::from_tensor(&Tensor::new(&[[[[1f32, 2., 0., 0.], [3., 4., 0., 5.]]]], &Device::Cpu).unwrap()).unwrap();
+    let expected = vec![0f32, 0., 0., 0., 0., 1., 0., 1.];
+    let candle = CandleOps.max_pool2(x.as_tensor()).unwrap();
+    let g = candle.sum_all().unwrap().backward().unwrap();
+    assert_eq!(g.get(x.as_tensor()).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap(), expected);
+    let fast = FastCpuOps.input(x.as_tensor()).unwrap();
+    let pooled = FastCpuOps.max_pool2(&fast).unwrap();
+    let back = pooled.t.apply_op1(segtrain::kernels::padded::FromPadded(pooled.g)).unwrap();
+    assert_eq!(back.flatten_all().unwrap().to_vec1::<f32>().unwrap(), vec![4f32, 5.]);
+    let g = back.sum_all().unwrap().backward().unwrap();
+    assert_eq!(g.get(x.as_tensor()).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap(), expected);
+}
