@@ -9,7 +9,9 @@ use serde::{Deserialize, Serialize};
 
 pub use init::seeded_var_builder;
 
-use crate::kernels::{BatchStats, BnParams, CandleOps, FastCpuOps, Kernels, Ops};
+use crate::kernels::layer::Moments;
+use crate::kernels::unet::UNetKernel;
+use crate::kernels::Kernels;
 
 /// BatchNorm epsilon and momentum (PyTorch's defaults).
 pub const BN_EPS: f64 = 1e-5;
@@ -128,28 +130,41 @@ impl BatchNorm {
         })
     }
 
-    fn params(&self) -> BnParams<'_> {
-        BnParams {
-            weight: &self.weight,
-            bias: &self.bias,
-            running_mean: &self.running_mean,
-            running_var: &self.running_var,
-            eps: BN_EPS,
-        }
+    /// `relu(bn(x))` with Candle's ops; in training also updates the running statistics.
+    fn forward_relu(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        let (mean, var) = if train {
+            let (n, _, h, w) = x.dims4()?;
+            let mean = x.mean_keepdim(0)?.mean_keepdim(2)?.mean_keepdim(3)?;
+            let var = x.broadcast_sub(&mean)?.sqr()?.mean_keepdim(0)?.mean_keepdim(2)?.mean_keepdim(3)?;
+            let (mean, var) = (mean.flatten_all()?, var.flatten_all()?);
+            self.update(&mean.detach(), &var.detach(), n * h * w)?;
+            (mean, var)
+        } else {
+            (self.running_mean.clone(), self.running_var.clone())
+        };
+        let shape = (1, (), 1, 1);
+        let inv_std = (var + BN_EPS)?.sqrt()?.recip()?;
+        let scale = (&self.weight * &inv_std)?;
+        let shift = (&self.bias - (mean * &scale)?)?;
+        x.broadcast_mul(&scale.reshape(shape)?)?
+            .broadcast_add(&shift.reshape(shape)?)?
+            .relu()
     }
 
-    /// Folds a training pass's batch statistics into the running ones, in place.
-    fn update(&self, stats: Option<BatchStats>) -> Result<()> {
-        if let Some(s) = stats {
-            let count = s.count as f64;
-            let unbiased = (s.var * (count / (count - 1.0).max(1.0)))?;
-            let m = BN_MOMENTUM;
-            let new_mean = ((&self.running_mean * (1.0 - m))? + (s.mean * m)?)?;
-            let new_var = ((&self.running_var * (1.0 - m))? + (unbiased * m)?)?;
-            self.running_mean.slice_set(&new_mean, 0, 0)?;
-            self.running_var.slice_set(&new_var, 0, 0)?;
-        }
-        Ok(())
+    /// Folds batch statistics (mean, biased variance over `count` values) into the running
+    /// ones, in place.
+    fn update(&self, mean: &Tensor, var: &Tensor, count: usize) -> Result<()> {
+        let count = count as f64;
+        let unbiased = (var * (count / (count - 1.0).max(1.0)))?;
+        let m = BN_MOMENTUM;
+        let new_mean = ((&self.running_mean * (1.0 - m))? + (mean * m)?)?;
+        let new_var = ((&self.running_var * (1.0 - m))? + (unbiased * m)?)?;
+        self.running_mean.slice_set(&new_mean, 0, 0)?;
+        self.running_var.slice_set(&new_var, 0, 0)
+    }
+
+    fn running(&self) -> Result<Moments> {
+        Ok(Moments { mean: self.running_mean.to_vec1()?, var: self.running_var.to_vec1()? })
     }
 }
 
@@ -171,13 +186,17 @@ impl DoubleConv {
         })
     }
 
-    /// Runs on the channel concatenation of `xs` (one input, or `[skip, up]`).
-    fn forward<O: Ops>(&self, ops: &O, xs: &[&O::Act], train: bool) -> Result<O::Act> {
-        let (x, stats) = ops.conv_bn_relu(xs, &self.conv1, &self.bn1.params(), train)?;
-        self.bn1.update(stats)?;
-        let (y, stats) = ops.conv_bn_relu(&[&x], &self.conv2, &self.bn2.params(), train)?;
-        self.bn2.update(stats)?;
-        Ok(y)
+    fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        let x = self.bn1.forward_relu(&x.conv2d(&self.conv1, 1, 1, 1, 1)?, train)?;
+        self.bn2.forward_relu(&x.conv2d(&self.conv2, 1, 1, 1, 1)?, train)
+    }
+
+    fn parameters(&self) -> [&Tensor; 6] {
+        [&self.conv1, &self.bn1.weight, &self.bn1.bias, &self.conv2, &self.bn2.weight, &self.bn2.bias]
+    }
+
+    fn batch_norms(&self) -> [&BatchNorm; 2] {
+        [&self.bn1, &self.bn2]
     }
 }
 
@@ -199,9 +218,11 @@ impl Up {
         })
     }
 
-    fn forward<O: Ops>(&self, ops: &O, x: &O::Act, skip: &O::Act, train: bool) -> Result<O::Act> {
-        let up = ops.up2x2(x, &self.weight, &self.bias)?;
-        self.conv.forward(ops, &[skip, &up], train)
+    fn forward(&self, x: &Tensor, skip: &Tensor, train: bool) -> Result<Tensor> {
+        let up = x
+            .conv_transpose2d(&self.weight, 0, 0, 2, 1)?
+            .broadcast_add(&self.bias.reshape((1, (), 1, 1))?)?;
+        self.conv.forward(&Tensor::cat(&[skip, &up], 1)?, train)
     }
 }
 
@@ -253,30 +274,79 @@ impl UNet {
         self.forward_using(Kernels::for_device(x.device()), x, train)
     }
 
-    /// [`Self::forward`] with a chosen kernel implementation.
+    /// [`Self::forward`] with a chosen implementation.
     pub fn forward_using(&self, kernels: Kernels, x: &Tensor, train: bool) -> Result<Tensor> {
-        match kernels {
-            Kernels::Candle => self.forward_with(&CandleOps, x, train),
-            Kernels::FastCpu => self.forward_with(&FastCpuOps, x, train),
-        }
-    }
-
-    fn forward_with<O: Ops>(&self, ops: &O, x: &Tensor, train: bool) -> Result<Tensor> {
         let (_, _, h, w) = x.dims4()?;
         let multiple = 1 << self.config.depth;
         if h % multiple != 0 || w % multiple != 0 {
             candle_core::bail!("input {h}x{w} is not divisible by 2^depth = {multiple}");
         }
-        let mut skips = vec![self.inc.forward(ops, &[&ops.input(x)?], train)?];
+        match kernels {
+            Kernels::Candle => self.forward_generic(x, train),
+            Kernels::FastCpu => self.forward_fast(x, train),
+        }
+    }
+
+    /// The forward pass with Candle's ops (any device).
+    fn forward_generic(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        let mut skips = vec![self.inc.forward(x, train)?];
         for down in &self.downs {
-            let pooled = ops.max_pool2(skips.last().expect("non-empty"))?;
-            skips.push(down.forward(ops, &[&pooled], train)?);
+            let last = skips.last().expect("non-empty");
+            // not `max_pool2d`: Candle 0.11's backward of it scales the gradient by 1/4
+            let (n, c, h, w) = last.dims4()?;
+            let pooled = last.reshape((n, c, h / 2, 2, w / 2, 2))?.max(5)?.max(3)?;
+            skips.push(down.forward(&pooled, train)?);
         }
         let mut x = skips.pop().expect("non-empty");
         for up in &self.ups {
-            x = up.forward(ops, &x, &skips.pop().expect("one skip per level"), train)?;
+            x = up.forward(&x, &skips.pop().expect("one skip per level"), train)?;
         }
-        ops.head(&x, &self.head_weight, &self.head_bias)
+        x.conv2d(&self.head_weight, 0, 1, 1, 1)?
+            .broadcast_add(&self.head_bias.reshape((1, (), 1, 1))?)
+    }
+
+    /// The blocks in network order: `inc`, `down1..`, then the `up` blocks with their
+    /// transposed convolution.
+    fn blocks(&self) -> impl Iterator<Item = (&DoubleConv, Option<&Up>)> {
+        std::iter::once(&self.inc)
+            .chain(&self.downs)
+            .map(|b| (b, None))
+            .chain(self.ups.iter().map(|u| (&u.conv, Some(u))))
+    }
+
+    /// The forward pass with the fast CPU kernels: the whole network as one op.
+    fn forward_fast(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        let mut params: Vec<Tensor> = vec![];
+        for (block, up) in self.blocks() {
+            if let Some(u) = up {
+                params.push(u.weight.flatten_all()?);
+                params.push(u.bias.clone());
+            }
+            for p in block.parameters() {
+                params.push(p.flatten_all()?);
+            }
+        }
+        params.push(self.head_weight.flatten_all()?);
+        params.push(self.head_bias.clone());
+        let packed = Tensor::cat(&params, 0)?;
+        let norms: Vec<&BatchNorm> = self.blocks().flat_map(|(b, _)| b.batch_norms()).collect();
+        let op = if train {
+            UNetKernel::train(self.config, BN_EPS)
+        } else {
+            UNetKernel::eval(self.config, BN_EPS, norms.iter().map(|bn| bn.running()).collect::<Result<_>>()?)
+        };
+        let moments = op.moments();
+        let logits = x.contiguous()?.apply_op2(&packed, op)?;
+        if train {
+            let batch = moments.lock().expect("moments lock");
+            for (bn, (m, count)) in norms.iter().zip(batch.iter()) {
+                let c = m.mean.len();
+                let mean = Tensor::from_slice(&m.mean, c, x.device())?;
+                let var = Tensor::from_slice(&m.var, c, x.device())?;
+                bn.update(&mean, &var, *count)?;
+            }
+        }
+        Ok(logits)
     }
 }
 

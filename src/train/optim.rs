@@ -4,7 +4,11 @@
 use std::collections::HashMap;
 
 use candle_core::backprop::GradStore;
-use candle_core::{Result, Tensor, Var};
+use candle_core::{DType, Result, Tensor, Var};
+
+use rayon::prelude::*;
+
+use crate::kernels::padded::with_data;
 
 pub const BETA1: f64 = 0.9;
 pub const BETA2: f64 = 0.999;
@@ -52,11 +56,11 @@ impl AdamW {
         let mut total = 0f64;
         for s in &self.slots {
             if let Some(g) = grads.get(s.var.as_tensor()) {
-                total += g
-                    .sqr()?
-                    .sum_all()?
-                    .to_dtype(candle_core::DType::F64)?
-                    .to_scalar::<f64>()?;
+                total += if g.device().is_cpu() && g.dtype() == DType::F32 {
+                    with_data(&g.contiguous()?, |v| Ok(v.iter().map(|x| (*x as f64) * (*x as f64)).sum::<f64>()))?
+                } else {
+                    g.sqr()?.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?
+                };
             }
         }
         Ok(total.sqrt())
@@ -73,6 +77,10 @@ impl AdamW {
             let Some(g) = grads.get(s.var.as_tensor()) else {
                 continue;
             };
+            if s.var.device().is_cpu() && s.var.dtype() == DType::F32 {
+                self.step_cpu(s, g, lr, grad_scale, (c1, c2))?;
+                continue;
+            }
             let g = if grad_scale != 1.0 {
                 (g * grad_scale)?
             } else {
@@ -89,6 +97,48 @@ impl AdamW {
             s.v.set(&v)?;
         }
         Ok(())
+    }
+
+    /// [`Self::step`] for one f32 CPU parameter in a single pass (the same arithmetic).
+    fn step_cpu(&self, s: &Slot, g: &Tensor, lr: f64, grad_scale: f64, (c1, c2): (f64, f64)) -> Result<()> {
+        let g = g.contiguous()?;
+        let n = g.elem_count();
+        let (mut p_new, mut m_new, mut v_new) = (vec![0f32; n], vec![0f32; n], vec![0f32; n]);
+        let (b1, b2, scale) = (BETA1 as f32, BETA2 as f32, grad_scale as f32);
+        let (inv_c1, inv_c2, eps) = ((1.0 / c1) as f32, (1.0 / c2) as f32, EPS as f32);
+        let (lr32, decay) = (lr as f32, (1.0 - lr * self.weight_decay) as f32);
+        with_data(s.var.as_tensor(), |p| {
+            with_data(s.m.as_tensor(), |m| {
+                with_data(s.v.as_tensor(), |v| {
+                    with_data(&g, |g| {
+                        const CHUNK: usize = 1 << 14;
+                        p_new
+                            .par_chunks_mut(CHUNK)
+                            .zip(m_new.par_chunks_mut(CHUNK))
+                            .zip(v_new.par_chunks_mut(CHUNK))
+                            .enumerate()
+                            .for_each(|(i, ((po, mo), vo))| {
+                                let r = i * CHUNK..(i * CHUNK + po.len());
+                                let inputs = p[r.clone()].iter().zip(&m[r.clone()]).zip(&v[r.clone()]).zip(&g[r]);
+                                let outputs = po.iter_mut().zip(mo.iter_mut()).zip(vo.iter_mut());
+                                for (((po, mo), vo), (((&p, &m), &v), &g)) in outputs.zip(inputs) {
+                                    let g = g * scale;
+                                    let m = m * b1 + g * (1.0 - b1);
+                                    let v = v * b2 + g * g * (1.0 - b2);
+                                    *po = p * decay - lr32 * (m * inv_c1) / ((v * inv_c2).sqrt() + eps);
+                                    *mo = m;
+                                    *vo = v;
+                                }
+                            });
+                        Ok(())
+                    })
+                })
+            })
+        })?;
+        let (shape, dev) = (s.var.shape().clone(), s.var.device().clone());
+        s.var.set(&Tensor::from_vec(p_new, &shape, &dev)?)?;
+        s.m.set(&Tensor::from_vec(m_new, &shape, &dev)?)?;
+        s.v.set(&Tensor::from_vec(v_new, &shape, &dev)?)
     }
 
     /// The moments, named `adam.m.<param>` and `adam.v.<param>`.
