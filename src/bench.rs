@@ -82,11 +82,18 @@ fn timings(warmup: usize, steps: usize, mut f: impl FnMut() -> Result<()>) -> Re
 /// A binary target with about `fraction` positives, as a `(N, H, W)` u8 map.
 fn sparse_target(n: usize, size: usize, fraction: f64, seed: u64) -> Result<Tensor> {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
-    let v: Vec<u8> = (0..n * size * size).map(|_| u8::from(rng.random_bool(fraction))).collect();
+    let v: Vec<u8> = (0..n * size * size)
+        .map(|_| u8::from(rng.random_bool(fraction)))
+        .collect();
     Ok(Tensor::from_vec(v, (n, size, size), &Device::Cpu)?)
 }
 
-fn result(what: &str, o: &BenchOptions, (median, min): (f64, f64), flops_per_image: f64) -> BenchResult {
+fn result(
+    what: &str,
+    o: &BenchOptions,
+    (median, min): (f64, f64),
+    flops_per_image: f64,
+) -> BenchResult {
     BenchResult {
         what: what.into(),
         kernels: format!("{:?}", o.kernels),
@@ -103,17 +110,31 @@ fn result(what: &str, o: &BenchOptions, (median, min): (f64, f64), flops_per_ima
 
 /// Forward + DiceFocal loss + backward + AdamW, `steps` times.
 pub fn train_step(o: &BenchOptions) -> Result<BenchResult> {
-    let cfg = UNetConfig { in_channels: o.channels, classes: 1, base_width: o.base_width, depth: o.depth };
+    let cfg = UNetConfig {
+        in_channels: o.channels,
+        classes: 1,
+        base_width: o.base_width,
+        depth: o.depth,
+    };
     let (model, vars) = model::init(cfg, Some(0.01), 0, &Device::Cpu)?;
     let params: Vec<(String, Var)> = {
         let data = vars.data().lock().expect("variable map lock");
-        let mut p: Vec<_> = data.iter().filter(|(k, _)| is_trainable(k)).map(|(k, v)| (k.clone(), v.clone())).collect();
+        let mut p: Vec<_> = data
+            .iter()
+            .filter(|(k, _)| is_trainable(k))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
         p.sort_by(|a, b| a.0.cmp(&b.0));
         p
     };
     let mut opt = AdamW::new(params, 1e-4)?;
     let loss = Loss::from_toml_str(DICE_FOCAL)?;
-    let x = Tensor::randn(0f32, 1.0, (o.batch, o.channels, o.size, o.size), &Device::Cpu)?;
+    let x = Tensor::randn(
+        0f32,
+        1.0,
+        (o.batch, o.channels, o.size, o.size),
+        &Device::Cpu,
+    )?;
     let y = sparse_target(o.batch, o.size, 0.05, 1)?;
     let times = timings(o.warmup, o.steps, || {
         let logits = time("step: forward", || model.forward_using(o.kernels, &x, true))?;
@@ -122,15 +143,30 @@ pub fn train_step(o: &BenchOptions) -> Result<BenchResult> {
         time("step: optimizer", || opt.step(&grads, 1e-3, 1.0))?;
         Ok(())
     })?;
-    Ok(result("train_step", o, times, 3.0 * cfg.forward_flops(o.size)))
+    Ok(result(
+        "train_step",
+        o,
+        times,
+        3.0 * cfg.forward_flops(o.size),
+    ))
 }
 
 /// Forward in evaluation mode.
 pub fn inference(o: &BenchOptions) -> Result<BenchResult> {
-    let cfg = UNetConfig { in_channels: o.channels, classes: 1, base_width: o.base_width, depth: o.depth };
+    let cfg = UNetConfig {
+        in_channels: o.channels,
+        classes: 1,
+        base_width: o.base_width,
+        depth: o.depth,
+    };
     let (_, vars) = model::init(cfg, Some(0.01), 0, &Device::Cpu)?;
     let eval = crate::train::detached_model(&vars, cfg, &Device::Cpu)?;
-    let x = Tensor::randn(0f32, 1.0, (o.batch, o.channels, o.size, o.size), &Device::Cpu)?;
+    let x = Tensor::randn(
+        0f32,
+        1.0,
+        (o.batch, o.channels, o.size, o.size),
+        &Device::Cpu,
+    )?;
     let times = timings(o.warmup, o.steps, || {
         eval.forward_using(o.kernels, &x, false)?;
         Ok(())
@@ -141,17 +177,27 @@ pub fn inference(o: &BenchOptions) -> Result<BenchResult> {
 /// Loss forward + backward on `(batch, 1, size, size)` logits with ≈ 2 % positives: focal
 /// alone and DiceFocal.
 pub fn loss(o: &BenchOptions) -> Result<Vec<BenchResult>> {
-    let x = Var::from_tensor(&Tensor::randn(0f32, 2.0, (o.batch, 1, o.size, o.size), &Device::Cpu)?)?;
-    let y = sparse_target(o.batch, o.size, 0.02, 2)?.to_dtype(DType::F32)?.unsqueeze(1)?;
+    let x = Var::from_tensor(&Tensor::randn(
+        0f32,
+        2.0,
+        (o.batch, 1, o.size, o.size),
+        &Device::Cpu,
+    )?)?;
+    let y = sparse_target(o.batch, o.size, 0.02, 2)?
+        .to_dtype(DType::F32)?
+        .unsqueeze(1)?;
     let mut out = vec![];
     for (name, config) in [
-        ("loss_focal", "[[loss]]\nkind = \"focal\"\ngamma = 2.0\nalpha = 0.25\n"),
+        (
+            "loss_focal",
+            "[[loss]]\nkind = \"focal\"\ngamma = 2.0\nalpha = 0.25\n",
+        ),
         ("loss_dice_focal", DICE_FOCAL),
     ] {
         let loss = Loss::from_toml_str(config)?;
         let times = timings(o.warmup, o.steps, || {
-            let v = loss.forward(x.as_tensor(), &y)?;
-            v.total.backward()?;
+            let v = time("loss: forward (total)", || loss.forward(x.as_tensor(), &y))?;
+            time("loss: backward (total)", || v.total.backward())?;
             Ok(())
         })?;
         out.push(result(name, o, times, 0.0));

@@ -323,7 +323,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             if a.profile {
                 for (name, ms, calls) in segtrain::kernels::profile::report() {
                     let per_step = ms / opts.steps as f64;
-                    println!("{name:<28} {per_step:9.2} ms/step  {:6} calls/step", calls / opts.steps);
+                    println!(
+                        "{name:<28} {per_step:9.2} ms/step  {:6} calls/step",
+                        calls / opts.steps
+                    );
                 }
             }
             Ok(())

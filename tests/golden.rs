@@ -4,6 +4,7 @@
 use std::path::Path;
 
 use candle_core::{Device, Tensor, Var};
+use segtrain::kernels::Kernels;
 use segtrain::loss::Loss;
 
 struct Case {
@@ -31,10 +32,12 @@ fn load(path: &Path) -> Case {
 }
 
 /// (loss error / tolerance, grad error / tolerance): both must be ≤ 1.
-fn evaluate(case: &Case) -> (f64, f64) {
+fn evaluate(case: &Case, kernels: Kernels) -> (f64, f64) {
     let loss = Loss::from_toml_str(&case.config).unwrap();
     let x = Var::from_tensor(&case.logits).unwrap();
-    let value = loss.forward(x.as_tensor(), &case.target).unwrap();
+    let value = loss
+        .forward_using(x.as_tensor(), &case.target, kernels)
+        .unwrap();
     let got = value.total.to_scalar::<f32>().unwrap() as f64;
     let want = case.loss as f64;
     let loss_ratio = (got - want).abs() / (1e-4 * want.abs() + 1e-6);
@@ -70,15 +73,18 @@ fn every_golden_case_matches_pytorch() {
     paths.sort();
     assert!(paths.len() >= 34, "golden cases missing: {}", paths.len());
     let mut failures = vec![];
-    for path in &paths {
-        let case = load(path);
-        let (loss_ratio, grad_ratio) = evaluate(&case);
-        println!(
-            "{:<55} loss err/tol {:.3e}  grad err/tol {:.3e}",
-            case.name, loss_ratio, grad_ratio
-        );
-        if !(loss_ratio <= 1.0 && grad_ratio <= 1.0) {
-            failures.push(case.name);
+    // the fused CPU kernels and Candle's generic ops must both match
+    for kernels in [Kernels::FastCpu, Kernels::Candle] {
+        for path in &paths {
+            let case = load(path);
+            let (loss_ratio, grad_ratio) = evaluate(&case, kernels);
+            println!(
+                "{kernels:?} {:<55} loss err/tol {:.3e}  grad err/tol {:.3e}",
+                case.name, loss_ratio, grad_ratio
+            );
+            if !(loss_ratio <= 1.0 && grad_ratio <= 1.0) {
+                failures.push(format!("{kernels:?} {}", case.name));
+            }
         }
     }
     assert!(failures.is_empty(), "golden cases off: {failures:?}");

@@ -22,17 +22,33 @@ fn max_rel_diff(a: &Tensor, b: &Tensor) -> f32 {
     let b: Vec<f32> = b.flatten_all().unwrap().to_vec1().unwrap();
     assert_eq!(a.len(), b.len());
     let scale = a.iter().fold(1f32, |m, v| m.max(v.abs()));
-    a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max) / scale
+    a.iter()
+        .zip(&b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+        / scale
 }
 
+/// Named tensors, sorted by name.
+type Named = Vec<(String, Tensor)>;
+
 /// (logits, gradients of every variable, variables after the pass)
-fn pass(kernels: Kernels, cfg: UNetConfig, x: &Tensor, weights: &Tensor, train: bool) -> (Tensor, Vec<(String, Tensor)>, Vec<(String, Tensor)>) {
+fn pass(
+    kernels: Kernels,
+    cfg: UNetConfig,
+    x: &Tensor,
+    weights: &Tensor,
+    train: bool,
+) -> (Tensor, Named, Named) {
     let (model, vars) = init(cfg, Some(0.01), 11, &Device::Cpu).unwrap();
     let logits = model.forward_using(kernels, x, train).unwrap();
     let mut grads = vec![];
     if train {
         // a loss that weighs every logit differently
-        let loss = (logits.tanh().unwrap() * weights).unwrap().sum_all().unwrap();
+        let loss = (logits.tanh().unwrap() * weights)
+            .unwrap()
+            .sum_all()
+            .unwrap();
         let g = loss.backward().unwrap();
         for (name, var) in vars.data().lock().unwrap().iter() {
             if let Some(t) = g.get(var.as_tensor()) {
@@ -47,9 +63,36 @@ fn pass(kernels: Kernels, cfg: UNetConfig, x: &Tensor, weights: &Tensor, train: 
 #[test]
 fn fast_cpu_kernels_match_candle_ops() {
     for (cfg, n, size) in [
-        (UNetConfig { in_channels: 3, classes: 1, base_width: 4, depth: 2 }, 2, 16),
-        (UNetConfig { in_channels: 1, classes: 3, base_width: 3, depth: 3 }, 3, 24),
-        (UNetConfig { in_channels: 2, classes: 2, base_width: 5, depth: 1 }, 1, 10),
+        (
+            UNetConfig {
+                in_channels: 3,
+                classes: 1,
+                base_width: 4,
+                depth: 2,
+            },
+            2,
+            16,
+        ),
+        (
+            UNetConfig {
+                in_channels: 1,
+                classes: 3,
+                base_width: 3,
+                depth: 3,
+            },
+            3,
+            24,
+        ),
+        (
+            UNetConfig {
+                in_channels: 2,
+                classes: 2,
+                base_width: 5,
+                depth: 1,
+            },
+            1,
+            10,
+        ),
     ] {
         let x = Tensor::randn(0f32, 1.0, (n, cfg.in_channels, size, size), &Device::Cpu).unwrap();
         let weights = Tensor::randn(0f32, 1.0, (n, cfg.classes, size, size), &Device::Cpu).unwrap();
@@ -57,7 +100,11 @@ fn fast_cpu_kernels_match_candle_ops() {
             let (ya, ga, va) = pass(Kernels::Candle, cfg, &x, &weights, train);
             let (yb, gb, vb) = pass(Kernels::FastCpu, cfg, &x, &weights, train);
             assert_eq!(ya.dims(), yb.dims());
-            assert!(max_rel_diff(&ya, &yb) < 1e-4, "{cfg:?} train={train}: logits differ by {}", max_rel_diff(&ya, &yb));
+            assert!(
+                max_rel_diff(&ya, &yb) < 1e-4,
+                "{cfg:?} train={train}: logits differ by {}",
+                max_rel_diff(&ya, &yb)
+            );
             assert_eq!(ga.len(), gb.len());
             if train {
                 assert!(ga.len() > 10, "gradients reach the weights");
@@ -86,7 +133,10 @@ fn max_pooling_sends_the_whole_gradient_to_the_maximum() {
     let dy = padded::to_padded(&[1., 1.], g.half(), 1);
     let mut dx = vec![0f32; g.rows()];
     pool::backward_into(g, &xp, &dy, 1, &mut dx);
-    assert_eq!(padded::from_padded(&dx, g, 1), vec![0., 0., 0., 0., 0., 1., 0., 1.]);
+    assert_eq!(
+        padded::from_padded(&dx, g, 1),
+        vec![0., 0., 0., 0., 0., 1., 0., 1.]
+    );
     // the generic path, through a depth-1 U-Net whose pooled input is the identity: checked by
     // `fast_cpu_kernels_match_candle_ops`, which compares every gradient of both paths
 }

@@ -518,3 +518,63 @@ fn registry_names_are_unique_and_documented() {
         );
     }
 }
+
+/// (loss, gradient) in f32 with the chosen kernels.
+fn evaluate_with(
+    config: &str,
+    logits: &Tensor,
+    target: &Tensor,
+    kernels: segtrain::kernels::Kernels,
+) -> (f32, Vec<f32>) {
+    let loss = Loss::from_toml_str(config).unwrap();
+    let x = Var::from_tensor(&logits.to_dtype(DType::F32).unwrap()).unwrap();
+    let value = loss.forward_using(x.as_tensor(), target, kernels).unwrap();
+    let grads = value.total.backward().unwrap();
+    let grad = grads
+        .get(x.as_tensor())
+        .map(|g| g.flatten_all().unwrap().to_vec1().unwrap())
+        .unwrap_or_else(|| vec![0.0; logits.elem_count()]);
+    (value.total.to_scalar::<f32>().unwrap(), grad)
+}
+
+#[test]
+fn fused_kernels_match_the_generic_formulas() {
+    use segtrain::kernels::Kernels;
+    let check = |config: &str, x: &Tensor, t: &Tensor| {
+        let (a, ga) = evaluate_with(config, x, t, Kernels::FastCpu);
+        let (b, gb) = evaluate_with(config, x, t, Kernels::Candle);
+        assert!(
+            (a - b).abs() <= 1e-4 * b.abs() + 1e-6,
+            "{config}: fused {a} vs generic {b}"
+        );
+        let max = gb.iter().fold(0f32, |m, v| m.max(v.abs()));
+        for (i, (p, q)) in ga.iter().zip(&gb).enumerate() {
+            assert!(
+                (p - q).abs() <= 1e-4 * max + 1e-7,
+                "{config}: gradient {i}: fused {p} vs generic {q}"
+            );
+        }
+    };
+    // odd sizes exercise the vector tails; ±30 logits the saturated ends
+    let x = logits((3, 1, 7, 9), 30.0, 61);
+    for t in [
+        float_target((3, 1, 7, 9), 0.2, false, 62),
+        float_target((3, 1, 7, 9), 0.0, true, 63),
+    ] {
+        let t32 = t.to_dtype(DType::F32).unwrap();
+        for config in configs(false) {
+            check(&config, &x, &t32);
+        }
+    }
+    let xm = logits((2, 3, 5, 11), 12.0, 64);
+    let map = class_map(2, 5, 11, 3, 0.2, 65);
+    for config in configs(true) {
+        check(&format!("{config}ignore_index = 255\n"), &xm, &map);
+    }
+    check(
+        "[[loss]]\nkind = \"focal\"\nactivation = \"sigmoid\"\nignore_index = 255\n",
+        &xm,
+        &map,
+    );
+    check("[[loss]]\nkind = \"dice\"\nactivation = \"sigmoid\"\nignore_index = 255\nper_image = false\n", &xm, &map);
+}

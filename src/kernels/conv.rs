@@ -22,7 +22,13 @@ fn parallelism(work: usize) -> Parallelism {
 /// Weights `w (Co, Ci, 3, 3)`, input channels `[i0, i0 + ci)` only, as three `(3·ci × Co)`
 /// matrices `[dy][dx·ci + i][o]`; with `flip`, the input-gradient weights
 /// `[dy][dx·Co + o][i] = w[o][i0 + i][2−dy][2−dx]`.
-pub fn pack(w: &[f32], co: usize, ci_total: usize, (i0, ci): (usize, usize), flip: bool) -> Vec<f32> {
+pub fn pack(
+    w: &[f32],
+    co: usize,
+    ci_total: usize,
+    (i0, ci): (usize, usize),
+    flip: bool,
+) -> Vec<f32> {
     let mut p = vec![0f32; 9 * ci * co];
     for o in 0..co {
         for i in 0..ci {
@@ -44,9 +50,19 @@ pub fn pack(w: &[f32], co: usize, ci_total: usize, (i0, ci): (usize, usize), fli
 
 /// `y += conv3x3(x)` over every padded row of the body (borders hold garbage afterwards:
 /// see [`zero_borders`]), with packed weights `(9·cin × cout)`.
-pub fn convolve_into(g: Geom, x: &[f32], cin: usize, packed: &[f32], cout: usize, y: &mut [f32], accumulate: bool) {
+pub fn convolve_into(
+    g: Geom,
+    x: &[f32],
+    cin: usize,
+    packed: &[f32],
+    cout: usize,
+    y: &mut [f32],
+    accumulate: bool,
+) {
     let (pw, guard, body) = (g.pw(), g.guard(), g.body());
-    assert!(x.len() == g.rows() * cin && y.len() == g.rows() * cout && packed.len() == 9 * cin * cout);
+    assert!(
+        x.len() == g.rows() * cin && y.len() == g.rows() * cout && packed.len() == 9 * cin * cout
+    );
     let par = parallelism(body * cout * cin);
     for dy in 0..3 {
         let start = guard + dy * pw - pw - 1;
@@ -98,9 +114,23 @@ pub fn zero_borders(g: Geom, y: &mut [f32], c: usize) {
 /// `lhs[q·lhs_stride..]` and `rhs_q` the `n` values at `rhs[q·rhs_stride..]`, q < k: the
 /// weight-gradient product `Aᵀ·B`, with the k rows split over threads and the partial sums
 /// added in a fixed order.
-pub fn sum_outer(m: usize, n: usize, k: usize, lhs: &[f32], lhs_stride: usize, rhs: &[f32], rhs_stride: usize) -> Vec<f32> {
-    assert!(k == 0 || (lhs.len() >= (k - 1) * lhs_stride + m && rhs.len() >= (k - 1) * rhs_stride + n));
-    let threads = if k * m * n > 1 << 16 { rayon::current_num_threads() } else { 1 };
+pub fn sum_outer(
+    m: usize,
+    n: usize,
+    k: usize,
+    lhs: &[f32],
+    lhs_stride: usize,
+    rhs: &[f32],
+    rhs_stride: usize,
+) -> Vec<f32> {
+    assert!(
+        k == 0 || (lhs.len() >= (k - 1) * lhs_stride + m && rhs.len() >= (k - 1) * rhs_stride + n)
+    );
+    let threads = if k * m * n > 1 << 16 {
+        rayon::current_num_threads()
+    } else {
+        1
+    };
     let per = k.div_ceil(threads).max(1);
     let partials: Vec<Vec<f32>> = (0..threads)
         .into_par_iter()
@@ -150,7 +180,15 @@ pub fn weight_grad(g: Geom, x: &[f32], ci: usize, dy: &[f32], co: usize) -> Vec<
     let rows: Vec<Vec<f32>> = (0..3)
         .map(|ky| {
             let start = guard + ky * pw - pw - 1;
-            sum_outer(3 * ci, co, body, &x[start * ci..], ci, &dy[guard * co..], co)
+            sum_outer(
+                3 * ci,
+                co,
+                body,
+                &x[start * ci..],
+                ci,
+                &dy[guard * co..],
+                co,
+            )
         })
         .collect();
     let mut dw = vec![0f32; co * ci * 9];

@@ -51,7 +51,16 @@ pub struct Saved {
 /// `relu(batchnorm(conv3x3(cat(inputs))))`. With `running` statistics (evaluation) `z` is not
 /// kept.
 #[allow(clippy::too_many_arguments)]
-pub fn forward(g: Geom, shape: &LayerShape, inputs: &[&[f32]], w: &[f32], gamma: &[f32], beta: &[f32], eps: f64, running: Option<&Moments>) -> Forward {
+pub fn forward(
+    g: Geom,
+    shape: &LayerShape,
+    inputs: &[&[f32]],
+    w: &[f32],
+    gamma: &[f32],
+    beta: &[f32],
+    eps: f64,
+    running: Option<&Moments>,
+) -> Forward {
     let (co, ci_total) = (shape.out, shape.ci_total());
     let mut z = vec![0f32; g.rows() * co];
     time("conv3x3 forward", || {
@@ -70,7 +79,9 @@ pub fn forward(g: Geom, shape: &LayerShape, inputs: &[&[f32]], w: &[f32], gamma:
         };
         let inv = inv_std(&moments.var, eps);
         let scale: Vec<f32> = (0..co).map(|k| gamma[k] * inv[k]).collect();
-        let shift: Vec<f32> = (0..co).map(|k| beta[k] - moments.mean[k] * scale[k]).collect();
+        let shift: Vec<f32> = (0..co)
+            .map(|k| beta[k] - moments.mean[k] * scale[k])
+            .collect();
         let mut y = vec![0f32; g.rows() * co];
         for_each_run(g, co, &mut y, |n, yy, run| {
             let src = &z[g.row(n, yy, 0) * co..][..run.len()];
@@ -98,10 +109,23 @@ pub struct Backward {
 /// Backward of [`forward`] from the output gradient `dy`, given the forward's output `y` and
 /// saved values.
 #[allow(clippy::too_many_arguments)]
-pub fn backward(g: Geom, shape: &LayerShape, inputs: &[&[f32]], need_input: &[bool], w: &[f32], gamma: &[f32], y: &[f32], saved: &Saved, dy: &[f32], eps: f64) -> Backward {
+pub fn backward(
+    g: Geom,
+    shape: &LayerShape,
+    inputs: &[&[f32]],
+    need_input: &[bool],
+    w: &[f32],
+    gamma: &[f32],
+    y: &[f32],
+    saved: &Saved,
+    dy: &[f32],
+    eps: f64,
+) -> Backward {
     let (co, ci_total) = (shape.out, shape.ci_total());
     let inv = inv_std(&saved.moments.var, eps);
-    let (dz, dgamma, dbeta) = time("batchnorm+relu backward", || bn_relu_backward(g, co, &saved.z, y, dy, &saved.moments.mean, &inv, gamma));
+    let (dz, dgamma, dbeta) = time("batchnorm+relu backward", || {
+        bn_relu_backward(g, co, &saved.z, y, dy, &saved.moments.mean, &inv, gamma)
+    });
     let mut input_grads = vec![];
     let mut dw = vec![0f32; co * ci_total * 9];
     let mut i0 = 0;
@@ -118,15 +142,23 @@ pub fn backward(g: Geom, shape: &LayerShape, inputs: &[&[f32]], need_input: &[bo
         let part = time("conv3x3 weight grad", || weight_grad(g, x, ci, &dz, co));
         // place the (Co, ci, 3, 3) part at input channels i0..i0 + ci
         for o in 0..co {
-            dw[(o * ci_total + i0) * 9..(o * ci_total + i0 + ci) * 9].copy_from_slice(&part[o * ci * 9..(o + 1) * ci * 9]);
+            dw[(o * ci_total + i0) * 9..(o * ci_total + i0 + ci) * 9]
+                .copy_from_slice(&part[o * ci * 9..(o + 1) * ci * 9]);
         }
         i0 += ci;
     }
-    Backward { inputs: input_grads, w: dw, gamma: dgamma, beta: dbeta }
+    Backward {
+        inputs: input_grads,
+        w: dw,
+        gamma: dgamma,
+        beta: dbeta,
+    }
 }
 
 fn inv_std(var: &[f32], eps: f64) -> Vec<f32> {
-    var.iter().map(|v| (1.0 / (*v as f64 + eps).sqrt()) as f32).collect()
+    var.iter()
+        .map(|v| (1.0 / (*v as f64 + eps).sqrt()) as f32)
+        .collect()
 }
 
 /// Interior image rows handled by one task of the reductions (a fixed grouping, so sums do not
@@ -135,7 +167,11 @@ const RUNS_PER_TASK: usize = 16;
 
 /// Two per-channel sums over the interior pixels: `f(run_start_row, run_pixels, a, b)` adds one
 /// image row's contributions. f32 within a task, f64 across tasks in order.
-fn reduce_runs(g: Geom, c: usize, f: impl Fn(usize, &mut [f32], &mut [f32]) + Sync) -> (Vec<f64>, Vec<f64>) {
+fn reduce_runs(
+    g: Geom,
+    c: usize,
+    f: impl Fn(usize, &mut [f32], &mut [f32]) + Sync,
+) -> (Vec<f64>, Vec<f64>) {
     let runs: Vec<usize> = g.runs().collect();
     let partial: Vec<(Vec<f32>, Vec<f32>)> = runs
         .par_chunks(RUNS_PER_TASK)
@@ -183,11 +219,23 @@ fn moments(g: Geom, z: &[f32], c: usize) -> Moments {
 
 /// BatchNorm + ReLU backward: `(dz, dγ, dβ)`.
 #[allow(clippy::too_many_arguments)]
-fn bn_relu_backward(g: Geom, c: usize, z: &[f32], y: &[f32], dy: &[f32], mean: &[f32], inv: &[f32], gamma: &[f32]) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+fn bn_relu_backward(
+    g: Geom,
+    c: usize,
+    z: &[f32],
+    y: &[f32],
+    dy: &[f32],
+    mean: &[f32],
+    inv: &[f32],
+    gamma: &[f32],
+) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
     // Σ g and Σ g·ẑ per channel, g = dy·[y > 0]
     let (sum_g, sum_gz) = reduce_runs(g, c, |start, a, b| {
         let span = start * c..(start + g.w) * c;
-        let rows = y[span.clone()].chunks_exact(c).zip(dy[span.clone()].chunks_exact(c)).zip(z[span].chunks_exact(c));
+        let rows = y[span.clone()]
+            .chunks_exact(c)
+            .zip(dy[span.clone()].chunks_exact(c))
+            .zip(z[span].chunks_exact(c));
         for ((yp, dp), zp) in rows {
             let terms = yp.iter().zip(dp).zip(zp).zip(mean.iter().zip(inv));
             for ((a, b), (((&y, &d), &z), (&m, &i))) in a.iter_mut().zip(b.iter_mut()).zip(terms) {
@@ -205,10 +253,19 @@ fn bn_relu_backward(g: Geom, c: usize, z: &[f32], y: &[f32], dy: &[f32], mean: &
     for_each_run(g, c, &mut dz, |n, yy, run| {
         let start = g.row(n, yy, 0) * c;
         let span = start..start + run.len();
-        let rows = y[span.clone()].chunks_exact(c).zip(dy[span.clone()].chunks_exact(c)).zip(z[span].chunks_exact(c));
-        let per_channel: Vec<[f32; 5]> = (0..c).map(|k| [mean[k], inv[k], scale[k], mean_g[k], mean_gz[k]]).collect();
+        let rows = y[span.clone()]
+            .chunks_exact(c)
+            .zip(dy[span.clone()].chunks_exact(c))
+            .zip(z[span].chunks_exact(c));
+        let per_channel: Vec<[f32; 5]> = (0..c)
+            .map(|k| [mean[k], inv[k], scale[k], mean_g[k], mean_gz[k]])
+            .collect();
         for (out, ((yp, dp), zp)) in run.chunks_exact_mut(c).zip(rows) {
-            for ((o, ((&y, &d), &z)), p) in out.iter_mut().zip(yp.iter().zip(dp).zip(zp)).zip(&per_channel) {
+            for ((o, ((&y, &d), &z)), p) in out
+                .iter_mut()
+                .zip(yp.iter().zip(dp).zip(zp))
+                .zip(&per_channel)
+            {
                 let gk = if y > 0.0 { d } else { 0.0 };
                 let zhat = (z - p[0]) * p[1];
                 *o = p[2] * (gk - p[3] - zhat * p[4]);

@@ -13,11 +13,25 @@ use super::padded::{for_each_run, Geom};
 /// `dst (m × n) = lhs (m × k, row stride lhs_rs) · rhs` with rhs element (kk, j) at
 /// `rhs[kk·rhs_rs + j·rhs_cs]`.
 #[allow(clippy::too_many_arguments)]
-fn matmul(m: usize, n: usize, k: usize, dst: &mut [f32], lhs: &[f32], lhs_rs: usize, rhs: &[f32], rhs_rs: usize, rhs_cs: usize) {
+fn matmul(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: &mut [f32],
+    lhs: &[f32],
+    lhs_rs: usize,
+    rhs: &[f32],
+    rhs_rs: usize,
+    rhs_cs: usize,
+) {
     assert!(dst.len() >= m * n && lhs.len() >= (m.max(1) - 1) * lhs_rs + k);
     assert!(rhs.len() > (k.max(1) - 1) * rhs_rs + (n.max(1) - 1) * rhs_cs);
     let threads = rayon::current_num_threads();
-    let par = if threads > 1 && m * n * k > 1 << 16 { Parallelism::Rayon(threads) } else { Parallelism::None };
+    let par = if threads > 1 && m * n * k > 1 << 16 {
+        Parallelism::Rayon(threads)
+    } else {
+        Parallelism::None
+    };
     // SAFETY: the asserts bound every element the product reads and writes.
     unsafe {
         gemm::gemm(
@@ -63,7 +77,17 @@ pub fn up_forward(g: Geom, x: &[f32], ci: usize, w: &[f32], b: &[f32], co: usize
     let packed = pack_up(w, ci, co);
     let body = g.body();
     let mut t = vec![0f32; body * 4 * co];
-    matmul(body, 4 * co, ci, &mut t, &x[g.guard() * ci..], ci, &packed, 4 * co, 1);
+    matmul(
+        body,
+        4 * co,
+        ci,
+        &mut t,
+        &x[g.guard() * ci..],
+        ci,
+        &packed,
+        4 * co,
+        1,
+    );
     let mut out = vec![0f32; big.rows() * co];
     for_each_run(big, co, &mut out, |n, yy, run| {
         let (y, dy) = (yy / 2, yy % 2);
@@ -79,28 +103,47 @@ pub fn up_forward(g: Geom, x: &[f32], ci: usize, w: &[f32], b: &[f32], co: usize
 }
 
 /// Gradients of [`up_forward`]: `(dx, dw (Ci, Co, 2, 2), db)` from the output gradient `dy`.
-pub fn up_backward(g: Geom, x: &[f32], ci: usize, w: &[f32], co: usize, dy: &[f32]) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+pub fn up_backward(
+    g: Geom,
+    x: &[f32],
+    ci: usize,
+    w: &[f32],
+    co: usize,
+    dy: &[f32],
+) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
     let big = g.double();
     let body = g.body();
     let packed = pack_up(w, ci, co);
     // dT: the four output pixels of every input pixel, side by side
     let mut dt = vec![0f32; body * 4 * co];
-    dt.par_chunks_mut(g.pw() * 4 * co).enumerate().for_each(|(padded_row, chunk)| {
-        let (n, yy) = (padded_row / (g.h + 2), padded_row % (g.h + 2));
-        if yy == 0 || yy == g.h + 1 {
-            return;
-        }
-        for x_ in 0..g.w {
-            let dst = &mut chunk[(x_ + 1) * 4 * co..(x_ + 2) * 4 * co];
-            for k in 0..4 {
-                let r = big.row(n, 2 * (yy - 1) + k / 2, 2 * x_ + k % 2);
-                dst[k * co..(k + 1) * co].copy_from_slice(&dy[r * co..(r + 1) * co]);
+    dt.par_chunks_mut(g.pw() * 4 * co)
+        .enumerate()
+        .for_each(|(padded_row, chunk)| {
+            let (n, yy) = (padded_row / (g.h + 2), padded_row % (g.h + 2));
+            if yy == 0 || yy == g.h + 1 {
+                return;
             }
-        }
-    });
+            for x_ in 0..g.w {
+                let dst = &mut chunk[(x_ + 1) * 4 * co..(x_ + 2) * 4 * co];
+                for k in 0..4 {
+                    let r = big.row(n, 2 * (yy - 1) + k / 2, 2 * x_ + k % 2);
+                    dst[k * co..(k + 1) * co].copy_from_slice(&dy[r * co..(r + 1) * co]);
+                }
+            }
+        });
     let mut dx = vec![0f32; g.rows() * ci];
     // dX = dT · Wᵀ: rhs element (k, i) = W[i][k]
-    matmul(body, ci, 4 * co, &mut dx[g.guard() * ci..], &dt, 4 * co, &packed, 1, 4 * co);
+    matmul(
+        body,
+        ci,
+        4 * co,
+        &mut dx[g.guard() * ci..],
+        &dt,
+        4 * co,
+        &packed,
+        1,
+        4 * co,
+    );
     let dwp = sum_outer(ci, 4 * co, body, &x[g.guard() * ci..], ci, &dt, 4 * co);
     let mut dw = vec![0f32; ci * co * 4];
     for i in 0..ci {
@@ -132,21 +175,30 @@ pub fn head_forward(g: Geom, x: &[f32], ci: usize, w: &[f32], b: &[f32], k: usiz
     matmul(body, k, ci, &mut t, &x[g.guard() * ci..], ci, w, 1, ci);
     let plane = g.h * g.w;
     let mut out = vec![0f32; g.n * k * plane];
-    out.par_chunks_mut(k * plane).enumerate().for_each(|(n, img)| {
-        for y in 0..g.h {
-            for x_ in 0..g.w {
-                let q = g.row(n, y, x_) - g.guard();
-                for o in 0..k {
-                    img[o * plane + y * g.w + x_] = t[q * k + o] + b[o];
+    out.par_chunks_mut(k * plane)
+        .enumerate()
+        .for_each(|(n, img)| {
+            for y in 0..g.h {
+                for x_ in 0..g.w {
+                    let q = g.row(n, y, x_) - g.guard();
+                    for o in 0..k {
+                        img[o * plane + y * g.w + x_] = t[q * k + o] + b[o];
+                    }
                 }
             }
-        }
-    });
+        });
     out
 }
 
 /// Gradients of [`head_forward`]: `(dx, dw (K, Ci), db)` from the logits' gradient (NCHW).
-pub fn head_backward(g: Geom, x: &[f32], ci: usize, w: &[f32], k: usize, dlogits: &[f32]) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+pub fn head_backward(
+    g: Geom,
+    x: &[f32],
+    ci: usize,
+    w: &[f32],
+    k: usize,
+    dlogits: &[f32],
+) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
     let body = g.body();
     let plane = g.h * g.w;
     let mut dt = vec![0f32; body * k];

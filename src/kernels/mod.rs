@@ -11,6 +11,8 @@ pub mod linear;
 pub mod padded;
 pub mod pool;
 pub mod profile;
+#[macro_use]
+pub mod simd;
 pub mod unet;
 
 use candle_core::Device;

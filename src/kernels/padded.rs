@@ -54,11 +54,19 @@ impl Geom {
     }
 
     pub fn half(&self) -> Self {
-        Self { n: self.n, h: self.h / 2, w: self.w / 2 }
+        Self {
+            n: self.n,
+            h: self.h / 2,
+            w: self.w / 2,
+        }
     }
 
     pub fn double(&self) -> Self {
-        Self { n: self.n, h: self.h * 2, w: self.w * 2 }
+        Self {
+            n: self.n,
+            h: self.h * 2,
+            w: self.w * 2,
+        }
     }
 
     /// The first row of each image row's run of W interior pixels, in order.
@@ -69,7 +77,12 @@ impl Geom {
 
 /// Fills the interior pixels of a zero-initialised padded buffer of `c` channels through
 /// `f(n, y, run)`, where `run` holds the W pixels of image row (n, y); in parallel over rows.
-pub fn for_each_run(g: Geom, c: usize, out: &mut [f32], f: impl Fn(usize, usize, &mut [f32]) + Sync) {
+pub fn for_each_run(
+    g: Geom,
+    c: usize,
+    out: &mut [f32],
+    f: impl Fn(usize, usize, &mut [f32]) + Sync,
+) {
     let first = g.guard();
     out[first * c..(first + g.body()) * c]
         .par_chunks_mut(g.pw() * c)
@@ -101,16 +114,18 @@ pub fn to_padded(x: &[f32], g: Geom, c: usize) -> Vec<f32> {
 pub fn from_padded(x: &[f32], g: Geom, c: usize) -> Vec<f32> {
     let plane = g.h * g.w;
     let mut out = vec![0f32; g.n * c * plane];
-    out.par_chunks_mut(c * plane).enumerate().for_each(|(n, img)| {
-        for y in 0..g.h {
-            let start = g.row(n, y, 0);
-            for xx in 0..g.w {
-                for (ch, v) in x[(start + xx) * c..(start + xx + 1) * c].iter().enumerate() {
-                    img[ch * plane + y * g.w + xx] = *v;
+    out.par_chunks_mut(c * plane)
+        .enumerate()
+        .for_each(|(n, img)| {
+            for y in 0..g.h {
+                let start = g.row(n, y, 0);
+                for xx in 0..g.w {
+                    for (ch, v) in x[(start + xx) * c..(start + xx + 1) * c].iter().enumerate() {
+                        img[ch * plane + y * g.w + xx] = *v;
+                    }
                 }
             }
-        }
-    });
+        });
     out
 }
 

@@ -30,22 +30,24 @@ pub fn forward(g: Geom, x: &[f32], c: usize) -> Vec<f32> {
 pub fn backward_into(g: Geom, x: &[f32], dy: &[f32], c: usize, dx: &mut [f32]) {
     let half = g.half();
     let body = &mut dx[g.guard() * c..(g.guard() + g.body()) * c];
-    body.par_chunks_mut(g.image_rows() * c).enumerate().for_each(|(n, img)| {
-        let base = g.guard() + n * g.image_rows();
-        for y in 0..half.h {
-            for xo in 0..half.w {
-                let out_row = half.row(n, y, xo);
-                let window = WINDOW.map(|(a, b)| g.row(n, 2 * y + a, 2 * xo + b));
-                for k in 0..c {
-                    let mut best = window[0];
-                    for &r in &window[1..] {
-                        if x[r * c + k] > x[best * c + k] {
-                            best = r;
+    body.par_chunks_mut(g.image_rows() * c)
+        .enumerate()
+        .for_each(|(n, img)| {
+            let base = g.guard() + n * g.image_rows();
+            for y in 0..half.h {
+                for xo in 0..half.w {
+                    let out_row = half.row(n, y, xo);
+                    let window = WINDOW.map(|(a, b)| g.row(n, 2 * y + a, 2 * xo + b));
+                    for k in 0..c {
+                        let mut best = window[0];
+                        for &r in &window[1..] {
+                            if x[r * c + k] > x[best * c + k] {
+                                best = r;
+                            }
                         }
+                        img[(best - base) * c + k] += dy[out_row * c + k];
                     }
-                    img[(best - base) * c + k] += dy[out_row * c + k];
                 }
             }
-        }
-    });
+        });
 }

@@ -24,10 +24,38 @@ use crate::model::UNetConfig;
 /// One step of the network, with the activations (by index) it reads and writes and the
 /// ranges of its parameters in the packed vector.
 enum Stage {
-    Layer { g: Geom, shape: LayerShape, inputs: Vec<usize>, out: usize, w: Range<usize>, gamma: Range<usize>, beta: Range<usize> },
-    Pool { g: Geom, c: usize, input: usize, out: usize },
-    Up { g: Geom, ci: usize, co: usize, input: usize, out: usize, w: Range<usize>, b: Range<usize> },
-    Head { g: Geom, ci: usize, k: usize, input: usize, w: Range<usize>, b: Range<usize> },
+    Layer {
+        g: Geom,
+        shape: LayerShape,
+        inputs: Vec<usize>,
+        out: usize,
+        w: Range<usize>,
+        gamma: Range<usize>,
+        beta: Range<usize>,
+    },
+    Pool {
+        g: Geom,
+        c: usize,
+        input: usize,
+        out: usize,
+    },
+    Up {
+        g: Geom,
+        ci: usize,
+        co: usize,
+        input: usize,
+        out: usize,
+        w: Range<usize>,
+        b: Range<usize>,
+    },
+    Head {
+        g: Geom,
+        ci: usize,
+        k: usize,
+        input: usize,
+        w: Range<usize>,
+        b: Range<usize>,
+    },
 }
 
 /// What the forward pass keeps for the backward pass.
@@ -64,20 +92,46 @@ impl Exec<'_> {
     }
 
     fn layer(&mut self, g: Geom, inputs: &[usize], channels: Vec<usize>, out: usize) -> usize {
-        let shape = LayerShape { inputs: channels, out };
+        let shape = LayerShape {
+            inputs: channels,
+            out,
+        };
         let w = self.take(out * shape.ci_total() * 9);
         let gamma = self.take(out);
         let beta = self.take(out);
         let bn = self.moments.len();
         let running = self.running.map(|r| &r[bn]);
-        let xs: Vec<&[f32]> = inputs.iter().map(|&i| self.activations[i].as_slice()).collect();
-        let f = layer::forward(g, &shape, &xs, &self.params[w.clone()], &self.params[gamma.clone()], &self.params[beta.clone()], self.eps, running);
+        let xs: Vec<&[f32]> = inputs
+            .iter()
+            .map(|&i| self.activations[i].as_slice())
+            .collect();
+        let f = layer::forward(
+            g,
+            &shape,
+            &xs,
+            &self.params[w.clone()],
+            &self.params[gamma.clone()],
+            &self.params[beta.clone()],
+            self.eps,
+            running,
+        );
         self.moments.push((f.moments.clone(), g.pixels()));
         if running.is_none() {
-            self.layers.push(layer::Saved { z: f.z, moments: f.moments });
+            self.layers.push(layer::Saved {
+                z: f.z,
+                moments: f.moments,
+            });
         }
         let id = self.push(f.y);
-        self.stages.push(Stage::Layer { g, shape, inputs: inputs.to_vec(), out: id, w, gamma, beta });
+        self.stages.push(Stage::Layer {
+            g,
+            shape,
+            inputs: inputs.to_vec(),
+            out: id,
+            w,
+            gamma,
+            beta,
+        });
         id
     }
 
@@ -88,7 +142,9 @@ impl Exec<'_> {
     }
 
     fn pool(&mut self, g: Geom, input: usize, c: usize) -> usize {
-        let y = time("maxpool forward", || pool::forward(g, &self.activations[input], c));
+        let y = time("maxpool forward", || {
+            pool::forward(g, &self.activations[input], c)
+        });
         let out = self.push(y);
         self.stages.push(Stage::Pool { g, c, input, out });
         out
@@ -97,17 +153,50 @@ impl Exec<'_> {
     fn up(&mut self, g: Geom, input: usize, ci: usize, co: usize) -> usize {
         let w = self.take(ci * co * 4);
         let b = self.take(co);
-        let y = time("upconv forward", || up_forward(g, &self.activations[input], ci, &self.params[w.clone()], &self.params[b.clone()], co));
+        let y = time("upconv forward", || {
+            up_forward(
+                g,
+                &self.activations[input],
+                ci,
+                &self.params[w.clone()],
+                &self.params[b.clone()],
+                co,
+            )
+        });
         let out = self.push(y);
-        self.stages.push(Stage::Up { g, ci, co, input, out, w, b });
+        self.stages.push(Stage::Up {
+            g,
+            ci,
+            co,
+            input,
+            out,
+            w,
+            b,
+        });
         out
     }
 
     fn head(&mut self, g: Geom, input: usize, ci: usize, k: usize) -> Vec<f32> {
         let w = self.take(k * ci);
         let b = self.take(k);
-        let logits = time("head forward", || head_forward(g, &self.activations[input], ci, &self.params[w.clone()], &self.params[b.clone()], k));
-        self.stages.push(Stage::Head { g, ci, k, input, w, b });
+        let logits = time("head forward", || {
+            head_forward(
+                g,
+                &self.activations[input],
+                ci,
+                &self.params[w.clone()],
+                &self.params[b.clone()],
+                k,
+            )
+        });
+        self.stages.push(Stage::Head {
+            g,
+            ci,
+            k,
+            input,
+            w,
+            b,
+        });
         logits
     }
 }
@@ -125,12 +214,24 @@ pub struct UNetKernel {
 impl UNetKernel {
     /// Training mode: batch statistics, readable after the forward pass with [`Self::moments`].
     pub fn train(config: UNetConfig, eps: f64) -> Self {
-        Self { config, eps, running: None, saved: Arc::default(), moments: Arc::default() }
+        Self {
+            config,
+            eps,
+            running: None,
+            saved: Arc::default(),
+            moments: Arc::default(),
+        }
     }
 
     /// Evaluation mode with the running statistics of every BatchNorm, in network order.
     pub fn eval(config: UNetConfig, eps: f64, running: Vec<Moments>) -> Self {
-        Self { config, eps, running: Some(running), saved: Arc::default(), moments: Arc::default() }
+        Self {
+            config,
+            eps,
+            running: Some(running),
+            saved: Arc::default(),
+            moments: Arc::default(),
+        }
     }
 
     /// A handle to the batch statistics of every BatchNorm (network order) of the forward pass,
@@ -139,7 +240,12 @@ impl UNetKernel {
         self.moments.clone()
     }
 
-    fn forward(&self, x: &[f32], g: Geom, params: &[f32]) -> (Vec<f32>, Saved, Vec<(Moments, usize)>) {
+    fn forward(
+        &self,
+        x: &[f32],
+        g: Geom,
+        params: &[f32],
+    ) -> (Vec<f32>, Saved, Vec<(Moments, usize)>) {
         let c = &self.config;
         let (f, d) = (c.base_width, c.depth);
         let mut e = Exec {
@@ -170,41 +276,98 @@ impl UNetKernel {
             cur = e.double(geom, &[skip, up], vec![a / 2, a / 2], a / 2);
         }
         let logits = e.head(geom, cur, f, c.classes);
-        let saved = Saved { activations: e.activations, stages: e.stages, layers: e.layers };
+        let saved = Saved {
+            activations: e.activations,
+            stages: e.stages,
+            layers: e.layers,
+        };
         (logits, saved, e.moments)
     }
 
     /// The gradients of the packed parameters and, if `input_grad`, of the images (NCHW).
-    fn backward(&self, saved: Saved, params: &[f32], dlogits: &[f32], input_grad: bool) -> (Vec<f32>, Option<Vec<f32>>) {
-        let Saved { activations: acts, stages, mut layers } = saved;
+    fn backward(
+        &self,
+        saved: Saved,
+        params: &[f32],
+        dlogits: &[f32],
+        input_grad: bool,
+    ) -> (Vec<f32>, Option<Vec<f32>>) {
+        let Saved {
+            activations: acts,
+            stages,
+            mut layers,
+        } = saved;
         let mut dparams = vec![0f32; params.len()];
         let mut grads: Vec<Option<Vec<f32>>> = (0..acts.len()).map(|_| None).collect();
         let add = |grads: &mut Vec<Option<Vec<f32>>>, id: usize, g: Vec<f32>| match &mut grads[id] {
-            Some(existing) => existing.par_iter_mut().zip(g.par_iter()).for_each(|(a, b)| *a += b),
+            Some(existing) => existing
+                .par_iter_mut()
+                .zip(g.par_iter())
+                .for_each(|(a, b)| *a += b),
             slot => *slot = Some(g),
         };
         let mut input_geom = None;
         for stage in stages.iter().rev() {
             match stage {
-                Stage::Head { g, ci, k, input, w, b } => {
-                    let (dx, dw, db) = time("head backward", || head_backward(*g, &acts[*input], *ci, &params[w.clone()], *k, dlogits));
+                Stage::Head {
+                    g,
+                    ci,
+                    k,
+                    input,
+                    w,
+                    b,
+                } => {
+                    let (dx, dw, db) = time("head backward", || {
+                        head_backward(*g, &acts[*input], *ci, &params[w.clone()], *k, dlogits)
+                    });
                     add(&mut grads, *input, dx);
                     dparams[w.clone()].copy_from_slice(&dw);
                     dparams[b.clone()].copy_from_slice(&db);
                 }
-                Stage::Up { g, ci, co, input, out, w, b } => {
-                    let dy = grads[*out].take().expect("the up-convolution's output gradient");
-                    let (dx, dw, db) = time("upconv backward", || up_backward(*g, &acts[*input], *ci, &params[w.clone()], *co, &dy));
+                Stage::Up {
+                    g,
+                    ci,
+                    co,
+                    input,
+                    out,
+                    w,
+                    b,
+                } => {
+                    let dy = grads[*out]
+                        .take()
+                        .expect("the up-convolution's output gradient");
+                    let (dx, dw, db) = time("upconv backward", || {
+                        up_backward(*g, &acts[*input], *ci, &params[w.clone()], *co, &dy)
+                    });
                     add(&mut grads, *input, dx);
                     dparams[w.clone()].copy_from_slice(&dw);
                     dparams[b.clone()].copy_from_slice(&db);
                 }
-                Stage::Layer { g, shape, inputs, out, w, gamma, beta } => {
+                Stage::Layer {
+                    g,
+                    shape,
+                    inputs,
+                    out,
+                    w,
+                    gamma,
+                    beta,
+                } => {
                     let dy = grads[*out].take().expect("the layer's output gradient");
                     let saved = layers.pop().expect("one saved state per layer");
                     let xs: Vec<&[f32]> = inputs.iter().map(|&i| acts[i].as_slice()).collect();
                     let need: Vec<bool> = inputs.iter().map(|&i| i != 0 || input_grad).collect();
-                    let b = layer::backward(*g, shape, &xs, &need, &params[w.clone()], &params[gamma.clone()], &acts[*out], &saved, &dy, self.eps);
+                    let b = layer::backward(
+                        *g,
+                        shape,
+                        &xs,
+                        &need,
+                        &params[w.clone()],
+                        &params[gamma.clone()],
+                        &acts[*out],
+                        &saved,
+                        &dy,
+                        self.eps,
+                    );
                     for (&i, dx) in inputs.iter().zip(b.inputs) {
                         if let Some(dx) = dx {
                             add(&mut grads, i, dx);
@@ -220,7 +383,9 @@ impl UNetKernel {
                 Stage::Pool { g, c, input, out } => {
                     let dy = grads[*out].take().expect("the pooled gradient");
                     let dx = grads[*input].get_or_insert_with(|| vec![0f32; g.rows() * c]);
-                    time("maxpool backward", || pool::backward_into(*g, &acts[*input], &dy, *c, dx));
+                    time("maxpool backward", || {
+                        pool::backward_into(*g, &acts[*input], &dy, *c, dx)
+                    });
                 }
             }
         }
@@ -237,10 +402,19 @@ impl CustomOp2 for UNetKernel {
         "unet-cpu"
     }
 
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
         let (n, c, h, w) = l1.shape().dims4()?;
         if c != self.config.in_channels {
-            bail!("unet: {c} input channels, the model takes {}", self.config.in_channels);
+            bail!(
+                "unet: {c} input channels, the model takes {}",
+                self.config.in_channels
+            );
         }
         let g = Geom { n, h, w };
         let (logits, saved, moments) = self.forward(slice(s1, l1)?, g, slice(s2, l2)?);
@@ -248,10 +422,19 @@ impl CustomOp2 for UNetKernel {
         if self.running.is_none() {
             *self.saved.lock().expect("saved activations lock") = Some(saved);
         }
-        Ok((CpuStorage::F32(logits), Shape::from((n, self.config.classes, h, w))))
+        Ok((
+            CpuStorage::F32(logits),
+            Shape::from((n, self.config.classes, h, w)),
+        ))
     }
 
-    fn bwd(&self, x: &Tensor, params: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+    fn bwd(
+        &self,
+        x: &Tensor,
+        params: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let Some(saved) = self.saved.lock().expect("saved activations lock").take() else {
             bail!("unet: backward needs one training forward pass");
         };

@@ -8,6 +8,7 @@
 use candle_core::{Result, Tensor};
 use serde::Deserialize;
 
+use super::fused::{ElementWeights, PixelSpec};
 use super::input::sum_all_f64;
 use super::{
     check_len, check_non_negative, validate_weights, Activation, LossFn, LossInput, LossKind,
@@ -52,20 +53,43 @@ impl LossFn for CrossEntropy {
     }
 
     fn forward(&self, input: &LossInput) -> Result<Tensor> {
-        let ce = input.cross_entropy(self.pos_weight)?;
-        match &self.class_weights {
-            Some(w) if input.activation == Activation::Softmax => {
-                let w = Tensor::new(w.as_slice(), ce.device())?
-                    .to_dtype(ce.dtype())?
-                    .reshape((1, w.len(), 1, 1))?;
-                // w_y per pixel (0 at ignored pixels, whose one-hot row is zero)
-                let w_pixel = input.target.broadcast_mul(&w)?.sum_keepdim(1)?;
-                // every kept pixel weighted 0 (or ignored) gives 0, not 0/0
-                let total = sum_all_f64(&w_pixel)?;
-                let scale = if total > 0.0 { 1.0 / total } else { 0.0 };
-                (ce * w_pixel)?.sum_all()? * scale
-            }
-            _ => ce.sum_all()? / input.kept_elements()?.max(1.0),
+        let class_weights = match (&self.class_weights, input.activation) {
+            (Some(w), Activation::Softmax) => Some(w),
+            _ => None,
+        };
+        // the normaliser: Σ w_y over kept pixels, or the kept elements (0/0 gives 0)
+        let total = match class_weights {
+            Some(w) => sum_all_f64(&class_weight_per_pixel(input, w)?)?,
+            None => input.kept_elements()?,
+        };
+        let scale = if total > 0.0 { 1.0 / total } else { 0.0 };
+        if input.fused {
+            let weights = match class_weights {
+                Some(w) => ElementWeights::PerClass(w.iter().map(|v| *v as f32).collect()),
+                None => ElementWeights::None,
+            };
+            let spec = PixelSpec {
+                pos_weight: self.pos_weight.unwrap_or(1.0) as f32,
+                gamma: 0.0,
+                log_floor: None,
+                weights,
+            };
+            return input.pixel_sum(spec, scale);
         }
+        let ce = input.cross_entropy(self.pos_weight)?;
+        let sum = match class_weights {
+            Some(w) => (ce * class_weight_per_pixel(input, w)?)?.sum_all()?,
+            None => ce.sum_all()?,
+        };
+        sum * scale
     }
+}
+
+/// `w_y` of every pixel `(N, 1, H, W)`: 0 at ignored pixels, whose one-hot row is zero.
+fn class_weight_per_pixel(input: &LossInput, w: &[f64]) -> Result<Tensor> {
+    let t = &input.target;
+    let w = Tensor::new(w, t.device())?
+        .to_dtype(t.dtype())?
+        .reshape((1, w.len(), 1, 1))?;
+    t.broadcast_mul(&w)?.sum_keepdim(1)
 }

@@ -18,6 +18,7 @@ use std::marker::PhantomData;
 use candle_core::{Result, Tensor};
 use serde::Deserialize;
 
+use super::fused::Stat;
 use super::input::kept_class_count;
 use super::{
     check_len, check_non_negative, class_weighted_mean, default_smooth, default_true,
@@ -100,22 +101,16 @@ impl<S: Score> LossFn for Overlap<S> {
     }
 
     fn forward(&self, input: &LossInput) -> Result<Tensor> {
-        let (p, g) = (input.p()?, &input.target);
-        let (p_pow, g_pow) = if self.squared {
-            (p.sqr()?, g.sqr()?)
+        let stat = |s: Stat| input.stat(s, self.per_image, self.include_background);
+        let (p, g) = if self.squared {
+            (Stat::PredSq, Stat::TargetSq)
         } else {
-            (p.clone(), g.clone())
-        };
-        let stat = |t: &Tensor| -> Result<Tensor> {
-            input.kept_classes(
-                &input.region_sum(t, self.per_image)?,
-                self.include_background,
-            )
+            (Stat::Pred, Stat::Target)
         };
         let scores = S::score(
-            &stat(&(&p * g)?)?,
-            &stat(&p_pow)?,
-            &stat(&g_pow)?,
+            &stat(Stat::Intersection)?,
+            &stat(p)?,
+            &stat(g)?,
             self.smooth_nr,
             self.smooth_dr,
         )?;

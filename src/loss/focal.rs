@@ -21,6 +21,7 @@
 use candle_core::{Result, Tensor};
 use serde::Deserialize;
 
+use super::fused::{ElementWeights, PixelSpec};
 use super::input::sum_all_f64;
 use super::{check_len, check_non_negative, Activation, LossFn, LossInput, LossKind};
 
@@ -106,22 +107,48 @@ impl LossFn for Focal {
     }
 
     fn forward(&self, input: &LossInput) -> Result<Tensor> {
+        let normaliser = match self.normalize {
+            Normalize::Sum => 1.0,
+            Normalize::Mean => input.kept_elements()?.max(1.0),
+            Normalize::Positives => input.positives()?.max(1.0),
+        };
+        if input.fused {
+            return input.pixel_sum(
+                self.fused_spec(input.activation, input.classes()),
+                1.0 / normaliser,
+            );
+        }
         let per_element = match input.activation {
             Activation::Sigmoid => self.sigmoid_elements(input)?,
             Activation::Softmax => self.softmax_pixels(input)?,
         };
-        let sum = per_element.sum_all()?;
-        match self.normalize {
-            Normalize::Sum => Ok(sum),
-            Normalize::Mean => sum / input.kept_elements()?.max(1.0),
-            Normalize::Positives => sum / input.positives()?.max(1.0),
-        }
+        per_element.sum_all()? / normaliser
     }
 }
 
 impl Focal {
     fn log_floor(&self) -> Option<f64> {
         self.p_floor.map(f64::ln)
+    }
+
+    /// The same loss for the fused kernel.
+    fn fused_spec(&self, activation: Activation, classes: usize) -> PixelSpec {
+        let weights = match (&self.alpha, activation) {
+            (None, _) => ElementWeights::None,
+            (Some(Alpha::Scalar(a)), Activation::Sigmoid) => ElementWeights::Alpha(*a as f32),
+            (Some(Alpha::Scalar(a)), Activation::Softmax) => {
+                ElementWeights::PerClass(vec![*a as f32; classes])
+            }
+            (Some(Alpha::PerClass(list)), _) => {
+                ElementWeights::PerClass(list.iter().map(|v| *v as f32).collect())
+            }
+        };
+        PixelSpec {
+            pos_weight: 1.0,
+            gamma: self.gamma as f32,
+            log_floor: self.log_floor().map(|f| f as f32),
+            weights,
+        }
     }
 
     /// `α_t (1 − p_t)^γ BCE` per element, zero where ignored.

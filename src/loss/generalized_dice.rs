@@ -15,6 +15,7 @@
 use candle_core::{DType, Result, Tensor};
 use serde::Deserialize;
 
+use super::fused::Stat;
 use super::{check_non_negative, default_smooth, default_true, LossFn, LossInput, LossKind};
 
 pub const KIND: LossKind = LossKind::new::<GeneralizedDice>(
@@ -84,14 +85,12 @@ impl LossFn for GeneralizedDice {
     }
 
     fn forward(&self, input: &LossInput) -> Result<Tensor> {
-        let (p, g) = (input.p()?, &input.target);
-        let stat = |t: &Tensor| -> Result<Tensor> {
-            input.kept_classes(
-                &input.region_sum(t, self.per_image)?,
-                self.include_background,
-            )
-        };
-        let (i, p_sum, g_sum) = (stat(&(&p * g)?)?, stat(&p)?, stat(g)?);
+        let stat = |s: Stat| input.stat(s, self.per_image, self.include_background);
+        let (i, p_sum, g_sum) = (
+            stat(Stat::Intersection)?,
+            stat(Stat::Pred)?,
+            stat(Stat::Target)?,
+        );
         let w = self.weights(&g_sum)?;
         let num = (((i * &w)?.sum_keepdim(1)? * 2.0)? + self.smooth_nr)?;
         let den = (((g_sum + p_sum)? * w)?.sum_keepdim(1)? + self.smooth_dr)?;

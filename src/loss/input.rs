@@ -10,6 +10,9 @@ use std::cell::OnceCell;
 use candle_core::{bail, DType, Result, Tensor, D};
 use serde::{Deserialize, Serialize};
 
+use super::fused::{self, PixelSpec, Stat};
+use crate::kernels::Kernels;
+
 /// How logits become probabilities.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -74,17 +77,23 @@ pub struct LossInput {
     log_1mp: OnceCell<Tensor>,
     log_sum_exp: OnceCell<Tensor>,
     kept_elements: OnceCell<f64>,
+    /// Use the fused CPU kernels ([`super::fused`]) where a loss has one.
+    pub fused: bool,
+    /// Region statistics per image and over the batch.
+    stats: [OnceCell<Tensor>; 2],
 }
 
 impl LossInput {
     /// Prepares logits `(N, C, H, W)` and a target that is either a float tensor of the
     /// logits' shape (sigmoid only) or an integer class map `(N, H, W)` / `(N, 1, H, W)`
-    /// (u8, u32 or i64) holding `0..C-1` or `ignore_index`.
+    /// (u8, u32 or i64) holding `0..C-1` or `ignore_index`. `kernels` chooses between the
+    /// fused CPU kernels (f32 logits on the CPU only) and Candle's generic ops.
     pub fn new(
         logits: &Tensor,
         target: &Tensor,
         activation: Activation,
         ignore_index: Option<i64>,
+        kernels: Kernels,
     ) -> Result<Self> {
         let (n, c, h, w) = match logits.dims() {
             &[n, c, h, w] => (n, c, h, w),
@@ -154,6 +163,8 @@ impl LossInput {
             log_1mp: OnceCell::new(),
             log_sum_exp: OnceCell::new(),
             kept_elements: OnceCell::new(),
+            fused: kernels == Kernels::FastCpu && logits.device().is_cpu() && dtype == DType::F32,
+            stats: [OnceCell::new(), OnceCell::new()],
         })
     }
 
@@ -272,6 +283,59 @@ impl LossInput {
         } else {
             s.sum_keepdim(0)
         }
+    }
+
+    /// All [`Stat`]s per image (`per_image`) or over the batch, and class: `(rows, C, 7)`.
+    pub fn region_stats(&self, per_image: bool) -> Result<&Tensor> {
+        get_or_try_init(&self.stats[usize::from(per_image)], || {
+            if self.fused {
+                return fused::region_stats(
+                    &self.logits,
+                    &self.target,
+                    self.mask.as_ref(),
+                    self.activation,
+                    per_image,
+                );
+            }
+            let (p, q, g) = (self.p()?, self.one_minus_p()?, &self.target);
+            let parts = [
+                (&p * g)?,
+                p.clone(),
+                p.sqr()?,
+                g.clone(),
+                g.sqr()?,
+                (&p * (1.0 - g)?)?,
+                (&q * g)?,
+            ];
+            let sums = parts
+                .iter()
+                .map(|t| self.region_sum(t, per_image))
+                .collect::<Result<Vec<_>>>()?;
+            Tensor::stack(&sums, 2)
+        })
+    }
+
+    /// One region statistic `(rows, scored classes)`: per image or over the batch, background
+    /// dropped for softmax unless `include_background`.
+    pub fn stat(&self, stat: Stat, per_image: bool, include_background: bool) -> Result<Tensor> {
+        let all = self
+            .region_stats(per_image)?
+            .narrow(2, stat as usize, 1)?
+            .squeeze(2)?;
+        self.kept_classes(&all, include_background)
+    }
+
+    /// `scale ·` Σ over kept elements of a weighted per-element cross-entropy or focal loss,
+    /// fused (see [`fused::pixel_sum`]; only when `self.fused`).
+    pub fn pixel_sum(&self, spec: PixelSpec, scale: f64) -> Result<Tensor> {
+        fused::pixel_sum(
+            &self.logits,
+            &self.target,
+            self.mask.as_ref(),
+            self.activation,
+            spec,
+            scale,
+        )
     }
 
     /// Drops the background column (class 0) of `(·, C)` region statistics for softmax

@@ -8,6 +8,7 @@
 pub mod cross_entropy;
 pub mod dice;
 pub mod focal;
+pub mod fused;
 pub mod generalized_dice;
 pub mod input;
 pub mod quality_focal;
@@ -23,6 +24,7 @@ use serde::de::DeserializeOwned;
 pub use input::{Activation, LossInput};
 
 use crate::config::{explain_de_error, suggest};
+use crate::kernels::Kernels;
 
 /// One loss function with its options, as read from a `[[loss]]` table.
 pub trait LossFn: fmt::Debug + Send + Sync {
@@ -273,8 +275,19 @@ impl Loss {
     }
 
     /// Evaluates every term on `logits` and `target`; inputs prepared for one (activation,
-    /// ignore_index) pair are shared by the terms that use it.
+    /// ignore_index) pair are shared by the terms that use it. Uses the fused CPU kernels for
+    /// f32 logits on the CPU.
     pub fn forward(&self, logits: &Tensor, target: &Tensor) -> anyhow::Result<LossValue> {
+        self.forward_using(logits, target, Kernels::for_device(logits.device()))
+    }
+
+    /// [`Self::forward`] with a chosen implementation.
+    pub fn forward_using(
+        &self,
+        logits: &Tensor,
+        target: &Tensor,
+        kernels: Kernels,
+    ) -> anyhow::Result<LossValue> {
         let classes = logits.dims().get(1).copied().unwrap_or(0);
         self.check(classes)?;
         let mut prepared: Vec<((Activation, Option<i64>), LossInput)> = vec![];
@@ -286,7 +299,7 @@ impl Loss {
             let at = match at {
                 Some(at) => at,
                 None => {
-                    let input = LossInput::new(logits, target, key.0, key.1)
+                    let input = LossInput::new(logits, target, key.0, key.1, kernels)
                         .with_context(|| format!("loss.{i} (kind = \"{}\")", term.kind))?;
                     prepared.push((key, input));
                     prepared.len() - 1

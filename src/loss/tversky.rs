@@ -29,6 +29,7 @@ use std::marker::PhantomData;
 use candle_core::{Result, Tensor};
 use serde::Deserialize;
 
+use super::fused::Stat;
 use super::{check_non_negative, default_smooth, default_true, LossFn, LossInput, LossKind};
 
 pub const TVERSKY: LossKind = LossKind::new::<Tversky<Plain>>(
@@ -115,16 +116,12 @@ impl<E: Exponent> LossFn for Tversky<E> {
     }
 
     fn forward(&self, input: &LossInput) -> Result<Tensor> {
-        let (p, q, g) = (input.p()?, input.one_minus_p()?, &input.target);
-        let stat = |t: &Tensor| -> Result<Tensor> {
-            input.kept_classes(
-                &input.region_sum(t, self.per_image)?,
-                self.include_background,
-            )
-        };
-        let tp = stat(&(&p * g)?)?;
-        let fp = stat(&(&p * (1.0 - g)?)?)?;
-        let fn_ = stat(&(&q * g)?)?;
+        let stat = |s: Stat| input.stat(s, self.per_image, self.include_background);
+        let (tp, fp, fn_) = (
+            stat(Stat::Intersection)?,
+            stat(Stat::FalsePos)?,
+            stat(Stat::FalseNeg)?,
+        );
         let misses = ((fp * self.fp_weight)? + (fn_ * self.fn_weight)?)?;
         let den = ((&tp + &misses)? + self.smooth_dr)?;
         let gap = ((misses + (self.smooth_dr - self.smooth_nr))? / den)?;

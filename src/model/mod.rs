@@ -135,7 +135,12 @@ impl BatchNorm {
         let (mean, var) = if train {
             let (n, _, h, w) = x.dims4()?;
             let mean = x.mean_keepdim(0)?.mean_keepdim(2)?.mean_keepdim(3)?;
-            let var = x.broadcast_sub(&mean)?.sqr()?.mean_keepdim(0)?.mean_keepdim(2)?.mean_keepdim(3)?;
+            let var = x
+                .broadcast_sub(&mean)?
+                .sqr()?
+                .mean_keepdim(0)?
+                .mean_keepdim(2)?
+                .mean_keepdim(3)?;
             let (mean, var) = (mean.flatten_all()?, var.flatten_all()?);
             self.update(&mean.detach(), &var.detach(), n * h * w)?;
             (mean, var)
@@ -164,7 +169,10 @@ impl BatchNorm {
     }
 
     fn running(&self) -> Result<Moments> {
-        Ok(Moments { mean: self.running_mean.to_vec1()?, var: self.running_var.to_vec1()? })
+        Ok(Moments {
+            mean: self.running_mean.to_vec1()?,
+            var: self.running_var.to_vec1()?,
+        })
     }
 }
 
@@ -179,20 +187,34 @@ pub struct DoubleConv {
 impl DoubleConv {
     fn new(a: usize, b: usize, vb: VarBuilder) -> Result<Self> {
         Ok(Self {
-            conv1: vb.pp("conv1").get_with_hints((b, a, 3, 3), "weight", torch_uniform(a * 9))?,
+            conv1: vb
+                .pp("conv1")
+                .get_with_hints((b, a, 3, 3), "weight", torch_uniform(a * 9))?,
             bn1: BatchNorm::new(b, vb.pp("bn1"))?,
-            conv2: vb.pp("conv2").get_with_hints((b, b, 3, 3), "weight", torch_uniform(b * 9))?,
+            conv2: vb
+                .pp("conv2")
+                .get_with_hints((b, b, 3, 3), "weight", torch_uniform(b * 9))?,
             bn2: BatchNorm::new(b, vb.pp("bn2"))?,
         })
     }
 
     fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        let x = self.bn1.forward_relu(&x.conv2d(&self.conv1, 1, 1, 1, 1)?, train)?;
-        self.bn2.forward_relu(&x.conv2d(&self.conv2, 1, 1, 1, 1)?, train)
+        let x = self
+            .bn1
+            .forward_relu(&x.conv2d(&self.conv1, 1, 1, 1, 1)?, train)?;
+        self.bn2
+            .forward_relu(&x.conv2d(&self.conv2, 1, 1, 1, 1)?, train)
     }
 
     fn parameters(&self) -> [&Tensor; 6] {
-        [&self.conv1, &self.bn1.weight, &self.bn1.bias, &self.conv2, &self.bn2.weight, &self.bn2.bias]
+        [
+            &self.conv1,
+            &self.bn1.weight,
+            &self.bn1.bias,
+            &self.conv2,
+            &self.bn2.weight,
+            &self.bn2.bias,
+        ]
     }
 
     fn batch_norms(&self) -> [&BatchNorm; 2] {
@@ -212,7 +234,9 @@ impl Up {
         // PyTorch computes a transposed conv's fan-in from weight.size(1) · k · k
         let init = torch_uniform(a / 2 * 4);
         Ok(Self {
-            weight: vb.pp("up").get_with_hints((a, a / 2, 2, 2), "weight", init)?,
+            weight: vb
+                .pp("up")
+                .get_with_hints((a, a / 2, 2, 2), "weight", init)?,
             bias: vb.pp("up").get_with_hints(a / 2, "bias", init)?,
             conv: DoubleConv::new(a, b, vb)?,
         })
@@ -263,7 +287,11 @@ impl UNet {
             inc,
             downs,
             ups,
-            head_weight: head.get_with_hints((config.classes, f, 1, 1), "weight", torch_uniform(f))?,
+            head_weight: head.get_with_hints(
+                (config.classes, f, 1, 1),
+                "weight",
+                torch_uniform(f),
+            )?,
             head_bias: head.get_with_hints(config.classes, "bias", bias_init)?,
         })
     }
@@ -333,7 +361,11 @@ impl UNet {
         let op = if train {
             UNetKernel::train(self.config, BN_EPS)
         } else {
-            UNetKernel::eval(self.config, BN_EPS, norms.iter().map(|bn| bn.running()).collect::<Result<_>>()?)
+            UNetKernel::eval(
+                self.config,
+                BN_EPS,
+                norms.iter().map(|bn| bn.running()).collect::<Result<_>>()?,
+            )
         };
         let moments = op.moments();
         let logits = x.contiguous()?.apply_op2(&packed, op)?;

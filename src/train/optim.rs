@@ -57,9 +57,14 @@ impl AdamW {
         for s in &self.slots {
             if let Some(g) = grads.get(s.var.as_tensor()) {
                 total += if g.device().is_cpu() && g.dtype() == DType::F32 {
-                    with_data(&g.contiguous()?, |v| Ok(v.iter().map(|x| (*x as f64) * (*x as f64)).sum::<f64>()))?
+                    with_data(&g.contiguous()?, |v| {
+                        Ok(v.iter().map(|x| (*x as f64) * (*x as f64)).sum::<f64>())
+                    })?
                 } else {
-                    g.sqr()?.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?
+                    g.sqr()?
+                        .sum_all()?
+                        .to_dtype(DType::F64)?
+                        .to_scalar::<f64>()?
                 };
             }
         }
@@ -100,7 +105,14 @@ impl AdamW {
     }
 
     /// [`Self::step`] for one f32 CPU parameter in a single pass (the same arithmetic).
-    fn step_cpu(&self, s: &Slot, g: &Tensor, lr: f64, grad_scale: f64, (c1, c2): (f64, f64)) -> Result<()> {
+    fn step_cpu(
+        &self,
+        s: &Slot,
+        g: &Tensor,
+        lr: f64,
+        grad_scale: f64,
+        (c1, c2): (f64, f64),
+    ) -> Result<()> {
         let g = g.contiguous()?;
         let n = g.elem_count();
         let (mut p_new, mut m_new, mut v_new) = (vec![0f32; n], vec![0f32; n], vec![0f32; n]);
@@ -119,13 +131,18 @@ impl AdamW {
                             .enumerate()
                             .for_each(|(i, ((po, mo), vo))| {
                                 let r = i * CHUNK..(i * CHUNK + po.len());
-                                let inputs = p[r.clone()].iter().zip(&m[r.clone()]).zip(&v[r.clone()]).zip(&g[r]);
+                                let inputs = p[r.clone()]
+                                    .iter()
+                                    .zip(&m[r.clone()])
+                                    .zip(&v[r.clone()])
+                                    .zip(&g[r]);
                                 let outputs = po.iter_mut().zip(mo.iter_mut()).zip(vo.iter_mut());
                                 for (((po, mo), vo), (((&p, &m), &v), &g)) in outputs.zip(inputs) {
                                     let g = g * scale;
                                     let m = m * b1 + g * (1.0 - b1);
                                     let v = v * b2 + g * g * (1.0 - b2);
-                                    *po = p * decay - lr32 * (m * inv_c1) / ((v * inv_c2).sqrt() + eps);
+                                    *po = p * decay
+                                        - lr32 * (m * inv_c1) / ((v * inv_c2).sqrt() + eps);
                                     *mo = m;
                                     *vo = v;
                                 }

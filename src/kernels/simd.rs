@@ -1,0 +1,160 @@
+//! Branch-free f32 math that LLVM vectorises, and runtime dispatch to an AVX2 + FMA build of a
+//! kernel loop: the element-wise kernels are written as plain scalar loops over slices, and
+//! [`with_avx2!`] compiles them a second time with those features enabled, used when the CPU
+//! has them.
+//!
+//! `exp` and `ln` follow the Cephes single-precision polynomials (relative error ≈ 1e-7 over
+//! their ranges).
+
+/// `e^x` for x ≤ 88.3 (larger inputs give e^88.3 ≈ 2.1e38); inputs below −87.3 give
+/// ≈ 1.2e-38 instead of a denormal or 0.
+#[inline(always)]
+pub fn exp(x: f32) -> f32 {
+    let x = x.clamp(-87.336_54, 88.3);
+    let n = (x * std::f32::consts::LOG2_E + 0.5).floor();
+    let r = x - n * 0.693_359_4 + n * 2.121_944_4e-4;
+    let r2 = r * r;
+    let p = (((((1.987_569_1e-4 * r + 1.398_2e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2) * r
+        + 0.166_666_65)
+        * r
+        + 0.5)
+        * r2
+        + r
+        + 1.0;
+    p * f32::from_bits((((n as i32) + 127) << 23) as u32)
+}
+
+/// `ln x` for normal x > 0.
+#[inline(always)]
+pub fn ln(x: f32) -> f32 {
+    let bits = x.to_bits();
+    let mut e = ((bits >> 23) & 0xff) as i32 as f32 - 126.0;
+    let m = f32::from_bits((bits & 0x007f_ffff) | 0x3f00_0000); // [0.5, 1)
+    let small = m < std::f32::consts::FRAC_1_SQRT_2;
+    e = if small { e - 1.0 } else { e };
+    let m = if small { m + m - 1.0 } else { m - 1.0 };
+    let z = m * m;
+    let mut y =
+        ((((((((7.037_683_6e-2 * m - 0.115_146_1) * m + 0.116_769_98) * m - 0.124_201_41) * m
+            + 0.142_493_23)
+            * m
+            - 0.166_680_57)
+            * m
+            + 0.200_007_15)
+            * m
+            - 0.249_999_94)
+            * m
+            + 0.333_333_3)
+            * m
+            * z;
+    y += e * -2.121_944_4e-4;
+    y += -0.5 * z;
+    m + y + e * 0.693_359_4
+}
+
+/// `ln(1 + x)` for x ≥ 0, accurate for tiny x.
+#[inline(always)]
+pub fn ln_1p(x: f32) -> f32 {
+    let u = 1.0 + x;
+    let d = u - 1.0;
+    // computed unconditionally so that the caller's loop vectorises
+    let corrected = ln(u) * (x / d.max(f32::MIN_POSITIVE));
+    if d == 0.0 {
+        x
+    } else {
+        corrected
+    }
+}
+
+/// `(σ(x), σ(−x))`, both accurate for saturated x, and `e^{−|x|}`.
+#[inline(always)]
+pub fn sigmoid_pq(x: f32) -> (f32, f32, f32) {
+    let e = exp(-x.abs());
+    let inv = 1.0 / (1.0 + e);
+    let (p, q) = if x >= 0.0 {
+        (inv, e * inv)
+    } else {
+        (e * inv, inv)
+    };
+    (p, q, e)
+}
+
+/// `(log σ(x), log σ(−x), σ(x), σ(−x))`, accurate for saturated x. `log σ(x) = min(x, 0) −
+/// ln(1 + e^{−|x|})`, the generic path's formula.
+#[inline(always)]
+pub fn sigmoid_parts(x: f32) -> (f32, f32, f32, f32) {
+    let (p, q, e) = sigmoid_pq(x);
+    let log_p = x.min(0.0) - ln(1.0 + e);
+    (log_p, log_p - x, p, q)
+}
+
+/// True when the CPU runs the AVX2 + FMA builds of the kernels.
+pub fn has_avx2() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// `with_avx2!(expr)` evaluates `expr` (typically a call of an `#[inline(always)]` kernel) in a
+/// function compiled with AVX2 + FMA when the CPU has them, and as it is otherwise.
+#[macro_export]
+macro_rules! with_avx2 {
+    ($body:expr) => {{
+        #[cfg(target_arch = "x86_64")]
+        {
+            #[target_feature(enable = "avx2,fma")]
+            unsafe fn wide<R>(f: impl FnOnce() -> R) -> R {
+                f()
+            }
+            if $crate::kernels::simd::has_avx2() {
+                // SAFETY: the CPU supports the enabled features (checked just above).
+                unsafe { wide(|| $body) }
+            } else {
+                $body
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            $body
+        }
+    }};
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn functions_match_the_standard_library() {
+        for i in -1740..1760 {
+            let x = i as f32 * 0.05;
+            let want = (x as f64).exp();
+            assert!(((exp(x) as f64 - want) / want).abs() < 3e-7, "exp({x})");
+            if x > 0.0 {
+                let want = (x as f64).ln();
+                assert!(
+                    (ln(x) as f64 - want).abs() < 3e-7 * want.abs().max(1.0),
+                    "ln({x})"
+                );
+            }
+        }
+        for x in [0.0f32, 1e-30, 1e-10, 1e-4, 0.3, 1.0] {
+            let want = (x as f64).ln_1p();
+            assert!(
+                (ln_1p(x) as f64 - want).abs() <= 3e-7 * want.abs() + 1e-45,
+                "ln_1p({x})"
+            );
+        }
+        for x in [-100.0f32, -20.0, -1.0, 0.0, 0.5, 30.0, 100.0] {
+            let (lp, lq, p, q) = sigmoid_parts(x);
+            let sp = 1.0 / (1.0 + (-(x as f64)).exp());
+            assert!((p as f64 - sp).abs() < 1e-6 && (q as f64 - (1.0 - sp)).abs() < 1e-6);
+            assert!(lp.is_finite() && lq.is_finite());
+        }
+    }
+}
