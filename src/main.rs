@@ -342,6 +342,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
 }
 
 fn main() -> ExitCode {
+    // Keep freed pages mapped: every training step frees and reallocates the same buffers, and
+    // returning them to the OS costs page faults and zeroing on the next step.
+    // `mi_option_purge_delay` (index 15 of mimalloc's option enum, v2 and v3) = -1: never purge.
+    const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
+    // SAFETY: sets a plain option value before the program starts any other thread
+    unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, -1) };
     match run(Cli::parse()) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

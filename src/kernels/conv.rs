@@ -10,15 +10,6 @@ use rayon::prelude::*;
 
 use super::padded::Geom;
 
-fn parallelism(work: usize) -> Parallelism {
-    let threads = rayon::current_num_threads();
-    if threads > 1 && work > 1 << 16 {
-        Parallelism::Rayon(threads)
-    } else {
-        Parallelism::None
-    }
-}
-
 /// Weights `w (Co, Ci, 3, 3)`, input channels `[i0, i0 + ci)` only, as three `(3·ci × Co)`
 /// matrices `[dy][dx·ci + i][o]`; with `flip`, the input-gradient weights
 /// `[dy][dx·Co + o][i] = w[o][i0 + i][2−dy][2−dx]`.
@@ -48,8 +39,32 @@ pub fn pack(
     p
 }
 
-/// `y += conv3x3(x)` over every padded row of the body (borders hold garbage afterwards:
-/// see [`zero_borders`]), with packed weights `(9·cin × cout)`.
+/// The rows a convolution computes, as consecutive blocks `(first row, rows)` of at most
+/// `max_rows`: for each image, from its first interior pixel to its last (the border rows
+/// above and below are skipped; the side border columns in between are computed and later
+/// zeroed).
+pub fn row_blocks(g: Geom, max_rows: usize) -> Vec<(usize, usize)> {
+    let mut blocks = vec![];
+    for n in 0..g.n {
+        let (first, last) = (g.row(n, 0, 0), g.row(n, g.h - 1, g.w - 1));
+        let mut r = first;
+        while r <= last {
+            let len = (last + 1 - r).min(max_rows);
+            blocks.push((r, len));
+            r += len;
+        }
+    }
+    blocks
+}
+
+/// Rows per block for `c` output channels: about 64 KiB of output, within [128, 2048].
+fn block_rows(c: usize) -> usize {
+    (16384 / c.max(1)).clamp(128, 2048)
+}
+
+/// `y += conv3x3(x)` over the rows of [`row_blocks`] (border rows hold garbage afterwards: see
+/// [`zero_borders`]), with packed weights `(9·cin × cout)`. Blocks run in parallel; each
+/// applies the three kernel rows while its output is in cache.
 pub fn convolve_into(
     g: Geom,
     x: &[f32],
@@ -59,39 +74,52 @@ pub fn convolve_into(
     y: &mut [f32],
     accumulate: bool,
 ) {
-    let (pw, guard, body) = (g.pw(), g.guard(), g.body());
+    let pw = g.pw();
     assert!(
         x.len() == g.rows() * cin && y.len() == g.rows() * cout && packed.len() == 9 * cin * cout
     );
-    let par = parallelism(body * cout * cin);
-    for dy in 0..3 {
-        let start = guard + dy * pw - pw - 1;
-        // SAFETY: the window rows start..start + body + 2 lie inside x (guards of pw + 1 rows),
-        // dst rows guard..guard + body inside y, and the weights hold 3 · 3cin · cout values.
-        unsafe {
-            gemm::gemm(
-                body,
-                cout,
-                3 * cin,
-                y.as_mut_ptr().add(guard * cout),
-                1,
-                cout as isize,
-                accumulate || dy > 0,
-                x.as_ptr().add(start * cin),
-                1,
-                cin as isize,
-                packed.as_ptr().add(dy * 3 * cin * cout),
-                1,
-                cout as isize,
-                1.0,
-                1.0,
-                false,
-                false,
-                false,
-                par,
-            );
-        }
+    let blocks = row_blocks(g, block_rows(cout));
+    // hand each block its own rows of y
+    let mut pieces = Vec::with_capacity(blocks.len());
+    let mut rest: &mut [f32] = y;
+    let mut at = 0;
+    for &(r, len) in &blocks {
+        let (_, tail) = std::mem::take(&mut rest).split_at_mut((r - at) * cout);
+        let (piece, tail) = tail.split_at_mut(len * cout);
+        pieces.push(piece);
+        rest = tail;
+        at = r + len;
     }
+    blocks.par_iter().zip(pieces).for_each(|(&(r, len), out)| {
+        for dy in 0..3 {
+            let start = r + dy * pw - pw - 1;
+            // SAFETY: the window rows start..start + len + 2 lie inside x (guards of pw + 1 rows
+            // around the images), `out` holds len rows, the weights 3 · 3cin · cout values.
+            unsafe {
+                gemm::gemm(
+                    len,
+                    cout,
+                    3 * cin,
+                    out.as_mut_ptr(),
+                    1,
+                    cout as isize,
+                    accumulate || dy > 0,
+                    x.as_ptr().add(start * cin),
+                    1,
+                    cin as isize,
+                    packed.as_ptr().add(dy * 3 * cin * cout),
+                    1,
+                    cout as isize,
+                    1.0,
+                    1.0,
+                    false,
+                    false,
+                    false,
+                    Parallelism::None,
+                );
+            }
+        }
+    });
 }
 
 /// Zeroes the border rows of every padded image.
@@ -174,29 +202,61 @@ pub fn sum_outer(
 }
 
 /// The weight gradient `(Co, ci, 3, 3)` of input `x` (ci channels) given the output gradient
-/// `dy` (Co channels, zero borders): for kernel row ky, `A_kyᵀ · dY`.
+/// `dy` (Co channels, zero on border rows): `Σ_q A_ky[q]ᵀ dY[q]` for each kernel row ky. Each
+/// thread takes a contiguous share of the row blocks and accumulates its own partial sum; the
+/// partial sums are added in order.
 pub fn weight_grad(g: Geom, x: &[f32], ci: usize, dy: &[f32], co: usize) -> Vec<f32> {
-    let (pw, guard, body) = (g.pw(), g.guard(), g.body());
-    let rows: Vec<Vec<f32>> = (0..3)
-        .map(|ky| {
-            let start = guard + ky * pw - pw - 1;
-            sum_outer(
-                3 * ci,
-                co,
-                body,
-                &x[start * ci..],
-                ci,
-                &dy[guard * co..],
-                co,
-            )
+    let pw = g.pw();
+    let blocks = row_blocks(g, block_rows(co));
+    let threads = rayon::current_num_threads().min(blocks.len()).max(1);
+    let per = blocks.len().div_ceil(threads);
+    let partials: Vec<Vec<f32>> = blocks
+        .par_chunks(per)
+        .map(|share| {
+            let mut acc = vec![0f32; 3 * 3 * ci * co];
+            for (b, &(r, len)) in share.iter().enumerate() {
+                for ky in 0..3 {
+                    let start = r + ky * pw - pw - 1;
+                    // SAFETY: as in `convolve_into`; rows r..r + len of dy exist.
+                    unsafe {
+                        gemm::gemm(
+                            3 * ci,
+                            co,
+                            len,
+                            acc.as_mut_ptr().add(ky * 3 * ci * co),
+                            1,
+                            co as isize,
+                            b > 0,
+                            x.as_ptr().add(start * ci),
+                            ci as isize,
+                            1,
+                            dy.as_ptr().add(r * co),
+                            1,
+                            co as isize,
+                            1.0,
+                            1.0,
+                            false,
+                            false,
+                            false,
+                            Parallelism::None,
+                        );
+                    }
+                }
+            }
+            acc
         })
         .collect();
+    let mut rows = partials[0].clone();
+    for p in &partials[1..] {
+        rows.iter_mut().zip(p).for_each(|(t, v)| *t += v);
+    }
     let mut dw = vec![0f32; co * ci * 9];
     for o in 0..co {
         for i in 0..ci {
             for ky in 0..3 {
                 for kx in 0..3 {
-                    dw[((o * ci + i) * 3 + ky) * 3 + kx] = rows[ky][(kx * ci + i) * co + o];
+                    dw[((o * ci + i) * 3 + ky) * 3 + kx] =
+                        rows[(ky * 3 * ci + kx * ci + i) * co + o];
                 }
             }
         }
