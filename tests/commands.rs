@@ -509,3 +509,42 @@ fn every_shipped_config_is_valid_and_they_differ_only_in_the_loss() {
         assert_eq!(key(c), first, "{} differs beyond its loss", path.display());
     }
 }
+
+#[test]
+fn the_same_config_and_seed_train_the_same_weights() {
+    let dir = temp_dir("reproducible");
+    let data = tiny_dataset(&dir, "lesion", "lesion", 10, 32);
+    let config = tiny_config(&dir, &data, "");
+    let weights = |runs: &str, extra: &[&str]| -> HashMap<String, Vec<f64>> {
+        let runs = dir.join(runs);
+        let mut args = vec![
+            "train",
+            config.to_str().unwrap(),
+            "--runs",
+            runs.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        ok(&args);
+        let (t, _) = read_safetensors(&runs.join("tiny/model.safetensors"), &Device::Cpu).unwrap();
+        t.iter()
+            .map(|(k, v)| {
+                (
+                    k.clone(),
+                    v.to_dtype(DType::F64)
+                        .unwrap()
+                        .flatten_all()
+                        .unwrap()
+                        .to_vec1()
+                        .unwrap(),
+                )
+            })
+            .collect()
+    };
+    let a = weights("a", &[]);
+    assert_eq!(a, weights("b", &[]), "two runs of one config differ");
+    let c = weights("c", &["--set", "seed=8"]);
+    assert_ne!(
+        a["down1.conv1.weight"], c["down1.conv1.weight"],
+        "another seed gave the same weights"
+    );
+}

@@ -382,3 +382,37 @@ fn initialisation_is_seeded() {
     let bound = 1.0 / ((8 * 9) as f32).sqrt();
     assert!(weights(1).iter().all(|w| w.abs() <= bound));
 }
+
+/// `tests/fixtures/`: a model trained by segtrain (3 classes, base 4, depth 2), loaded by
+/// PyTorch 2.15 with `load_state_dict(strict=True)` into the README's module, and PyTorch's
+/// eval-mode logits on a random input (script in the fixture's metadata note).
+#[test]
+fn exported_model_predicts_like_pytorch() {
+    use segtrain::kernels::Kernels;
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+    let (model, meta) =
+        segtrain::export::load(&dir.join("pytorch_unet_model.safetensors"), &Device::Cpu).unwrap();
+    assert_eq!(
+        (meta.unet.classes, meta.unet.base_width, meta.unet.depth),
+        (3, 4, 2)
+    );
+    let (io, _) =
+        segtrain::fsutil::read_safetensors(&dir.join("pytorch_unet_io.safetensors"), &Device::Cpu)
+            .unwrap();
+    let want: Vec<f32> = io["logits"].flatten_all().unwrap().to_vec1().unwrap();
+    for kernels in [Kernels::FastCpu, Kernels::Candle] {
+        let got: Vec<f32> = model
+            .forward_using(kernels, &io["input"], false)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let err = got
+            .iter()
+            .zip(&want)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        assert!(err < 1e-4, "{kernels:?}: max |segtrain − PyTorch| = {err}");
+    }
+}

@@ -539,7 +539,18 @@ fn load_checkpoint(
     Ok(progress)
 }
 
-fn csv_header(terms: &[&str]) -> String {
+/// Per-class validation Dice columns (`classes > 1`).
+fn class_columns(scored: usize) -> Vec<String> {
+    if scored > 1 {
+        (1..=scored)
+            .map(|k| format!("val_dice_class_{k}"))
+            .collect()
+    } else {
+        vec![]
+    }
+}
+
+fn csv_header(terms: &[&str], scored: usize) -> String {
     let mut cols = vec!["epoch".to_string(), "lr".into(), "train_loss".into()];
     cols.extend(
         terms
@@ -558,11 +569,13 @@ fn csv_header(terms: &[&str]) -> String {
         ]
         .map(String::from),
     );
+    cols.extend(class_columns(scored));
     cols.join(",")
 }
 
 fn write_metrics(run_dir: &Path, rows: &[EpochRow], terms: &[&str]) -> Result<()> {
-    let mut out = csv_header(terms) + "\n";
+    let scored = rows.last().map_or(0, |r| r.val.dice_per_class.len());
+    let mut out = csv_header(terms, scored) + "\n";
     for r in rows {
         let mut cols = vec![
             r.epoch.to_string(),
@@ -577,6 +590,9 @@ fn write_metrics(run_dir: &Path, rows: &[EpochRow], terms: &[&str]) -> Result<()
         );
         cols.push(format!("{:.3}", r.seconds));
         cols.push(format!("{:.2}", r.images_per_second));
+        if scored > 1 {
+            cols.extend(r.val.dice_per_class.iter().map(|v| format!("{v:.6}")));
+        }
         out += &(cols.join(",") + "\n");
     }
     atomic_write(&run_dir.join("metrics.csv"), out.as_bytes())
@@ -617,6 +633,7 @@ fn read_metrics(run_dir: &Path, before: usize) -> Result<Vec<EpochRow>> {
                 iou: v[at + 1],
                 precision: v[at + 2],
                 recall: v[at + 3],
+                dice_per_class: v[at + 6..].to_vec(),
                 ..Report::default()
             },
             seconds: v[at + 4],
@@ -664,13 +681,24 @@ fn running_message(p: &Progress, terms: &[&str]) -> String {
 }
 
 fn epoch_line(r: &EpochRow, epochs: usize, terms: &[&str]) -> String {
+    let per_class = if r.val.dice_per_class.len() > 1 {
+        let d: Vec<String> = r
+            .val
+            .dice_per_class
+            .iter()
+            .map(|v| format!("{v:.3}"))
+            .collect();
+        format!(" (classes {})", d.join(" "))
+    } else {
+        String::new()
+    };
     let parts: Vec<String> = terms
         .iter()
         .zip(&r.terms)
         .map(|(t, v)| format!("{t} {v:.4}"))
         .collect();
     format!(
-        "epoch {}/{epochs}  loss {:.4} [{}]  val dice {:.4} iou {:.4} precision {:.4} recall {:.4}  {:.1} img/s  {:.1} s",
+        "epoch {}/{epochs}  loss {:.4} [{}]  val dice {:.4}{per_class} iou {:.4} precision {:.4} recall {:.4}  {:.1} img/s  {:.1} s",
         r.epoch,
         r.loss,
         parts.join(", "),
