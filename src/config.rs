@@ -34,8 +34,24 @@ pub struct Config {
 pub struct DataConfig {
     /// Dataset folder: `images/` + `masks/`, or `train/` and `val/` each holding both.
     pub root: PathBuf,
-    /// Side of the square images the model sees (resized); divisible by 2^depth.
-    pub image_size: usize,
+    /// Side of the square images the model sees (resized); divisible by 2^depth. Required
+    /// without `patch_size`; with it, optional (images are resized before cropping patches;
+    /// absent: native resolution).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image_size: Option<usize>,
+    /// Patch training: random `patch_size²` crops at native resolution (padded where an image
+    /// is smaller), and sliding-window inference; divisible by 2^depth.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub patch_size: Option<usize>,
+    /// Patch mode: share of patches centred on a random foreground pixel (nnU-Net: 1/3).
+    #[serde(default = "default_foreground_fraction")]
+    pub foreground_fraction: f64,
+    /// Sliding-window inference: overlap of neighbouring windows, as a fraction of the patch.
+    #[serde(default = "default_overlap")]
+    pub overlap: f64,
+    /// Sliding-window inference: how overlapping windows are blended.
+    #[serde(default)]
+    pub blend: Blend,
     /// 1 (grey) or 3 (RGB); images are converted.
     #[serde(default = "three")]
     pub channels: usize,
@@ -61,6 +77,19 @@ pub struct DataConfig {
     /// Generate `root` with these settings when it does not exist.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub synth: Option<SynthConfig>,
+}
+
+/// Weights of a window's pixels when overlapping sliding-window predictions are blended.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Blend {
+    /// A Gaussian centred on the window, σ = patch/8 (nnU-Net), floored at 1e-3 of its peak.
+    #[default]
+    Gaussian,
+    /// A tent: 1 in the centre, falling linearly towards the window's edges.
+    Linear,
+    /// Every pixel of every window alike.
+    Uniform,
 }
 
 /// Training-time augmentation (train split only, seeded).
@@ -157,6 +186,24 @@ pub struct TrainConfig {
     /// A non-finite loss or gradient: stop with an error, or skip the batch and count it.
     #[serde(default)]
     pub on_non_finite: NonFinite,
+    /// Updates per epoch, batches drawn with replacement (nnU-Net: 250); absent: one pass over
+    /// the training images.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub steps_per_epoch: Option<usize>,
+    /// The validation metric that picks the saved model.
+    #[serde(default)]
+    pub select_by: Selection,
+}
+
+/// Which validation metric picks the best epoch.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Selection {
+    /// Mean Dice over the validation images that contain a lesion (pooled Dice when none does).
+    #[default]
+    LesionDice,
+    /// Dice pooled over all validation pixels.
+    Dice,
 }
 
 /// What training does with a batch whose loss or gradient is NaN or infinite.
@@ -187,6 +234,12 @@ fn one_f() -> f64 {
 }
 fn default_val_fraction() -> f64 {
     0.2
+}
+fn default_foreground_fraction() -> f64 {
+    1.0 / 3.0
+}
+fn default_overlap() -> f64 {
+    0.5
 }
 fn default_jitter() -> f64 {
     0.1
@@ -290,14 +343,48 @@ impl Config {
             );
         }
         let multiple = 1usize << m.depth;
-        if d.image_size == 0 || !d.image_size.is_multiple_of(multiple) {
+        let divisible = |key: &str, v: usize| {
+            if v == 0 || !v.is_multiple_of(multiple) {
+                bad(
+                    key,
+                    format!(
+                        "{v} is not a positive multiple of 2^depth = {multiple} (model.depth = {})",
+                        m.depth
+                    ),
+                )
+            } else {
+                Ok(())
+            }
+        };
+        match (d.patch_size, d.image_size) {
+            (None, None) => {
+                return bad(
+                    "data.image_size",
+                    "is required (or set data.patch_size for patch training)".into(),
+                )
+            }
+            (None, Some(size)) => divisible("data.image_size", size)?,
+            (Some(patch), size) => {
+                divisible("data.patch_size", patch)?;
+                if size == Some(0) {
+                    return bad("data.image_size", "must be > 0".into());
+                }
+            }
+        }
+        if !(0.0..=1.0).contains(&d.foreground_fraction) {
             return bad(
-                "data.image_size",
-                format!(
-                    "{} is not a positive multiple of 2^depth = {multiple} (model.depth = {})",
-                    d.image_size, m.depth
-                ),
+                "data.foreground_fraction",
+                format!("must lie in [0, 1], got {}", d.foreground_fraction),
             );
+        }
+        if !(0.0..0.95).contains(&d.overlap) {
+            return bad(
+                "data.overlap",
+                format!("must lie in [0, 0.95), got {}", d.overlap),
+            );
+        }
+        if t.steps_per_epoch == Some(0) {
+            return bad("train.steps_per_epoch", "must be >= 1".into());
         }
         if ![1, 3].contains(&d.channels) {
             return bad(

@@ -11,6 +11,7 @@ use candle_nn::{VarBuilder, VarMap};
 use serde::{Deserialize, Serialize};
 
 use crate::fsutil::{read_safetensors, write_safetensors};
+use crate::inference::Window;
 use crate::loss::Activation;
 use crate::model::{UNet, UNetConfig};
 
@@ -20,7 +21,8 @@ pub const FORMAT: &str = "segtrain-unet/1";
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ModelMeta {
     pub unet: UNetConfig,
-    pub image_size: usize,
+    /// How images are covered at inference: resized to `image_size`, or sliding windows.
+    pub window: Window,
     pub activation: Activation,
     pub mean: Vec<f32>,
     pub std: Vec<f32>,
@@ -37,14 +39,19 @@ pub struct ModelMeta {
 impl ModelMeta {
     fn to_map(&self) -> Result<HashMap<String, String>> {
         let u = &self.unet;
+        let size = match self.window {
+            Window::Whole { size } => ("image_size".to_string(), size.to_string()),
+            Window::Sliding { patch, .. } => ("patch_size".to_string(), patch.to_string()),
+        };
         Ok(HashMap::from([
+            size,
             ("format".into(), FORMAT.into()),
             ("segtrain_version".into(), env!("CARGO_PKG_VERSION").into()),
             ("in_channels".into(), u.in_channels.to_string()),
             ("classes".into(), u.classes.to_string()),
             ("base_width".into(), u.base_width.to_string()),
             ("depth".into(), u.depth.to_string()),
-            ("image_size".into(), self.image_size.to_string()),
+            ("window".into(), json(&self.window)?),
             ("activation".into(), self.activation.name().into()),
             ("mean".into(), json(&self.mean)?),
             ("std".into(), json(&self.std)?),
@@ -96,7 +103,13 @@ impl ModelMeta {
         };
         let meta = Self {
             unet,
-            image_size: number("image_size")?,
+            // files written before patch training name only their image size
+            window: match m.get("window") {
+                Some(_) => serde_json::from_value(parse_json("window")?)?,
+                None => Window::Whole {
+                    size: number("image_size")?,
+                },
+            },
             activation,
             mean: serde_json::from_value(parse_json("mean")?)?,
             std: serde_json::from_value(parse_json("std")?)?,

@@ -1,8 +1,16 @@
-//! From logits to probabilities, labels and metrics: shared by validation, `eval` and
-//! `predict`.
+//! From images to probabilities and labels at native resolution, and to metrics: shared by
+//! validation, `eval` and `predict`.
+//!
+//! Two ways to cover an image of any size:
+//! - whole-image: resized to the model's `image_size`, predicted, probabilities resized back;
+//! - sliding window: overlapping `patch × patch` windows at native resolution (padded where the
+//!   image is smaller), their probabilities blended with per-pixel weights (Gaussian by
+//!   default) so that window borders leave no seams.
 
-use candle_core::{DType, Device, Result, Tensor};
+use candle_core::{Device, Result, Tensor};
 
+use crate::config::Blend;
+use crate::data::{normalize, resize_planar, Sample};
 use crate::loss::Activation;
 use crate::metrics::{image_counts, Evaluation};
 use crate::model::UNet;
@@ -21,42 +29,222 @@ pub fn probabilities(logits: &Tensor, activation: Activation, temperature: f64) 
     }
 }
 
-/// One class index per pixel `(N, H, W)` u8: for one sigmoid channel, 1 where p > threshold;
-/// otherwise the most probable channel.
-pub fn labels(probs: &Tensor, threshold: f64) -> Result<Tensor> {
-    if probs.dim(1)? == 1 {
-        probs.squeeze(1)?.gt(threshold)?.to_dtype(DType::U8)
-    } else {
-        probs.argmax(1)?.to_dtype(DType::U8)
+/// One class index per pixel from `k` planes of probabilities: for one plane, 1 where
+/// p > threshold; otherwise the most probable plane.
+pub fn labels(probs: &[f32], k: usize, threshold: f64) -> Vec<u8> {
+    let n = probs.len() / k;
+    if k == 1 {
+        return probs
+            .iter()
+            .map(|&p| u8::from(p as f64 > threshold))
+            .collect();
     }
+    (0..n)
+        .map(|i| {
+            let mut best = 0;
+            for c in 1..k {
+                if probs[c * n + i] > probs[best * n + i] {
+                    best = c;
+                }
+            }
+            best as u8
+        })
+        .collect()
 }
 
-/// Runs `model` in evaluation mode over `(images, masks)` batches and counts, per image, the
-/// hits and misses of every scored class.
-pub fn evaluate<I>(
-    model: &UNet,
-    batches: I,
-    device: &Device,
-    activation: Activation,
-    temperature: f64,
-    ignore: Option<u8>,
-) -> Result<Evaluation>
-where
-    I: Iterator<Item = Result<(Tensor, Tensor)>>,
-{
-    let classes = model.config.classes;
-    let mut evaluation = Evaluation::default();
-    for batch in batches {
-        let (images, masks) = batch?;
-        let logits = model.forward(&images.to_device(device)?, false)?;
-        let probs = probabilities(&logits, activation, temperature)?;
-        let pred = labels(&probs, 0.5)?.to_device(&Device::Cpu)?;
-        let n = pred.dim(0)?;
-        let pred = pred.flatten_from(1)?.to_vec2::<u8>()?;
-        let masks = masks.flatten_from(1)?.to_vec2::<u8>()?;
-        for i in 0..n {
-            evaluation.push(image_counts(&pred[i], &masks[i], classes, ignore));
+/// How an image is covered.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Window {
+    /// Resize to `size × size`.
+    Whole { size: usize },
+    /// Native resolution, overlapping `patch × patch` windows.
+    Sliding {
+        patch: usize,
+        overlap: f64,
+        blend: Blend,
+    },
+}
+
+/// A model with everything needed to predict raw images.
+pub struct Predictor<'a> {
+    pub model: &'a UNet,
+    pub activation: Activation,
+    pub temperature: f64,
+    pub window: Window,
+    pub mean: &'a [f32],
+    pub std: &'a [f32],
+    /// Images (whole-image mode) or windows per forward pass.
+    pub batch: usize,
+    pub device: &'a Device,
+}
+
+/// Window origins along an axis of length `len` (≥ patch): step `patch·(1 − overlap)`, the
+/// last window flush with the end.
+pub fn window_starts(len: usize, patch: usize, overlap: f64) -> Vec<usize> {
+    let last = len - patch;
+    let step = ((patch as f64 * (1.0 - overlap)).round() as usize).max(1);
+    let mut starts: Vec<usize> = (0..last).step_by(step).collect();
+    starts.push(last);
+    starts
+}
+
+/// The blending weight of each pixel of a `patch × patch` window (peak 1, never below 1e-3).
+pub fn window_weights(patch: usize, blend: Blend) -> Vec<f32> {
+    let c = (patch as f64 - 1.0) / 2.0;
+    let sigma = patch as f64 / 8.0;
+    let tent = |v: f64| (1.0 - (v - c).abs() / (patch as f64 / 2.0)).max(0.0);
+    let mut w = Vec::with_capacity(patch * patch);
+    for y in 0..patch {
+        for x in 0..patch {
+            let (fy, fx) = (y as f64, x as f64);
+            let v = match blend {
+                Blend::Gaussian => {
+                    (-((fy - c).powi(2) + (fx - c).powi(2)) / (2.0 * sigma * sigma)).exp()
+                }
+                Blend::Linear => tent(fy) * tent(fx),
+                Blend::Uniform => 1.0,
+            };
+            w.push(v.max(1e-3) as f32);
         }
     }
-    Ok(evaluation)
+    w
+}
+
+impl Predictor<'_> {
+    fn classes(&self) -> usize {
+        self.model.config.classes
+    }
+
+    /// Probabilities `(N, K, H, W)` on the host of a batch of normalised images.
+    fn forward(&self, batch: Vec<f32>, n: usize, (h, w): (usize, usize)) -> Result<Vec<f32>> {
+        let c = self.model.config.in_channels;
+        let x = Tensor::from_vec(batch, (n, c, h, w), self.device)?;
+        let logits = self.model.forward(&x, false)?;
+        probabilities(&logits, self.activation, self.temperature)?
+            .flatten_all()?
+            .to_device(&Device::Cpu)?
+            .to_vec1()
+    }
+
+    /// Class probabilities (`K × h × w`, native resolution) of several raw images (planar
+    /// `C × h × w` in [0, 1]).
+    pub fn probabilities(&self, images: &[(&[f32], usize, usize)]) -> Result<Vec<Vec<f32>>> {
+        let (c, k) = (self.model.config.in_channels, self.classes());
+        match self.window {
+            Window::Whole { size } => {
+                let mut out = Vec::with_capacity(images.len());
+                for chunk in images.chunks(self.batch.max(1)) {
+                    let mut batch = Vec::with_capacity(chunk.len() * c * size * size);
+                    for &(img, h, w) in chunk {
+                        let mut x = resize_planar(img, c, (h, w), (size, size));
+                        normalize(&mut x, self.mean, self.std);
+                        batch.extend(x);
+                    }
+                    let probs = self.forward(batch, chunk.len(), (size, size))?;
+                    for (p, &(_, h, w)) in probs.chunks(k * size * size).zip(chunk) {
+                        out.push(resize_planar(p, k, (size, size), (h, w)));
+                    }
+                }
+                Ok(out)
+            }
+            Window::Sliding {
+                patch,
+                overlap,
+                blend,
+            } => images
+                .iter()
+                .map(|&(img, h, w)| self.sliding(img, (h, w), patch, overlap, blend))
+                .collect(),
+        }
+    }
+
+    fn sliding(
+        &self,
+        img: &[f32],
+        (h, w): (usize, usize),
+        patch: usize,
+        overlap: f64,
+        blend: Blend,
+    ) -> Result<Vec<f32>> {
+        let (c, k) = (self.model.config.in_channels, self.classes());
+        let (ph, pw) = (h.max(patch), w.max(patch));
+        // normalised, and padded with zeros (the mean) up to one patch
+        let mut x = img.to_vec();
+        normalize(&mut x, self.mean, self.std);
+        let mut padded = vec![0f32; c * ph * pw];
+        for ch in 0..c {
+            for y in 0..h {
+                padded[(ch * ph + y) * pw..(ch * ph + y) * pw + w]
+                    .copy_from_slice(&x[(ch * h + y) * w..(ch * h + y + 1) * w]);
+            }
+        }
+        let weights = window_weights(patch, blend);
+        let origins: Vec<(usize, usize)> = window_starts(ph, patch, overlap)
+            .into_iter()
+            .flat_map(|y| {
+                window_starts(pw, patch, overlap)
+                    .into_iter()
+                    .map(move |x| (y, x))
+            })
+            .collect();
+        let mut acc = vec![0f32; k * ph * pw];
+        let mut norm = vec![0f32; ph * pw];
+        for chunk in origins.chunks(self.batch.max(1)) {
+            let mut batch = Vec::with_capacity(chunk.len() * c * patch * patch);
+            for &(y0, x0) in chunk {
+                for ch in 0..c {
+                    for y in 0..patch {
+                        let row = (ch * ph + y0 + y) * pw + x0;
+                        batch.extend_from_slice(&padded[row..row + patch]);
+                    }
+                }
+            }
+            let probs = self.forward(batch, chunk.len(), (patch, patch))?;
+            for (p, &(y0, x0)) in probs.chunks(k * patch * patch).zip(chunk) {
+                for y in 0..patch {
+                    for x in 0..patch {
+                        let wgt = weights[y * patch + x];
+                        let at = (y0 + y) * pw + x0 + x;
+                        norm[at] += wgt;
+                        for cl in 0..k {
+                            acc[cl * ph * pw + at] += p[(cl * patch + y) * patch + x] * wgt;
+                        }
+                    }
+                }
+            }
+        }
+        let mut out = Vec::with_capacity(k * h * w);
+        for cl in 0..k {
+            for y in 0..h {
+                for x in 0..w {
+                    let at = y * pw + x;
+                    out.push(acc[cl * ph * pw + at] / norm[at]);
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Per-image hit and miss counts of every scored class, predicted at native resolution.
+    pub fn evaluate(&self, samples: &[Sample], ignore: Option<u8>) -> Result<Evaluation> {
+        let k = self.classes();
+        let mut evaluation = Evaluation::default();
+        for chunk in samples.chunks(self.batch.max(1)) {
+            let images: Vec<(&[f32], usize, usize)> = chunk
+                .iter()
+                .map(|s| (s.image.as_slice(), s.h, s.w))
+                .collect();
+            for (probs, sample) in self.probabilities(&images)?.iter().zip(chunk) {
+                let pred = labels(probs, k, 0.5);
+                evaluation.push(image_counts(
+                    &pred,
+                    &sample.mask,
+                    self.model.config.classes,
+                    ignore,
+                ));
+            }
+        }
+        Ok(evaluation)
+    }
 }

@@ -36,6 +36,9 @@ enum Command {
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
+        /// Sliding-window overlap (patch-trained models; default: the model's).
+        #[arg(long)]
+        overlap: Option<f64>,
         #[arg(long, default_value = "auto")]
         device: String,
     },
@@ -58,6 +61,9 @@ enum Command {
         /// Also write 16-bit probability maps (<stem>_prob.png = round(p·65535)).
         #[arg(long)]
         probabilities: bool,
+        /// Sliding-window overlap (patch-trained models; default: the model's).
+        #[arg(long)]
+        overlap: Option<f64>,
         #[arg(long, default_value = "auto")]
         device: String,
     },
@@ -199,6 +205,15 @@ fn open_device(name: &str) -> anyhow::Result<candle_core::Device> {
     Ok(device)
 }
 
+fn check_overlap(overlap: Option<f64>) -> anyhow::Result<Option<f64>> {
+    match overlap {
+        Some(o) if !(0.0..0.95).contains(&o) => {
+            anyhow::bail!("--overlap must lie in [0, 0.95), got {o}")
+        }
+        o => Ok(o),
+    }
+}
+
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Train(a) => {
@@ -226,10 +241,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             model,
             data,
             json,
+            overlap,
             device,
         } => {
             let device = open_device(&device)?;
-            let (report, _) = segtrain::predict::evaluate(&model, &data, &device)?;
+            let report =
+                segtrain::predict::evaluate(&model, &data, check_overlap(overlap)?, &device)?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&report)?);
             } else {
@@ -238,6 +255,20 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 println!("iou        {:.4}", report.iou);
                 println!("precision  {:.4}", report.precision);
                 println!("recall     {:.4}", report.recall);
+                match report.lesion_dice {
+                    Some(d) => println!(
+                        "lesion-image dice  {d:.4}  ({} images with a lesion)",
+                        report.lesion_images
+                    ),
+                    None => println!("lesion-image dice  -  (no image with a lesion)"),
+                }
+                if let Some(f) = report.empty_fp_rate {
+                    println!(
+                        "false alarms on empty images  {:.1}%  ({} empty images)",
+                        100.0 * f,
+                        report.empty_images
+                    );
+                }
                 if report.dice_per_class.len() > 1 {
                     for (k, d) in report.dice_per_class.iter().enumerate() {
                         println!("dice class {}  {d:.4}", k + 1);
@@ -253,6 +284,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             threshold,
             overlay,
             probabilities,
+            overlap,
             device,
         } => {
             let device = open_device(&device)?;
@@ -260,6 +292,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 threshold,
                 overlay,
                 probabilities,
+                overlap: check_overlap(overlap)?,
             };
             let written = segtrain::predict::predict(&model, &inputs, &out, opts, &device)?;
             println!("wrote {} files to {}", written.len(), out.display());

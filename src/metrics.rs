@@ -100,6 +100,15 @@ pub struct Report {
     pub recall: f64,
     /// Pooled Dice of each scored class.
     pub dice_per_class: Vec<f64>,
+    /// Mean Dice over the images whose target holds the class (per class, then the mean over
+    /// classes); None when no image holds any. Empty images cannot inflate it.
+    pub lesion_dice: Option<f64>,
+    /// Images whose target holds a scored class.
+    pub lesion_images: usize,
+    /// Images whose target holds none.
+    pub empty_images: usize,
+    /// Share of the empty images with any predicted foreground; None without empty images.
+    pub empty_fp_rate: Option<f64>,
     pub images: usize,
 }
 
@@ -129,12 +138,32 @@ impl Evaluation {
                 pooled.iter().map(f).sum::<f64>() / pooled.len() as f64
             }
         };
+        let classes = pooled.len();
+        let per_class: Vec<f64> = (0..classes)
+            .filter_map(|k| {
+                let with: Vec<f64> = self
+                    .images
+                    .iter()
+                    .filter(|c| c[k].has_target())
+                    .map(|c| c[k].dice())
+                    .collect();
+                (!with.is_empty()).then(|| with.iter().sum::<f64>() / with.len() as f64)
+            })
+            .collect();
+        let is_empty = |c: &Vec<Counts>| c.iter().all(|k| !k.has_target());
+        let empty: Vec<&Vec<Counts>> = self.images.iter().filter(|c| is_empty(c)).collect();
+        let false_alarms = empty.iter().filter(|c| c.iter().any(|k| k.fp > 0)).count();
         Report {
             dice: mean(Counts::dice),
             iou: mean(Counts::iou),
             precision: mean(Counts::precision),
             recall: mean(Counts::recall),
             dice_per_class: pooled.iter().map(Counts::dice).collect(),
+            lesion_dice: (!per_class.is_empty())
+                .then(|| per_class.iter().sum::<f64>() / per_class.len() as f64),
+            lesion_images: self.images.len() - empty.len(),
+            empty_images: empty.len(),
+            empty_fp_rate: (!empty.is_empty()).then(|| false_alarms as f64 / empty.len() as f64),
             images: self.images.len(),
         }
     }

@@ -5,14 +5,14 @@ use std::io::Cursor;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
-use candle_core::{Device, Tensor};
+use candle_core::Device;
 use image::{ImageBuffer, ImageFormat, Luma};
 
-use crate::data::{self, normalize, Format};
+use crate::data::{self, Format};
 use crate::export::{self, ModelMeta};
 use crate::fsutil::atomic_write;
-use crate::inference::{self, probabilities};
-use crate::metrics::{Evaluation, Report};
+use crate::inference::{self, Predictor, Window};
+use crate::metrics::Report;
 use crate::model::UNet;
 
 /// What `predict` writes beside each mask.
@@ -24,6 +24,8 @@ pub struct PredictOptions {
     pub overlay: bool,
     /// Also write `<stem>_prob.png` (16-bit, p·65535; `_prob_c<k>` per class).
     pub probabilities: bool,
+    /// Sliding-window overlap instead of the model's.
+    pub overlap: Option<f64>,
 }
 
 /// Input files: image files as given, folders expanded to the images they hold (sorted).
@@ -55,6 +57,33 @@ pub fn expand_inputs(inputs: &[PathBuf]) -> Result<Vec<PathBuf>> {
     Ok(files)
 }
 
+/// The predictor of a loaded model, with an optional overlap override for sliding windows.
+pub fn predictor<'a>(
+    model: &'a UNet,
+    meta: &'a ModelMeta,
+    overlap: Option<f64>,
+    device: &'a Device,
+) -> Predictor<'a> {
+    let window = match (meta.window, overlap) {
+        (Window::Sliding { patch, blend, .. }, Some(overlap)) => Window::Sliding {
+            patch,
+            overlap,
+            blend,
+        },
+        (w, _) => w,
+    };
+    Predictor {
+        model,
+        activation: meta.activation,
+        temperature: meta.temperature,
+        window,
+        mean: &meta.mean,
+        std: &meta.std,
+        batch: 8,
+        device,
+    }
+}
+
 /// Predicts a mask for every input and writes the outputs into `out`. Returns the files
 /// written.
 pub fn predict(
@@ -65,6 +94,7 @@ pub fn predict(
     device: &Device,
 ) -> Result<Vec<PathBuf>> {
     let (model, meta) = export::load(model_path, device)?;
+    let predictor = predictor(&model, &meta, opts.overlap, device);
     let files = expand_inputs(inputs)?;
     std::fs::create_dir_all(out)
         .with_context(|| format!("cannot create the output folder {}", out.display()))?;
@@ -75,15 +105,11 @@ pub fn predict(
             .with_guessed_format()?
             .decode()
             .map_err(|e| anyhow::anyhow!("{}: not a readable image ({e})", file.display()))?;
-        let (w, h) = (decoded.width(), decoded.height());
-        let probs = predict_probabilities(&model, &meta, &decoded, device)?;
-        let classes = probs.len();
-        // resize each class's probability back to the input's size (bilinear)
-        let full: Vec<Vec<f32>> = probs
-            .into_iter()
-            .map(|p| resize_plane(p, meta.image_size as u32, (w, h)))
-            .collect();
-        let labels = labels_from_planes(&full, opts.threshold);
+        let (planar, (h, w)) = data::image_to_planar(&decoded, meta.unet.in_channels, None);
+        let probs = predictor.probabilities(&[(&planar, h, w)])?.remove(0);
+        let classes = meta.unet.classes;
+        let labels = inference::labels(&probs, classes, opts.threshold);
+        let (w32, h32) = (w as u32, h as u32);
         let stem = file
             .file_stem()
             .expect("a file name")
@@ -97,7 +123,7 @@ pub fn predict(
         let path = out.join(format!("{stem}_mask.png"));
         write_image(
             &path,
-            &ImageBuffer::<Luma<u8>, _>::from_raw(w, h, mask_values).expect("size"),
+            &ImageBuffer::<Luma<u8>, _>::from_raw(w32, h32, mask_values).expect("size"),
         )?;
         written.push(path);
         if opts.overlay {
@@ -106,7 +132,7 @@ pub fn predict(
             written.push(path);
         }
         if opts.probabilities {
-            for (k, plane) in full.iter().enumerate() {
+            for (k, plane) in probs.chunks(h * w).enumerate() {
                 let name = if classes == 1 {
                     format!("{stem}_prob.png")
                 } else {
@@ -119,64 +145,13 @@ pub fn predict(
                 let path = out.join(name);
                 write_image(
                     &path,
-                    &ImageBuffer::<Luma<u16>, _>::from_raw(w, h, values).expect("size"),
+                    &ImageBuffer::<Luma<u16>, _>::from_raw(w32, h32, values).expect("size"),
                 )?;
                 written.push(path);
             }
         }
     }
     Ok(written)
-}
-
-/// The model's probabilities for one image, one `size × size` plane per class.
-pub fn predict_probabilities(
-    model: &UNet,
-    meta: &ModelMeta,
-    img: &image::DynamicImage,
-    device: &Device,
-) -> Result<Vec<Vec<f32>>> {
-    let (c, s) = (meta.unet.in_channels, meta.image_size);
-    let mut planar = data::image_to_planar(img, c, s);
-    normalize(&mut planar, &meta.mean, &meta.std);
-    let x = Tensor::from_vec(planar, (1, c, s, s), device)?;
-    let logits = model.forward(&x, false)?;
-    let probs = probabilities(&logits, meta.activation, meta.temperature)?;
-    Ok(probs
-        .squeeze(0)?
-        .flatten_from(1)?
-        .to_device(&Device::Cpu)?
-        .to_vec2::<f32>()?)
-}
-
-fn resize_plane(plane: Vec<f32>, side: u32, (w, h): (u32, u32)) -> Vec<f32> {
-    let img =
-        ImageBuffer::<Luma<f32>, Vec<f32>>::from_raw(side, side, plane).expect("a square plane");
-    if (w, h) == (side, side) {
-        return img.into_raw();
-    }
-    image::imageops::resize(&img, w, h, image::imageops::FilterType::Triangle).into_raw()
-}
-
-/// Class per pixel: one plane → p > threshold; several → the most probable.
-fn labels_from_planes(planes: &[Vec<f32>], threshold: f64) -> Vec<u8> {
-    let n = planes[0].len();
-    if planes.len() == 1 {
-        return planes[0]
-            .iter()
-            .map(|&p| u8::from(p as f64 > threshold))
-            .collect();
-    }
-    (0..n)
-        .map(|i| {
-            let mut best = 0;
-            for k in 1..planes.len() {
-                if planes[k][i] > planes[best][i] {
-                    best = k;
-                }
-            }
-            best as u8
-        })
-        .collect()
 }
 
 /// The image with the outline of every predicted region drawn in a colour per class.
@@ -226,12 +201,14 @@ where
     atomic_write(path, bytes.get_ref())
 }
 
-/// Metrics of a model on a dataset folder (`images/` + `masks/`, or its `val/` split).
+/// Metrics of a model on a dataset folder (`images/` + `masks/`, or its `val/` split), at the
+/// images' native resolution.
 pub fn evaluate(
     model_path: &Path,
     data_dir: &Path,
+    overlap: Option<f64>,
     device: &Device,
-) -> Result<(Report, Evaluation)> {
+) -> Result<Report> {
     let (model, meta) = export::load(model_path, device)?;
     let dir = if data_dir.join("images").is_dir() {
         data_dir.to_path_buf()
@@ -245,27 +222,12 @@ pub fn evaluate(
     };
     let format = Format {
         channels: meta.unet.in_channels,
-        size: meta.image_size,
         classes: meta.unet.classes,
         ignore_index: meta.ignore_index,
+        resize: None,
     };
-    let pairs = data::scan_pairs(&dir)?;
-    let samples = data::load_pairs(&pairs, &format)?;
-    let recipe = data::loader::BatchRecipe {
-        samples: std::sync::Arc::new(samples),
-        channels: format.channels,
-        size: format.size,
-        mean: meta.mean.clone(),
-        std: meta.std.clone(),
-        augment: None,
-    };
-    let evaluation = inference::evaluate(
-        &model,
-        data::loader::eval_batches(&recipe, 8),
-        device,
-        meta.activation,
-        meta.temperature,
-        meta.ignore_index.map(|i| i as u8),
-    )?;
-    Ok((evaluation.report(), evaluation))
+    let samples = data::load_pairs(&data::scan_pairs(&dir)?, &format)?;
+    let evaluation =
+        predictor(&model, &meta, overlap, device).evaluate(&samples, format.ignore_mask_value())?;
+    Ok(evaluation.report())
 }

@@ -10,7 +10,7 @@ use std::thread::JoinHandle;
 use candle_core::{Device, Tensor};
 use candle_datasets::Batcher;
 use rand::seq::SliceRandom;
-use rand::SeedableRng;
+use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use super::{augment, normalize, Sample};
@@ -25,41 +25,171 @@ pub fn mix_seed(seed: u64, salt: u64) -> u64 {
 }
 
 /// The sample indices of every batch of one epoch: a seeded permutation cut into batches (the
-/// last one may be smaller).
+/// last one may be smaller), or with `steps` that many full batches drawn with replacement.
 pub fn epoch_batches(
     samples: usize,
     batch_size: usize,
     seed: u64,
     epoch: usize,
+    steps: Option<usize>,
 ) -> Vec<Vec<usize>> {
-    let mut order: Vec<usize> = (0..samples).collect();
-    order.shuffle(&mut ChaCha8Rng::seed_from_u64(mix_seed(
-        seed,
-        0xE90C + epoch as u64,
-    )));
-    order.chunks(batch_size).map(|c| c.to_vec()).collect()
+    let mut rng = ChaCha8Rng::seed_from_u64(mix_seed(seed, 0xE90C + epoch as u64));
+    match steps {
+        Some(steps) => (0..steps)
+            .map(|_| {
+                (0..batch_size)
+                    .map(|_| rng.random_range(0..samples))
+                    .collect()
+            })
+            .collect(),
+        None => {
+            let mut order: Vec<usize> = (0..samples).collect();
+            order.shuffle(&mut rng);
+            order.chunks(batch_size).map(|c| c.to_vec()).collect()
+        }
+    }
+}
+
+/// What a training item is cut from its sample.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Crop {
+    /// The whole (resized, square) sample.
+    Whole,
+    /// A `size × size` patch, centred on a random foreground pixel with probability
+    /// `foreground` (when the sample has one), anywhere otherwise; padded where the image is
+    /// smaller (image: the channel mean, mask: ignore or background).
+    Patch { size: usize, foreground: f64 },
+}
+
+/// Cuts the patch of origin (y0, x0) — possibly negative or past the end — from a sample.
+fn cut(
+    sample: &Sample,
+    channels: usize,
+    size: usize,
+    (y0, x0): (isize, isize),
+    pad: (&[f32], u8),
+) -> (Vec<f32>, Vec<u8>) {
+    let (h, w) = (sample.h as isize, sample.w as isize);
+    let inside = |y: isize, x: isize| y >= 0 && x >= 0 && y < h && x < w;
+    let mut image = Vec::with_capacity(channels * size * size);
+    for (c, &fill) in pad.0.iter().enumerate().take(channels) {
+        for y in y0..y0 + size as isize {
+            for x in x0..x0 + size as isize {
+                image.push(if inside(y, x) {
+                    sample.image[(c * sample.h + y as usize) * sample.w + x as usize]
+                } else {
+                    fill
+                });
+            }
+        }
+    }
+    let mut mask = Vec::with_capacity(size * size);
+    for y in y0..y0 + size as isize {
+        for x in x0..x0 + size as isize {
+            mask.push(if inside(y, x) {
+                sample.mask[y as usize * sample.w + x as usize]
+            } else {
+                pad.1
+            });
+        }
+    }
+    (image, mask)
+}
+
+/// The patch origin along an axis of length `len`: anywhere the patch overlaps the image as much
+/// as it can (inside it when `len` ≥ size), or centred on `centre` within those bounds.
+fn origin(len: usize, size: usize, centre: Option<usize>, rng: &mut ChaCha8Rng) -> isize {
+    let (lo, hi) = (
+        (len as isize - size as isize).min(0),
+        (len as isize - size as isize).max(0),
+    );
+    match centre {
+        Some(c) => (c as isize - size as isize / 2).clamp(lo, hi),
+        None => rng.random_range(lo as i64..=hi as i64) as isize,
+    }
 }
 
 /// What the workers need to turn sample indices into a batch.
 #[derive(Clone)]
 pub struct BatchRecipe {
     pub samples: Arc<Vec<Sample>>,
+    /// The foreground pixels (`y·w + x`) of each sample, for foreground-centred patches.
+    pub foreground: Arc<Vec<Vec<u32>>>,
     pub channels: usize,
-    pub size: usize,
+    pub crop: Crop,
     pub mean: Vec<f32>,
     pub std: Vec<f32>,
-    /// None: no augmentation (validation).
+    /// None: no augmentation.
     pub augment: Option<AugmentConfig>,
+    /// The mask value of padding outside an image (ignore_index, or background).
+    pub pad_label: u8,
+}
+
+impl BatchRecipe {
+    /// A recipe over `samples`; the foreground pixel lists are built for patch crops.
+    pub fn new(
+        samples: Vec<Sample>,
+        channels: usize,
+        crop: Crop,
+        (mean, std): (Vec<f32>, Vec<f32>),
+        augment: Option<AugmentConfig>,
+        ignore: Option<u8>,
+    ) -> Self {
+        let foreground = match crop {
+            Crop::Patch { foreground, .. } if foreground > 0.0 => samples
+                .iter()
+                .map(|s| {
+                    (0..s.mask.len() as u32)
+                        .filter(|&i| {
+                            let m = s.mask[i as usize];
+                            m != 0 && Some(m) != ignore
+                        })
+                        .collect()
+                })
+                .collect(),
+            _ => vec![vec![]; samples.len()],
+        };
+        Self {
+            samples: Arc::new(samples),
+            foreground: Arc::new(foreground),
+            channels,
+            crop,
+            mean,
+            std,
+            augment,
+            pad_label: ignore.unwrap_or(0),
+        }
+    }
+
+    /// Side of the square items this recipe makes.
+    pub fn item_size(&self) -> usize {
+        match self.crop {
+            Crop::Whole => self.samples.first().map_or(0, |s| s.h),
+            Crop::Patch { size, .. } => size,
+        }
+    }
 }
 
 impl BatchRecipe {
     /// Normalised (and augmented) images `(B, C, S, S)` f32 and masks `(B, S, S)` u8, on the CPU.
     pub fn make(&self, indices: &[usize], seed: u64) -> candle_core::Result<(Tensor, Tensor)> {
-        let (c, s) = (self.channels, self.size);
+        let (c, s) = (self.channels, self.item_size());
         let items = indices.iter().enumerate().map(|(slot, &i)| {
             let sample = &self.samples[i];
-            let (mut image, mut mask) = (sample.image.clone(), sample.mask.clone());
             let mut rng = ChaCha8Rng::seed_from_u64(mix_seed(seed, slot as u64));
+            let (mut image, mut mask) = match self.crop {
+                Crop::Whole => (sample.image.clone(), sample.mask.clone()),
+                Crop::Patch { size, foreground } => {
+                    let fg = &self.foreground[i];
+                    let centre = (!fg.is_empty() && rng.random_bool(foreground)).then(|| {
+                        let p = fg[rng.random_range(0..fg.len())] as usize;
+                        (p / sample.w, p % sample.w)
+                    });
+                    let y0 = origin(sample.h, size, centre.map(|c| c.0), &mut rng);
+                    let x0 = origin(sample.w, size, centre.map(|c| c.1), &mut rng);
+                    cut(sample, c, size, (y0, x0), (&self.mean, self.pad_label))
+                }
+            };
             if let Some(cfg) = &self.augment {
                 augment::geometric(&mut image, &mut mask, c, s, cfg, &mut rng);
             }
@@ -158,19 +288,4 @@ impl Drop for TrainLoader {
             let _ = h.join();
         }
     }
-}
-
-/// Validation batches (no augmentation), in dataset order.
-pub fn eval_batches(
-    recipe: &BatchRecipe,
-    batch_size: usize,
-) -> impl Iterator<Item = candle_core::Result<(Tensor, Tensor)>> + '_ {
-    let n = recipe.samples.len();
-    (0..n)
-        .collect::<Vec<_>>()
-        .chunks(batch_size)
-        .map(|c| c.to_vec())
-        .collect::<Vec<_>>()
-        .into_iter()
-        .map(move |idx| recipe.make(&idx, 0))
 }

@@ -29,32 +29,57 @@ pub struct PairPaths {
     pub mask: PathBuf,
 }
 
-/// A loaded pair: the image as planar `channels × size × size` values in [0, 1] (not yet
-/// normalised) and the mask as one class index per pixel (`ignore_index` kept as is).
+/// A loaded pair: the image as planar `channels × h × w` values in [0, 1] (not yet normalised)
+/// and the mask as one class index per pixel (`ignore_index` kept as is).
 #[derive(Debug, Clone)]
 pub struct Sample {
     pub stem: String,
     pub image: Vec<f32>,
     pub mask: Vec<u8>,
+    pub h: usize,
+    pub w: usize,
 }
 
-/// How to read pairs: what the model expects.
+impl Sample {
+    /// Whether the mask holds any pixel of a class other than background (and ignore).
+    pub fn has_foreground(&self, ignore: Option<u8>) -> bool {
+        self.mask.iter().any(|&m| m != 0 && Some(m) != ignore)
+    }
+}
+
+/// How to read pairs: channels and classes the model expects, and the size images are resized
+/// to (`None`: native resolution).
 #[derive(Debug, Clone, Copy)]
 pub struct Format {
     pub channels: usize,
-    pub size: usize,
     pub classes: usize,
     pub ignore_index: Option<i64>,
+    pub resize: Option<usize>,
 }
 
 impl Format {
+    /// The training format of a config: resized to `image_size` (whole-image mode, or patch
+    /// mode with an `image_size`), otherwise native.
     pub fn of(cfg: &DataConfig) -> Self {
         Self {
             channels: cfg.channels,
-            size: cfg.image_size,
             classes: cfg.classes,
             ignore_index: cfg.ignore_index,
+            resize: cfg.image_size,
         }
+    }
+
+    /// The same format at native resolution.
+    pub fn native(&self) -> Self {
+        Self {
+            resize: None,
+            ..*self
+        }
+    }
+
+    /// The mask value of ignored pixels, as stored in `Sample::mask`.
+    pub fn ignore_mask_value(&self) -> Option<u8> {
+        self.ignore_value()
     }
 
     /// The mask value stored for ignored pixels (must fit a u8 mask).
@@ -130,35 +155,91 @@ pub fn scan_pairs(dir: &Path) -> Result<Vec<PairPaths>> {
         .collect()
 }
 
-/// Reads an image as planar `channels × size × size` values in [0, 1].
-pub fn load_image(path: &Path, channels: usize, size: usize) -> Result<(Vec<f32>, (u32, u32))> {
+/// An image read from a file.
+pub struct LoadedImage {
+    /// Planar `channels × h × w` values in [0, 1].
+    pub planes: Vec<f32>,
+    /// Its (h, w) after any resize.
+    pub hw: (usize, usize),
+    /// The file's (width, height).
+    pub file_dims: (u32, u32),
+}
+
+/// Reads an image, resized to `size × size` if given.
+pub fn load_image(path: &Path, channels: usize, size: Option<usize>) -> Result<LoadedImage> {
     let img = image::ImageReader::open(path)
         .with_context(|| format!("cannot open {}", path.display()))?
         .with_guessed_format()
         .with_context(|| format!("cannot read {}", path.display()))?
         .decode()
         .map_err(|e| anyhow!("{}: not a readable image ({e})", path.display()))?;
-    let dims = (img.width(), img.height());
-    Ok((image_to_planar(&img, channels, size), dims))
+    let file_dims = (img.width(), img.height());
+    let (planes, hw) = image_to_planar(&img, channels, size);
+    Ok(LoadedImage {
+        planes,
+        hw,
+        file_dims,
+    })
 }
 
-/// Converts a decoded image to `channels` (grey or RGB) and resizes it to `size × size`
-/// (bilinear, antialiased when shrinking), as planar f32 in [0, 1].
-pub fn image_to_planar(img: &image::DynamicImage, channels: usize, size: usize) -> Vec<f32> {
+/// Converts a decoded image to `channels` (grey or RGB), resized to `size × size` if given
+/// (bilinear, antialiased when shrinking), as planar f32 in [0, 1], with its (h, w).
+pub fn image_to_planar(
+    img: &image::DynamicImage,
+    channels: usize,
+    size: Option<usize>,
+) -> (Vec<f32>, (usize, usize)) {
     use image::imageops::{resize, FilterType};
-    let s = size as u32;
-    let planes: Vec<Vec<f32>> = if channels == 1 {
-        let grey = image::DynamicImage::ImageLuma16(img.to_luma16()).into_rgb32f();
-        let r = resize(&grey, s, s, FilterType::Triangle);
-        vec![r.pixels().map(|p| p.0[0]).collect()]
+    let rgb = if channels == 1 {
+        image::DynamicImage::ImageLuma16(img.to_luma16()).into_rgb32f()
     } else {
-        let rgb = img.to_rgb32f();
-        let r = resize(&rgb, s, s, FilterType::Triangle);
-        (0..3)
-            .map(|c| r.pixels().map(|p| p.0[c]).collect())
+        img.to_rgb32f()
+    };
+    let rgb = match size {
+        Some(s) if (rgb.width(), rgb.height()) != (s as u32, s as u32) => {
+            resize(&rgb, s as u32, s as u32, FilterType::Triangle)
+        }
+        _ => rgb,
+    };
+    let hw = (rgb.height() as usize, rgb.width() as usize);
+    let planes: Vec<Vec<f32>> = (0..channels)
+        .map(|c| rgb.pixels().map(|p| p.0[c]).collect())
+        .collect();
+    (planes.concat(), hw)
+}
+
+/// Bilinear resize (pixel centres aligned) of planar `c × h × w` values to `nh × nw`.
+pub fn resize_planar(
+    values: &[f32],
+    c: usize,
+    (h, w): (usize, usize),
+    (nh, nw): (usize, usize),
+) -> Vec<f32> {
+    if (h, w) == (nh, nw) {
+        return values.to_vec();
+    }
+    let axis = |n: usize, from: usize| -> Vec<(usize, usize, f32)> {
+        (0..n)
+            .map(|o| {
+                let src =
+                    ((o as f64 + 0.5) * from as f64 / n as f64 - 0.5).clamp(0.0, (from - 1) as f64);
+                let lo = src.floor() as usize;
+                (lo, (lo + 1).min(from - 1), (src - lo as f64) as f32)
+            })
             .collect()
     };
-    planes.concat()
+    let (ys, xs) = (axis(nh, h), axis(nw, w));
+    let mut out = Vec::with_capacity(c * nh * nw);
+    for plane in values.chunks(h * w).take(c) {
+        for &(y0, y1, fy) in &ys {
+            for &(x0, x1, fx) in &xs {
+                let top = plane[y0 * w + x0] + (plane[y0 * w + x1] - plane[y0 * w + x0]) * fx;
+                let bottom = plane[y1 * w + x0] + (plane[y1 * w + x1] - plane[y1 * w + x0]) * fx;
+                out.push(top + (bottom - top) * fy);
+            }
+        }
+    }
+    out
 }
 
 /// A mask PNG's values, one per pixel: grey level (8 or 16 bit), palette index, or for colour
@@ -223,8 +304,9 @@ pub fn read_mask_values(path: &Path) -> Result<MaskValues> {
     })
 }
 
-/// Reads a mask and maps it to class indices, resized to `size` (nearest neighbour). Binary:
-/// any non-zero value is 1. Class-index: each value must be a class or `ignore_index`.
+/// Reads a mask and maps it to class indices, resized to the format's size if any (nearest
+/// neighbour). Binary: any non-zero value is 1. Class-index: each value must be a class or
+/// `ignore_index`. Returns the mask and the file's (width, height).
 pub fn load_mask(path: &Path, format: &Format) -> Result<(Vec<u8>, (u32, u32))> {
     let MaskValues {
         values,
@@ -270,19 +352,20 @@ pub fn load_mask(path: &Path, format: &Format) -> Result<(Vec<u8>, (u32, u32))> 
             })
             .collect::<Result<_>>()?
     };
-    Ok((
-        resize_nearest(&classes, w as usize, h as usize, format.size),
-        (w, h),
-    ))
+    let mask = match format.resize {
+        Some(size) => resize_nearest(&classes, (h as usize, w as usize), (size, size)),
+        None => classes,
+    };
+    Ok((mask, (w, h)))
 }
 
-/// Nearest-neighbour resize of a `w × h` map to `size × size` (pixel centres aligned).
-pub fn resize_nearest(values: &[u8], w: usize, h: usize, size: usize) -> Vec<u8> {
-    let mut out = Vec::with_capacity(size * size);
-    for y in 0..size {
-        let sy = (((y as f64 + 0.5) * h as f64 / size as f64) as usize).min(h - 1);
-        for x in 0..size {
-            let sx = (((x as f64 + 0.5) * w as f64 / size as f64) as usize).min(w - 1);
+/// Nearest-neighbour resize of an `h × w` map to `nh × nw` (pixel centres aligned).
+pub fn resize_nearest(values: &[u8], (h, w): (usize, usize), (nh, nw): (usize, usize)) -> Vec<u8> {
+    let mut out = Vec::with_capacity(nh * nw);
+    for y in 0..nh {
+        let sy = (((y as f64 + 0.5) * h as f64 / nh as f64) as usize).min(h - 1);
+        for x in 0..nw {
+            let sx = (((x as f64 + 0.5) * w as f64 / nw as f64) as usize).min(w - 1);
             out.push(values[sy * w + sx]);
         }
     }
@@ -291,7 +374,11 @@ pub fn resize_nearest(values: &[u8], w: usize, h: usize, size: usize) -> Vec<u8>
 
 /// Loads one pair; image and mask must have the same size.
 pub fn load_pair(pair: &PairPaths, format: &Format) -> Result<Sample> {
-    let (image, image_dims) = load_image(&pair.image, format.channels, format.size)?;
+    let LoadedImage {
+        planes: image,
+        hw: (h, w),
+        file_dims: image_dims,
+    } = load_image(&pair.image, format.channels, format.resize)?;
     let (mask, mask_dims) = load_mask(&pair.mask, format)?;
     if image_dims != mask_dims {
         bail!(
@@ -308,6 +395,8 @@ pub fn load_pair(pair: &PairPaths, format: &Format) -> Result<Sample> {
         stem: pair.stem.clone(),
         image,
         mask,
+        h,
+        w,
     })
 }
 
@@ -335,7 +424,7 @@ impl Dataset {
             match &cfg.synth {
                 Some(synth) => {
                     eprintln!(
-                        "generating the synthetic `{}` data set in {} ({} images of {}²)",
+                        "generating the synthetic `{}` data set in {} ({} images of {}^2)",
                         synth.kind.name(),
                         root.display(),
                         synth.count,
@@ -379,14 +468,15 @@ impl Dataset {
             bail!("{}: the validation split is empty", root.display());
         }
         let train = load_pairs(&train_pairs, &format)?;
-        let val = load_pairs(&val_pairs, &format)?;
+        // validation always at native resolution: metrics count the pixels of the real masks
+        let val = load_pairs(&val_pairs, &format.native())?;
         let (mean, std) = match (&cfg.mean, &cfg.std) {
             (Some(m), Some(s)) => (
                 m.iter().map(|&v| v as f32).collect(),
                 s.iter().map(|&v| v as f32).collect(),
             ),
             (m, s) => {
-                let (cm, cs) = channel_stats(&train, format.channels, format.size);
+                let (cm, cs) = channel_stats(&train, format.channels);
                 (
                     m.as_ref()
                         .map_or(cm, |m| m.iter().map(|&v| v as f32).collect()),
@@ -406,12 +496,12 @@ impl Dataset {
 }
 
 /// Per-channel mean and standard deviation of planar images (std floored at 1e-3).
-pub fn channel_stats(samples: &[Sample], channels: usize, size: usize) -> (Vec<f32>, Vec<f32>) {
-    let plane = size * size;
+pub fn channel_stats(samples: &[Sample], channels: usize) -> (Vec<f32>, Vec<f32>) {
     (0..channels)
         .map(|c| {
             let (mut sum, mut sq, mut n) = (0f64, 0f64, 0f64);
             for s in samples {
+                let plane = s.h * s.w;
                 for &v in &s.image[c * plane..(c + 1) * plane] {
                     sum += v as f64;
                     sq += (v as f64) * (v as f64);

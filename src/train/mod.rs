@@ -10,7 +10,6 @@ pub mod schedule;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{anyhow, bail, Context, Result};
@@ -19,13 +18,13 @@ use candle_nn::{VarBuilder, VarMap};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 
-use crate::config::{Config, NonFinite};
-use crate::data::loader::{epoch_batches, eval_batches, mix_seed, BatchRecipe, TrainLoader};
+use crate::config::{Config, DataConfig, NonFinite, Selection};
+use crate::data::loader::{epoch_batches, mix_seed, BatchRecipe, Crop, TrainLoader};
 use crate::data::Dataset;
 use crate::device::DeviceChoice;
 use crate::export::{self, ModelMeta};
 use crate::fsutil::{atomic_write, read_safetensors, write_safetensors};
-use crate::inference;
+use crate::inference::{Predictor, Window};
 use crate::loss::Loss;
 use crate::metrics::Report;
 use crate::model::{self, is_trainable, UNet, UNetConfig};
@@ -67,6 +66,11 @@ pub struct Summary {
     pub val_iou: f64,
     pub val_precision: f64,
     pub val_recall: f64,
+    /// Mean Dice over the validation images that contain a lesion.
+    pub val_lesion_dice: Option<f64>,
+    /// Share of the lesion-free validation images with a false alarm.
+    pub val_empty_fp_rate: Option<f64>,
+    pub selected_by: Selection,
     pub epochs: usize,
     pub steps: u64,
     pub train_seconds: f64,
@@ -160,29 +164,35 @@ pub fn train(config: &Config, opts: &TrainOptions) -> Result<Summary> {
     }
     let mut rows = read_metrics(&run_dir, progress.epoch)?;
 
-    let ignore = config.data.ignore_index.map(|i| i as u8);
-    let train_recipe = BatchRecipe {
-        samples: Arc::new(dataset.train.clone()),
-        channels: dataset.format.channels,
-        size: dataset.format.size,
-        mean: dataset.mean.clone(),
-        std: dataset.std.clone(),
-        augment: Some(config.data.augment.clone()),
+    let ignore = dataset.format.ignore_mask_value();
+    let d = &config.data;
+    let crop = match d.patch_size {
+        Some(size) => Crop::Patch {
+            size,
+            foreground: d.foreground_fraction,
+        },
+        None => Crop::Whole,
     };
-    let val_recipe = BatchRecipe {
-        samples: Arc::new(dataset.val.clone()),
-        augment: None,
-        ..train_recipe.clone()
-    };
+    let train_recipe = BatchRecipe::new(
+        dataset.train.clone(),
+        dataset.format.channels,
+        crop,
+        (dataset.mean.clone(), dataset.std.clone()),
+        Some(d.augment.clone()),
+        ignore,
+    );
+    let window = window_of(d);
     let t = &config.train;
-    let per_epoch = dataset.train.len().div_ceil(t.batch_size);
+    let per_epoch = t
+        .steps_per_epoch
+        .unwrap_or(dataset.train.len().div_ceil(t.batch_size));
     let total_steps = per_epoch * t.epochs;
     let warmup = (t.warmup_epochs * per_epoch as f64).round() as usize;
     let activation = config.activation();
     let meta = |metrics: &Report| -> Result<ModelMeta> {
         Ok(ModelMeta {
             unet,
-            image_size: config.data.image_size,
+            window,
             activation,
             mean: dataset.mean.clone(),
             std: dataset.std.clone(),
@@ -193,18 +203,27 @@ pub fn train(config: &Config, opts: &TrainOptions) -> Result<Summary> {
         })
     };
 
+    let mode = match window {
+        Window::Whole { size } => format!("whole images resized to {size}^2"),
+        Window::Sliding { patch, .. } => format!("{patch}^2 patches, sliding-window validation"),
+    };
     eprintln!(
-        "{}: {} training / {} validation images of {}², {} epochs of {per_epoch} updates",
+        "{}: {} training / {} validation images, {mode}; {} epochs of {per_epoch} updates",
         config.name,
         dataset.train.len(),
         dataset.val.len(),
-        config.data.image_size,
         t.epochs
     );
     let term_names: Vec<&str> = loss.terms.iter().map(|t| t.kind).collect();
     while progress.epoch < t.epochs {
         let epoch = progress.epoch;
-        let batches = epoch_batches(dataset.train.len(), t.batch_size, config.seed, epoch);
+        let batches = epoch_batches(
+            dataset.train.len(),
+            t.batch_size,
+            config.seed,
+            epoch,
+            t.steps_per_epoch,
+        );
         let loader = TrainLoader::new(
             train_recipe.clone(),
             batches,
@@ -273,15 +292,17 @@ pub fn train(config: &Config, opts: &TrainOptions) -> Result<Summary> {
         bar.finish_and_clear();
 
         let eval_model = detached_model(&vars, unet, &device)?;
-        let evaluation = inference::evaluate(
-            &eval_model,
-            eval_batches(&val_recipe, t.batch_size),
-            &device,
+        let predictor = Predictor {
+            model: &eval_model,
             activation,
-            1.0,
-            ignore,
-        )?;
-        let report = evaluation.report();
+            temperature: 1.0,
+            window,
+            mean: &dataset.mean,
+            std: &dataset.std,
+            batch: t.batch_size,
+            device: &device,
+        };
+        let report = predictor.evaluate(&dataset.val, ignore)?.report();
         let images = progress.epoch_images.max(1) as f64;
         let row = EpochRow {
             epoch: epoch + 1,
@@ -295,8 +316,9 @@ pub fn train(config: &Config, opts: &TrainOptions) -> Result<Summary> {
         println!("{}", epoch_line(&row, t.epochs, &term_names));
         rows.push(row);
         write_metrics(&run_dir, &rows, &term_names)?;
-        if progress.best_dice.is_none_or(|best| report.dice > best) {
-            progress.best_dice = Some(report.dice);
+        let score = selection_score(t.select_by, &report);
+        if progress.best_dice.is_none_or(|best| score > best) {
+            progress.best_dice = Some(score);
             progress.best_epoch = epoch + 1;
             let weights = export::state_dict(&unet, &vars, progress.step, DType::F32)?;
             export::save(
@@ -327,6 +349,9 @@ pub fn train(config: &Config, opts: &TrainOptions) -> Result<Summary> {
         val_iou: best.val.iou,
         val_precision: best.val.precision,
         val_recall: best.val.recall,
+        val_lesion_dice: best.val.lesion_dice,
+        val_empty_fp_rate: best.val.empty_fp_rate,
+        selected_by: t.select_by,
         epochs: t.epochs,
         steps: progress.step,
         train_seconds: progress.train_seconds,
@@ -341,6 +366,27 @@ pub fn train(config: &Config, opts: &TrainOptions) -> Result<Summary> {
         serde_json::to_string_pretty(&summary)?.as_bytes(),
     )?;
     Ok(summary)
+}
+
+/// How validation covers an image: the config's patch (sliding window) or image size.
+pub fn window_of(d: &DataConfig) -> Window {
+    match (d.patch_size, d.image_size) {
+        (Some(patch), _) => Window::Sliding {
+            patch,
+            overlap: d.overlap,
+            blend: d.blend,
+        },
+        (None, Some(size)) => Window::Whole { size },
+        (None, None) => unreachable!("validated: image_size or patch_size"),
+    }
+}
+
+/// The validation score that picks the saved model.
+fn selection_score(select_by: Selection, r: &Report) -> f64 {
+    match select_by {
+        Selection::LesionDice => r.lesion_dice.unwrap_or(r.dice),
+        Selection::Dice => r.dice,
+    }
 }
 
 enum StepOutcome {
@@ -564,6 +610,8 @@ fn csv_header(terms: &[&str], scored: usize) -> String {
             "val_iou",
             "val_precision",
             "val_recall",
+            "val_lesion_dice",
+            "val_empty_fp_rate",
             "seconds",
             "images_per_second",
         ]
@@ -588,6 +636,9 @@ fn write_metrics(run_dir: &Path, rows: &[EpochRow], terms: &[&str]) -> Result<()
                 .iter()
                 .map(|v| format!("{v:.6}")),
         );
+        for v in [r.val.lesion_dice, r.val.empty_fp_rate] {
+            cols.push(v.map_or(String::new(), |v| format!("{v:.6}")));
+        }
         cols.push(format!("{:.3}", r.seconds));
         cols.push(format!("{:.2}", r.images_per_second));
         if scored > 1 {
@@ -610,9 +661,16 @@ fn read_metrics(run_dir: &Path, before: usize) -> Result<Vec<EpochRow>> {
     let terms = header.iter().filter(|h| h.starts_with("loss_")).count();
     let mut rows = vec![];
     for line in lines {
+        // empty cells are undefined metrics
         let v: Vec<f64> = line
             .split(',')
-            .map(|x| x.parse::<f64>())
+            .map(|x| {
+                if x.is_empty() {
+                    Ok(f64::NAN)
+                } else {
+                    x.parse::<f64>()
+                }
+            })
             .collect::<std::result::Result<_, _>>()
             .with_context(|| format!("{}: malformed row `{line}`", path.display()))?;
         if v.len() != header.len() {
@@ -633,11 +691,13 @@ fn read_metrics(run_dir: &Path, before: usize) -> Result<Vec<EpochRow>> {
                 iou: v[at + 1],
                 precision: v[at + 2],
                 recall: v[at + 3],
-                dice_per_class: v[at + 6..].to_vec(),
+                lesion_dice: Some(v[at + 4]).filter(|x| !x.is_nan()),
+                empty_fp_rate: Some(v[at + 5]).filter(|x| !x.is_nan()),
+                dice_per_class: v[at + 8..].to_vec(),
                 ..Report::default()
             },
-            seconds: v[at + 4],
-            images_per_second: v[at + 5],
+            seconds: v[at + 6],
+            images_per_second: v[at + 7],
         });
     }
     Ok(rows)
@@ -681,6 +741,13 @@ fn running_message(p: &Progress, terms: &[&str]) -> String {
 }
 
 fn epoch_line(r: &EpochRow, epochs: usize, terms: &[&str]) -> String {
+    let mut honest = String::new();
+    if let Some(d) = r.val.lesion_dice {
+        honest += &format!("  lesion-image dice {d:.4}");
+    }
+    if let Some(f) = r.val.empty_fp_rate {
+        honest += &format!(" false alarms on empty images {:.0}%", 100.0 * f);
+    }
     let per_class = if r.val.dice_per_class.len() > 1 {
         let d: Vec<String> = r
             .val
@@ -698,7 +765,7 @@ fn epoch_line(r: &EpochRow, epochs: usize, terms: &[&str]) -> String {
         .map(|(t, v)| format!("{t} {v:.4}"))
         .collect();
     format!(
-        "epoch {}/{epochs}  loss {:.4} [{}]  val dice {:.4}{per_class} iou {:.4} precision {:.4} recall {:.4}  {:.1} img/s  {:.1} s",
+        "epoch {}/{epochs}  loss {:.4} [{}]  val dice {:.4}{per_class} iou {:.4} precision {:.4} recall {:.4}{honest}  {:.1} img/s  {:.1} s",
         r.epoch,
         r.loss,
         parts.join(", "),

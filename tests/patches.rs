@@ -1,0 +1,382 @@
+//! Small real data: patch training at native resolution, foreground oversampling, steps per
+//! epoch, sliding-window inference and metrics that stay honest on empty images.
+
+mod common;
+
+use candle_core::Device;
+use common::{ok, temp_dir};
+use segtrain::config::{AugmentConfig, Blend};
+use segtrain::data::loader::{epoch_batches, BatchRecipe, Crop};
+use segtrain::data::Sample;
+use segtrain::inference::{window_starts, Predictor, Window};
+use segtrain::loss::Activation;
+use segtrain::metrics::{image_counts, Evaluation};
+use segtrain::model::{init, UNet, UNetConfig};
+
+fn model(seed: u64) -> UNet {
+    let cfg = UNetConfig {
+        in_channels: 1,
+        classes: 1,
+        base_width: 4,
+        depth: 2,
+    };
+    let (_, vars) = init(cfg, Some(0.3), seed, &Device::Cpu).unwrap();
+    segtrain::train::detached_model(&vars, cfg, &Device::Cpu).unwrap()
+}
+
+fn predictor<'a>(m: &'a UNet, window: Window, stats: &'a [f32]) -> Predictor<'a> {
+    Predictor {
+        model: m,
+        activation: Activation::Sigmoid,
+        temperature: 1.0,
+        window,
+        mean: &stats[..1],
+        std: &stats[1..],
+        batch: 4,
+        device: &Device::Cpu,
+    }
+}
+
+/// A grey image with a vertical edge at column `edge`: bright left, dark right, with texture.
+fn edge_image(h: usize, w: usize, edge: usize) -> Vec<f32> {
+    (0..h * w)
+        .map(|i| {
+            let (y, x) = (i / w, i % w);
+            let base = if x < edge { 0.8 } else { 0.2 };
+            base + 0.05 * (((x * 7 + y * 13) % 11) as f32 / 11.0)
+        })
+        .collect()
+}
+
+#[test]
+fn a_window_covering_the_image_equals_the_whole_image_forward() {
+    let m = model(1);
+    let stats = [0.5f32, 0.25];
+    let img = edge_image(32, 32, 13);
+    let sliding = predictor(
+        &m,
+        Window::Sliding {
+            patch: 32,
+            overlap: 0.5,
+            blend: Blend::Gaussian,
+        },
+        &stats,
+    );
+    let whole = predictor(&m, Window::Whole { size: 32 }, &stats);
+    let a = sliding.probabilities(&[(&img, 32, 32)]).unwrap().remove(0);
+    let b = whole.probabilities(&[(&img, 32, 32)]).unwrap().remove(0);
+    let err = a
+        .iter()
+        .zip(&b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0f32, f32::max);
+    assert!(err < 1e-6, "max difference {err}");
+}
+
+#[test]
+fn overlapping_windows_blend_without_seams() {
+    let m = model(2);
+    let stats = [0.5f32, 0.25];
+    let (h, w, patch) = (64, 96, 32);
+    let img = edge_image(h, w, 45);
+    // the fully convolutional forward over the whole image is the seamless reference
+    let reference = predictor(&m, Window::Whole { size: 0 }, &stats);
+    let full = {
+        let mut x = img.clone();
+        segtrain::data::normalize(&mut x, &stats[..1], &stats[1..]);
+        let t = candle_core::Tensor::from_vec(x, (1, 1, h, w), &Device::Cpu).unwrap();
+        let logits = reference.model.forward(&t, false).unwrap();
+        candle_nn::ops::sigmoid(&logits)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap()
+    };
+    let error = |blend: Blend, overlap: f64| -> (f32, f32) {
+        let p = predictor(
+            &m,
+            Window::Sliding {
+                patch,
+                overlap,
+                blend,
+            },
+            &stats,
+        )
+        .probabilities(&[(&img, h, w)])
+        .unwrap()
+        .remove(0);
+        let mean = p.iter().zip(&full).map(|(a, b)| (a - b).abs()).sum::<f32>() / p.len() as f32;
+        // the largest jump between horizontal neighbours, beyond the reference's own
+        let jump = (0..h)
+            .flat_map(|y| (1..w).map(move |x| (y, x)))
+            .map(|(y, x)| {
+                ((p[y * w + x] - p[y * w + x - 1]).abs()
+                    - (full[y * w + x] - full[y * w + x - 1]).abs())
+                .max(0.0)
+            })
+            .fold(0f32, f32::max);
+        (mean, jump)
+    };
+    let (gauss_mean, gauss_jump) = error(Blend::Gaussian, 0.5);
+    let (hard_mean, hard_jump) = error(Blend::Uniform, 0.0);
+    // windows of 32 over 96 columns: without overlap every window border is a seam
+    assert!(
+        gauss_mean < hard_mean,
+        "blending brings the output closer to the seamless forward: {gauss_mean} vs {hard_mean}"
+    );
+    assert!(
+        gauss_jump < hard_jump,
+        "blending removes the jumps at window borders: {gauss_jump} vs {hard_jump}"
+    );
+    assert!(gauss_jump < 0.05, "jump {gauss_jump}");
+    assert_eq!(window_starts(96, 32, 0.5), vec![0, 16, 32, 48, 64]);
+    assert_eq!(window_starts(100, 32, 0.5), vec![0, 16, 32, 48, 64, 68]);
+    assert_eq!(window_starts(32, 32, 0.5), vec![0]);
+}
+
+#[test]
+fn sliding_windows_cover_images_smaller_and_odder_than_a_patch() {
+    let m = model(3);
+    let stats = [0.5f32, 0.25];
+    for (h, w) in [(45, 120), (20, 20), (33, 64)] {
+        let img = edge_image(h, w, w / 3);
+        let p = predictor(
+            &m,
+            Window::Sliding {
+                patch: 32,
+                overlap: 0.25,
+                blend: Blend::Linear,
+            },
+            &stats,
+        )
+        .probabilities(&[(&img, h, w)])
+        .unwrap()
+        .remove(0);
+        assert_eq!(p.len(), h * w);
+        assert!(p.iter().all(|v| v.is_finite() && (0.0..=1.0).contains(v)));
+    }
+}
+
+fn sample(h: usize, w: usize, lesion: Option<(usize, usize)>) -> Sample {
+    let mut mask = vec![0u8; h * w];
+    if let Some((y, x)) = lesion {
+        mask[y * w + x] = 1;
+        mask[y * w + x + 1] = 1;
+    }
+    Sample {
+        stem: "s".into(),
+        image: edge_image(h, w, w / 2),
+        mask,
+        h,
+        w,
+    }
+}
+
+#[test]
+fn patches_are_centred_on_foreground_as_often_as_asked() {
+    let samples = vec![sample(200, 150, Some((170, 20))), sample(30, 40, None)];
+    let no_aug = AugmentConfig {
+        flip: false,
+        rotate90: false,
+        brightness: 0.0,
+        contrast: 0.0,
+        min_crop: 1.0,
+    };
+    let recipe = |fraction: f64| {
+        BatchRecipe::new(
+            samples.clone(),
+            1,
+            Crop::Patch {
+                size: 48,
+                foreground: fraction,
+            },
+            (vec![0.5], vec![0.25]),
+            Some(no_aug.clone()),
+            None,
+        )
+    };
+    let hits = |r: &BatchRecipe| -> usize {
+        (0..200)
+            .map(|b| {
+                let (_, masks) = r.make(&[0], b as u64).unwrap();
+                usize::from(
+                    masks
+                        .flatten_all()
+                        .unwrap()
+                        .to_vec1::<u8>()
+                        .unwrap()
+                        .contains(&1),
+                )
+            })
+            .sum()
+    };
+    let (always, never) = (hits(&recipe(1.0)), hits(&recipe(0.0)));
+    assert_eq!(
+        always, 200,
+        "foreground_fraction = 1 always contains the lesion"
+    );
+    // a random 48² patch of a 200×150 image holds a given pixel pair about 6 % of the time
+    assert!(
+        never < 40,
+        "uniform patches: {never} of 200 hold the lesion"
+    );
+    let half = hits(&recipe(0.5));
+    assert!(
+        (70..=140).contains(&half),
+        "foreground_fraction 0.5: {half} of 200"
+    );
+    // an image smaller than the patch is padded: shapes hold
+    let (images, masks) = recipe(0.3).make(&[1, 0, 1], 7).unwrap();
+    assert_eq!(images.dims(), &[3, 1, 48, 48]);
+    assert_eq!(masks.dims(), &[3, 48, 48]);
+}
+
+#[test]
+fn steps_per_epoch_draw_full_batches_with_replacement() {
+    let batches = epoch_batches(5, 4, 1, 0, Some(30));
+    assert_eq!(batches.len(), 30);
+    assert!(batches
+        .iter()
+        .all(|b| b.len() == 4 && b.iter().all(|&i| i < 5)));
+    assert_eq!(batches, epoch_batches(5, 4, 1, 0, Some(30)), "seeded");
+    assert_ne!(
+        batches,
+        epoch_batches(5, 4, 1, 1, Some(30)),
+        "a new draw per epoch"
+    );
+    let pass = epoch_batches(5, 4, 1, 0, None);
+    assert_eq!(pass.iter().map(|b| b.len()).sum::<usize>(), 5);
+}
+
+#[test]
+fn lesion_dice_and_false_alarms_are_not_inflated_by_empty_images() {
+    // 31 empty slices predicted empty, 5 lesion slices missed entirely
+    let mut silent = Evaluation::default();
+    let empty = vec![0u8; 16];
+    let mut lesion = vec![0u8; 16];
+    lesion[5] = 1;
+    for _ in 0..31 {
+        silent.push(image_counts(&empty, &empty, 1, None));
+    }
+    for _ in 0..5 {
+        silent.push(image_counts(&empty, &lesion, 1, None));
+    }
+    let r = silent.report();
+    assert_eq!(
+        r.lesion_dice,
+        Some(0.0),
+        "a model that predicts nothing scores 0 on lesion images"
+    );
+    assert_eq!(r.dice, 0.0);
+    assert_eq!((r.lesion_images, r.empty_images), (5, 31));
+    assert_eq!(r.empty_fp_rate, Some(0.0));
+    // a model that finds the lesions but raises false alarms on 10 empty slices
+    let mut noisy = Evaluation::default();
+    let mut alarm = vec![0u8; 16];
+    alarm[2] = 1;
+    for i in 0..31 {
+        noisy.push(image_counts(
+            if i < 10 { &alarm } else { &empty },
+            &empty,
+            1,
+            None,
+        ));
+    }
+    for _ in 0..5 {
+        noisy.push(image_counts(&lesion, &lesion, 1, None));
+    }
+    let r = noisy.report();
+    assert_eq!(r.lesion_dice, Some(1.0));
+    assert!((r.empty_fp_rate.unwrap() - 10.0 / 31.0).abs() < 1e-12);
+    assert!(
+        (r.dice - 2.0 * 5.0 / (2.0 * 5.0 + 10.0)).abs() < 1e-12,
+        "pooled dice counts the false alarms"
+    );
+}
+
+#[test]
+fn patch_training_runs_on_odd_sized_images_and_reports_honest_metrics() {
+    let dir = temp_dir("patch-train");
+    let root = dir.join("odd");
+    for sub in ["images", "masks"] {
+        std::fs::create_dir_all(root.join(sub)).unwrap();
+    }
+    for (i, (h, w)) in [
+        (45usize, 120usize),
+        (70, 50),
+        (64, 64),
+        (90, 33),
+        (40, 100),
+        (55, 55),
+    ]
+    .iter()
+    .enumerate()
+    {
+        let img = image::GrayImage::from_fn(*w as u32, *h as u32, |x, y| {
+            image::Luma([((x * 3 + y * 5) % 200) as u8 + 20])
+        });
+        let mask = image::GrayImage::from_fn(*w as u32, *h as u32, |x, y| {
+            image::Luma([if i % 2 == 0 && x < 6 && y < 4 { 255 } else { 0 }])
+        });
+        img.save(root.join(format!("images/s{i}.png"))).unwrap();
+        mask.save(root.join(format!("masks/s{i}.png"))).unwrap();
+    }
+    let config = dir.join("patch.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "name = \"patch\"\nseed = 1\n[data]\nroot = \"{}\"\npatch_size = 32\nchannels = 1\nval_fraction = 0.34\n[model]\nbase_width = 4\ndepth = 2\n[train]\nepochs = 2\nsteps_per_epoch = 3\nbatch_size = 4\n[[loss]]\nkind = \"dice\"\n[[loss]]\nkind = \"focal\"\nnormalize = \"positives\"\n",
+            root.display()
+        ),
+    )
+    .unwrap();
+    let runs = dir.join("runs");
+    let out = ok(&[
+        "train",
+        config.to_str().unwrap(),
+        "--runs",
+        runs.to_str().unwrap(),
+    ]);
+    assert!(out.contains("epoch 2/2"), "{out}");
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(runs.join("patch/summary.json")).unwrap())
+            .unwrap();
+    assert_eq!(summary["steps"], 6, "steps_per_epoch × epochs updates");
+    assert_eq!(summary["selected_by"], "lesion_dice");
+    let csv = std::fs::read_to_string(runs.join("patch/metrics.csv")).unwrap();
+    assert!(
+        csv.lines()
+            .next()
+            .unwrap()
+            .contains("val_lesion_dice,val_empty_fp_rate"),
+        "{csv}"
+    );
+    // predict keeps the odd input size; eval reports the honest metrics
+    let model = runs.join("patch/model.safetensors");
+    let pred = dir.join("pred");
+    ok(&[
+        "predict",
+        "--model",
+        model.to_str().unwrap(),
+        root.join("images/s0.png").to_str().unwrap(),
+        "--out",
+        pred.to_str().unwrap(),
+        "--overlap",
+        "0.25",
+    ]);
+    let mask = image::open(pred.join("s0_mask.png")).unwrap();
+    assert_eq!((mask.width(), mask.height()), (120, 45));
+    let report: serde_json::Value = serde_json::from_str(&ok(&[
+        "eval",
+        "--model",
+        model.to_str().unwrap(),
+        "--data",
+        root.to_str().unwrap(),
+        "--json",
+    ]))
+    .unwrap();
+    assert_eq!(report["images"], 6);
+    assert_eq!(report["lesion_images"], 3);
+    assert_eq!(report["empty_images"], 3);
+}
