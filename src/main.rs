@@ -218,6 +218,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Train(a) => {
             let config = Config::load(&a.config, &a.sets)?;
+            // Ctrl-C: finish the update, checkpoint, stop; a second Ctrl-C stops at once
+            let _ = ctrlc::set_handler(|| {
+                if segtrain::train::STOP.swap(true, std::sync::atomic::Ordering::SeqCst) {
+                    std::process::exit(130);
+                }
+                eprintln!("\nstopping after this update (Ctrl-C again to stop now)");
+            });
             let opts = TrainOptions {
                 device: a.device,
                 resume: a.resume,

@@ -10,6 +10,7 @@ pub mod schedule;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use anyhow::{anyhow, bail, Context, Result};
@@ -29,6 +30,9 @@ use crate::loss::Loss;
 use crate::metrics::Report;
 use crate::model::{self, is_trainable, UNet, UNetConfig};
 use optim::AdamW;
+
+/// Set (by a Ctrl-C handler) to stop training after the current update with a checkpoint.
+pub static STOP: AtomicBool = AtomicBool::new(false);
 
 /// How to run a training job, beyond its config.
 #[derive(Debug, Clone)]
@@ -78,6 +82,8 @@ pub struct Summary {
     pub images_per_second: f64,
     pub skipped_batches: u64,
     pub device: String,
+    /// The validation images (file stems), for comparisons on the same split.
+    pub val_images: Vec<String>,
     pub run_dir: PathBuf,
 }
 
@@ -288,6 +294,11 @@ pub fn train(config: &Config, opts: &TrainOptions) -> Result<Summary> {
             {
                 save_checkpoint(&run_dir, &vars, &optimizer, &progress, &resolved)?;
             }
+            if STOP.load(Ordering::SeqCst) && progress.batch < per_epoch {
+                save_checkpoint(&run_dir, &vars, &optimizer, &progress, &resolved)?;
+                bar.finish_and_clear();
+                bail!(interrupted(&run_dir, &progress));
+            }
         }
         bar.finish_and_clear();
 
@@ -334,6 +345,9 @@ pub fn train(config: &Config, opts: &TrainOptions) -> Result<Summary> {
         progress.epoch_images = 0;
         progress.epoch_seconds = 0.0;
         save_checkpoint(&run_dir, &vars, &optimizer, &progress, &resolved)?;
+        if STOP.load(Ordering::SeqCst) && progress.epoch < t.epochs {
+            bail!(interrupted(&run_dir, &progress));
+        }
     }
 
     let best = rows
@@ -359,6 +373,7 @@ pub fn train(config: &Config, opts: &TrainOptions) -> Result<Summary> {
         images_per_second: images / seconds.max(1e-9),
         skipped_batches: progress.skipped,
         device: device_name,
+        val_images: dataset.val.iter().map(|s| s.stem.clone()).collect(),
         run_dir: run_dir.clone(),
     };
     atomic_write(
@@ -387,6 +402,15 @@ fn selection_score(select_by: Selection, r: &Report) -> f64 {
         Selection::LesionDice => r.lesion_dice.unwrap_or(r.dice),
         Selection::Dice => r.dice,
     }
+}
+
+fn interrupted(run_dir: &Path, p: &Progress) -> String {
+    format!(
+        "interrupted after update {} (epoch {}); the checkpoint in {} is saved: continue with `segtrain train CONFIG --resume` (same config and --set overrides)",
+        p.step,
+        p.epoch + 1,
+        run_dir.display()
+    )
 }
 
 enum StepOutcome {
@@ -490,30 +514,45 @@ fn prepare_run_dir(run_dir: &Path, resolved: &str, opts: &TrainOptions) -> Resul
     }
     std::fs::create_dir_all(run_dir)
         .with_context(|| format!("cannot create {}", run_dir.display()))?;
-    if !opts.resume {
+    remove_stale_temporaries(run_dir)?;
+    if !opts.resume || !occupied {
         return Ok(None);
     }
-    // a kill between keeping the previous checkpoint and writing the next leaves only the
-    // previous one
-    let Some(checkpoint) = [CHECKPOINT, PREVIOUS_CHECKPOINT]
-        .iter()
-        .map(|f| run_dir.join(f))
-        .find(|p| p.exists())
-    else {
-        if occupied {
-            bail!("{}: nothing to resume (no {CHECKPOINT})", run_dir.display());
-        }
-        return Ok(None);
-    };
-    let previous = std::fs::read_to_string(run_dir.join("config.toml"))
-        .with_context(|| format!("{}: cannot read config.toml", run_dir.display()))?;
-    if strip_device(&previous) != strip_device(resolved) {
-        bail!(
+    // the run must be the same experiment
+    match std::fs::read_to_string(run_dir.join("config.toml")) {
+        Ok(previous) if strip_device(&previous) != strip_device(resolved) => bail!(
             "{} holds a run of a different config; --resume needs the same config and overrides (or use --overwrite)",
             run_dir.display()
-        );
+        ),
+        Ok(_) => {}
+        Err(_) => bail!(
+            "{}: not a segtrain run (no config.toml); use --overwrite to start over",
+            run_dir.display()
+        ),
     }
-    Ok(Some(checkpoint))
+    // a kill between keeping the previous checkpoint and writing the next leaves only the
+    // previous one; a kill before the first checkpoint, none (the run starts over)
+    Ok([CHECKPOINT, PREVIOUS_CHECKPOINT]
+        .iter()
+        .map(|f| run_dir.join(f))
+        .find(|p| p.exists()))
+}
+
+/// Removes the temporaries of writes a kill interrupted (`.<name>.tmp-<pid>`).
+fn remove_stale_temporaries(run_dir: &Path) -> Result<()> {
+    for entry in
+        std::fs::read_dir(run_dir).with_context(|| format!("cannot list {}", run_dir.display()))?
+    {
+        let path = entry?.path();
+        let name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().to_string())
+            .unwrap_or_default();
+        if name.starts_with('.') && name.contains(".tmp-") {
+            let _ = std::fs::remove_file(&path);
+        }
+    }
+    Ok(())
 }
 
 /// The resolved config without `train.device`, which may change between resumes.

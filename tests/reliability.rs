@@ -1,0 +1,303 @@
+//! Crash safety: runs killed at random instants and resumed end with the same weights as an
+//! uninterrupted run; Ctrl-C checkpoints and stops; non-finite losses stop (or are skipped).
+
+mod common;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use candle_core::{DType, Device};
+use common::{fails, ok, temp_dir, tiny_dataset};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use segtrain::fsutil::read_safetensors;
+
+/// A tiny config that checkpoints after every update.
+fn config(dir: &Path, data: &Path) -> PathBuf {
+    let path = dir.join("resume.toml");
+    std::fs::write(
+        &path,
+        format!(
+            r#"name = "resume"
+seed = 11
+[data]
+root = "{}"
+image_size = 48
+channels = 3
+val_fraction = 0.25
+[data.augment]
+min_crop = 0.7
+[model]
+base_width = 6
+depth = 2
+[train]
+epochs = 4
+batch_size = 2
+lr = 0.01
+warmup_epochs = 0.5
+grad_clip = 2.0
+checkpoint_every = 1
+[[loss]]
+kind = "dice"
+[[loss]]
+kind = "focal"
+"#,
+            data.display()
+        ),
+    )
+    .unwrap();
+    path
+}
+
+/// Every tensor of a safetensors file, as raw f64 values (bitwise comparable for f32 data).
+fn tensors(path: &Path) -> HashMap<String, Vec<f64>> {
+    let (t, _) = read_safetensors(path, &Device::Cpu).unwrap();
+    t.into_iter()
+        .map(|(k, v)| {
+            (
+                k,
+                v.to_dtype(DType::F64)
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1()
+                    .unwrap(),
+            )
+        })
+        .collect()
+}
+
+fn train_command(config: &Path, runs: &Path) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_segtrain"));
+    c.args([
+        "train",
+        config.to_str().unwrap(),
+        "--runs",
+        runs.to_str().unwrap(),
+        "--resume",
+    ]);
+    c
+}
+
+fn csv_epochs(run: &Path) -> Vec<String> {
+    std::fs::read_to_string(run.join("metrics.csv"))
+        .unwrap()
+        .lines()
+        .skip(1)
+        .map(|l| l.split(',').next().unwrap().to_string())
+        .collect()
+}
+
+#[test]
+fn runs_killed_at_random_instants_resume_to_identical_weights() {
+    let dir = temp_dir("kill-resume");
+    let data = tiny_dataset(&dir, "lesion", "lesion", 24, 48);
+    let config = config(&dir, &data);
+    let reference = dir.join("reference");
+    let started = std::time::Instant::now();
+    ok(&[
+        "train",
+        config.to_str().unwrap(),
+        "--runs",
+        reference.to_str().unwrap(),
+    ]);
+    let duration = started.elapsed().as_millis() as u64;
+    let want_model = tensors(&reference.join("resume/model.safetensors"));
+    let want_checkpoint = tensors(&reference.join("resume/checkpoint.safetensors"));
+
+    let runs = dir.join("killed");
+    let mut rng = ChaCha8Rng::seed_from_u64(5);
+    let mut kills = 0;
+    let mut finished = false;
+    for _ in 0..60 {
+        let mut child = train_command(&config, &runs)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        // anywhere from start-up to a third of a whole run: several kills land before it ends
+        std::thread::sleep(Duration::from_millis(
+            rng.random_range(duration / 15..duration / 3),
+        ));
+        if let Some(status) = child.try_wait().unwrap() {
+            assert!(status.success(), "a resumed run failed");
+            finished = true;
+            break;
+        }
+        child.kill().unwrap(); // SIGKILL
+        child.wait().unwrap();
+        kills += 1;
+    }
+    if !finished {
+        assert!(train_command(&config, &runs).status().unwrap().success());
+    }
+    assert!(kills >= 3, "only {kills} kills landed");
+    let run = runs.join("resume");
+    assert_eq!(
+        tensors(&run.join("model.safetensors")),
+        want_model,
+        "after {kills} kills the model differs"
+    );
+    assert_eq!(
+        tensors(&run.join("checkpoint.safetensors")),
+        want_checkpoint,
+        "the final checkpoint differs"
+    );
+    assert_eq!(
+        csv_epochs(&run),
+        vec!["1", "2", "3", "4"],
+        "metrics.csv rows"
+    );
+    assert!(run.join("summary.json").exists());
+    let leftovers: Vec<_> = std::fs::read_dir(&run)
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().contains(".tmp-"))
+        .collect();
+    assert!(
+        leftovers.len() <= 1,
+        "temporaries accumulate: {leftovers:?}"
+    );
+}
+
+#[test]
+fn ctrl_c_checkpoints_and_the_run_resumes_to_identical_weights() {
+    let dir = temp_dir("ctrl-c");
+    let data = tiny_dataset(&dir, "lesion", "lesion", 24, 48);
+    let config = config(&dir, &data);
+    let reference = dir.join("reference");
+    let started = std::time::Instant::now();
+    ok(&[
+        "train",
+        config.to_str().unwrap(),
+        "--runs",
+        reference.to_str().unwrap(),
+    ]);
+    let duration = started.elapsed().as_millis() as u64;
+    let runs = dir.join("interrupted");
+    for wait in [duration / 2, duration / 3, duration / 5, duration * 3 / 4] {
+        let _ = std::fs::remove_dir_all(&runs);
+        let child = train_command(&config, &runs)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(wait));
+        let _ = Command::new("kill")
+            .args(["-INT", &child.id().to_string()])
+            .status();
+        let out = child.wait_with_output().unwrap();
+        if out.status.success() {
+            continue; // finished before the signal: try a shorter wait
+        }
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!stderr.contains("panicked"), "{stderr}");
+        if !stderr.contains("interrupted after update") {
+            continue; // the signal arrived before training started
+        }
+        assert!(stderr.contains("--resume"), "{stderr}");
+        assert!(runs.join("resume/checkpoint.safetensors").exists());
+        assert!(train_command(&config, &runs).status().unwrap().success());
+        assert_eq!(
+            tensors(&runs.join("resume/model.safetensors")),
+            tensors(&reference.join("resume/model.safetensors"))
+        );
+        return;
+    }
+    panic!("no Ctrl-C landed during training");
+}
+
+#[test]
+fn non_finite_losses_stop_with_a_clear_error_or_are_skipped() {
+    let dir = temp_dir("nan");
+    let data = tiny_dataset(&dir, "lesion", "lesion", 12, 32);
+    let config = config(&dir, &data);
+    let runs = dir.join("runs");
+    let r = runs.to_str().unwrap();
+    let c = config.to_str().unwrap();
+    let err = fails(&[
+        "train",
+        c,
+        "--runs",
+        r,
+        "--set",
+        "train.lr=1e30",
+        "--set",
+        "train.grad_clip=1e30",
+    ]);
+    assert!(
+        err.contains("epoch 1, update") && (err.contains("loss term") || err.contains("gradient")),
+        "{err}"
+    );
+    assert!(err.contains("checkpoint"), "{err}");
+    // the checkpoint of the last good update survives
+    assert!(runs.join("resume/checkpoint.safetensors").exists());
+    let runs2 = dir.join("skip");
+    ok(&[
+        "train",
+        c,
+        "--runs",
+        runs2.to_str().unwrap(),
+        "--set",
+        "train.lr=1e30",
+        "--set",
+        "train.grad_clip=1e30",
+        "--set",
+        "train.on_non_finite=\"skip\"",
+    ]);
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(runs2.join("resume/summary.json")).unwrap())
+            .unwrap();
+    assert!(
+        summary["skipped_batches"].as_u64().unwrap() >= 1,
+        "{summary}"
+    );
+}
+
+#[test]
+fn a_run_folder_is_never_mixed_with_another_run() {
+    let dir = temp_dir("mix");
+    let data = tiny_dataset(&dir, "lesion", "lesion", 8, 32);
+    let config = config(&dir, &data);
+    let runs = dir.join("runs");
+    let (c, r) = (config.to_str().unwrap(), runs.to_str().unwrap());
+    ok(&["train", c, "--runs", r, "--set", "train.epochs=1"]);
+    let model = std::fs::read(runs.join("resume/model.safetensors")).unwrap();
+    let err = fails(&["train", c, "--runs", r, "--set", "train.epochs=1"]);
+    assert!(
+        err.contains("finished") && err.contains("--overwrite"),
+        "{err}"
+    );
+    let err = fails(&[
+        "train",
+        c,
+        "--runs",
+        r,
+        "--set",
+        "train.epochs=2",
+        "--resume",
+    ]);
+    assert!(err.contains("different config"), "{err}");
+    assert_eq!(
+        std::fs::read(runs.join("resume/model.safetensors")).unwrap(),
+        model,
+        "a refused run touched the files"
+    );
+    // resuming a finished run of the same config is a no-op that reports it
+    let out = ok(&[
+        "train",
+        c,
+        "--runs",
+        r,
+        "--set",
+        "train.epochs=1",
+        "--resume",
+    ]);
+    assert!(out.contains("best epoch"), "{out}");
+    assert_eq!(
+        std::fs::read(runs.join("resume/model.safetensors")).unwrap(),
+        model
+    );
+}
