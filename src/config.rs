@@ -61,6 +61,10 @@ pub struct DataConfig {
     /// Share of the images held out for validation (without `train/` + `val/` folders).
     #[serde(default = "default_val_fraction")]
     pub val_fraction: f64,
+    /// Seed of the train/validation split (default: the run's `seed`); `compare` fixes it so
+    /// that every seed of every variant sees the same split.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub split_seed: Option<u64>,
     /// Mask value excluded from the loss and metrics (class-index masks).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ignore_index: Option<i64>,

@@ -12,7 +12,7 @@ use candle_core::{Device, Result, Tensor};
 use crate::config::Blend;
 use crate::data::{normalize, resize_planar, Sample};
 use crate::loss::Activation;
-use crate::metrics::{image_counts, Evaluation};
+use crate::metrics::{Evaluation, Target};
 use crate::model::UNet;
 
 /// Probabilities `(N, C, H, W)` of `logits / temperature`: sigmoid per element or softmax over
@@ -237,12 +237,12 @@ impl Predictor<'_> {
                 .collect();
             for (probs, sample) in self.probabilities(&images)?.iter().zip(chunk) {
                 let pred = labels(probs, k, 0.5);
-                evaluation.push(image_counts(
-                    &pred,
-                    &sample.mask,
-                    self.model.config.classes,
-                    ignore,
-                ));
+                let target = Target {
+                    mask: &sample.mask,
+                    h: sample.h,
+                    w: sample.w,
+                };
+                evaluation.add_image(&pred, probs, k, target, self.model.config.classes, ignore);
             }
         }
         Ok(evaluation)

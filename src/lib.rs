@@ -4,6 +4,7 @@
 //! [`cli`] commands sit on top.
 
 pub mod bench;
+pub mod calibrate;
 pub mod cli;
 pub mod config;
 pub mod data;
@@ -16,4 +17,5 @@ pub mod loss;
 pub mod metrics;
 pub mod model;
 pub mod predict;
+pub mod report;
 pub mod train;

@@ -67,6 +67,19 @@ enum Command {
         #[arg(long, default_value = "auto")]
         device: String,
     },
+    /// Fit a temperature on labelled images (minimum NLL) and store it in the model file;
+    /// `predict` and `eval` apply it. Reports ECE and Brier score before and after.
+    Calibrate {
+        #[arg(long)]
+        model: PathBuf,
+        /// Dataset folder (images/ + masks/, or its val/ split).
+        #[arg(long)]
+        data: PathBuf,
+        #[arg(long)]
+        json: bool,
+        #[arg(long, default_value = "auto")]
+        device: String,
+    },
     /// Generate a synthetic medical-style data set (images/ + masks/) with no download.
     Synth(SynthArgs),
     /// Write a run's best model as safetensors, optionally in half precision.
@@ -85,6 +98,21 @@ enum Command {
     /// Evaluate and inspect the loss registry.
     #[command(subcommand)]
     Loss(LossCommand),
+    /// Figures.
+    #[command(subcommand)]
+    Plot(PlotCommand),
+}
+
+#[derive(Subcommand)]
+enum PlotCommand {
+    /// Loss against p_t for each γ: the focal-loss paper's figure (γ = 0 is cross-entropy).
+    FocalCurve {
+        #[arg(long, value_delimiter = ',', default_value = "0,0.5,1,2,5")]
+        gammas: Vec<f64>,
+        /// Output path without extension: <out>.png and <out>.svg are written.
+        #[arg(long, default_value = "focal-curve")]
+        out: PathBuf,
+    },
 }
 
 #[derive(clap::Args)]
@@ -135,6 +163,10 @@ struct SynthArgs {
     /// Share of masks corrupted (dilated, eroded, shifted or dropped).
     #[arg(long, default_value_t = 0.0)]
     label_noise: f64,
+    /// Write train/ and val/ folders, the last N images in val/ with clean masks (label
+    /// noise then applies to train/ only).
+    #[arg(long, default_value_t = 0)]
+    val_count: usize,
 }
 
 #[derive(clap::Args)]
@@ -305,6 +337,28 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             println!("wrote {} files to {}", written.len(), out.display());
             Ok(())
         }
+        Command::Calibrate {
+            model,
+            data,
+            json,
+            device,
+        } => {
+            let device = open_device(&device)?;
+            let c = segtrain::calibrate::calibrate(&model, &data, &device)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&c)?);
+            } else {
+                println!(
+                    "temperature  {:.4} (was {:.4}), fitted on {} pixels",
+                    c.temperature, c.previous_temperature, c.pixels
+                );
+                println!("NLL          {:.5} -> {:.5}", c.nll_before, c.nll_after);
+                println!("ECE          {:.5} -> {:.5}", c.ece_before, c.ece_after);
+                println!("Brier        {:.5} -> {:.5}", c.brier_before, c.brier_after);
+                println!("stored in {}", model.display());
+            }
+            Ok(())
+        }
         Command::Synth(a) => {
             let cfg = SynthConfig {
                 kind: a.kind,
@@ -314,6 +368,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 foreground: a.foreground,
                 empty_fraction: a.empty_fraction,
                 label_noise: a.label_noise,
+                val_count: a.val_count,
             };
             segtrain::data::synth::write_dataset(&cfg, &a.out)?;
             println!(
@@ -374,6 +429,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Loss(LossCommand::Eval { config, input, out }) => {
             segtrain::cli::loss::eval(&config, &input, &out)
         }
+        Command::Plot(PlotCommand::FocalCurve { gammas, out }) => {
+            if let Some(g) = gammas.iter().find(|g| !(g.is_finite() && **g >= 0.0)) {
+                anyhow::bail!("--gammas: {g} is not a γ >= 0");
+            }
+            segtrain::report::plot::focal_curve(&out, &gammas)?;
+            println!("wrote {0}.png and {0}.svg", out.display());
+            Ok(())
+        }
         Command::Loss(LossCommand::List) => {
             print!("{}", segtrain::cli::loss::list());
             Ok(())
@@ -382,6 +445,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
 }
 
 fn main() -> ExitCode {
+    // a closed pipe (`segtrain eval --json | head`) ends the program quietly, as for other
+    // command-line tools, instead of a failed print
+    #[cfg(unix)]
+    // SAFETY: restores the default disposition of SIGPIPE before any thread starts
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     // Keep freed pages mapped: every training step frees and reallocates the same buffers, and
     // returning them to the OS costs page faults and zeroing on the next step.
     // `mi_option_purge_delay` (index 15 of mimalloc's option enum, v2 and v3) = -1: never purge.

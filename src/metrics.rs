@@ -83,11 +83,25 @@ pub fn image_counts(pred: &[u8], target: &[u8], classes: usize, ignore: Option<u
     counts
 }
 
-/// Accumulates per-image counts over a data set.
+/// A target mask of `h × w` class indices.
+#[derive(Debug, Clone, Copy)]
+pub struct Target<'a> {
+    pub mask: &'a [u8],
+    pub h: usize,
+    pub w: usize,
+}
+
+/// A reliability diagram: (mean confidence, accuracy, pixels) per non-empty bin.
+pub type Diagram = Vec<(f64, f64, u64)>;
+
+/// Accumulates per-image counts, boundary distances and calibration over a data set.
 #[derive(Debug, Clone, Default)]
 pub struct Evaluation {
     /// One entry per image, one `Counts` per scored class.
     pub images: Vec<Vec<Counts>>,
+    /// HD95 of each image and scored class (None: one of prediction and target empty).
+    pub hd95: Vec<Vec<Option<f64>>>,
+    pub calibration: Calibration,
 }
 
 /// Summary metrics over a data set.
@@ -109,12 +123,53 @@ pub struct Report {
     pub empty_images: usize,
     /// Share of the empty images with any predicted foreground; None without empty images.
     pub empty_fp_rate: Option<f64>,
+    /// Mean HD95 (pixels) over the (image, class) pairs where prediction and target are both
+    /// non-empty or both empty (0); None when there is no such pair.
+    pub hd95: Option<f64>,
+    /// (image, class) pairs whose HD95 is undefined (exactly one of the two empty).
+    pub hd95_undefined: usize,
+    /// Expected calibration error over pixels, 15 equal-width confidence bins.
+    pub ece: f64,
+    /// Brier score over pixels.
+    pub brier: f64,
+    /// Reliability diagram: (mean confidence, accuracy, pixels) per non-empty bin.
+    pub reliability: Diagram,
     pub images: usize,
 }
 
 impl Evaluation {
     pub fn push(&mut self, counts: Vec<Counts>) {
         self.images.push(counts);
+    }
+
+    /// Adds one predicted image (labels and `k` probability planes) against its target: counts,
+    /// HD95 of each scored class, calibration.
+    pub fn add_image(
+        &mut self,
+        pred: &[u8],
+        probs: &[f32],
+        k: usize,
+        target: Target,
+        classes: usize,
+        ignore: Option<u8>,
+    ) {
+        let Target { mask, h, w } = target;
+        self.images.push(image_counts(pred, mask, classes, ignore));
+        self.hd95.push(
+            scored_classes(classes)
+                .iter()
+                .map(|&c| {
+                    let region = |m: &[u8]| {
+                        m.iter()
+                            .zip(mask)
+                            .map(|(&v, &t)| v == c && Some(t) != ignore)
+                            .collect::<Vec<bool>>()
+                    };
+                    hd95(&region(pred), &region(mask), h, w)
+                })
+                .collect(),
+        );
+        self.calibration.add(probs, k, mask, ignore);
     }
 
     /// Counts of each class summed over the images.
@@ -164,7 +219,219 @@ impl Evaluation {
             lesion_images: self.images.len() - empty.len(),
             empty_images: empty.len(),
             empty_fp_rate: (!empty.is_empty()).then(|| false_alarms as f64 / empty.len() as f64),
+            hd95: {
+                let defined: Vec<f64> = self.hd95.iter().flatten().flatten().copied().collect();
+                (!defined.is_empty()).then(|| defined.iter().sum::<f64>() / defined.len() as f64)
+            },
+            hd95_undefined: self.hd95.iter().flatten().filter(|v| v.is_none()).count(),
+            ece: self.calibration.ece(),
+            brier: self.calibration.brier(),
+            reliability: self.calibration.diagram(),
             images: self.images.len(),
         }
+    }
+}
+
+/// Squared Euclidean distance from every pixel to the nearest `true` pixel of an `h × w` grid,
+/// exact (Felzenszwalb & Huttenlocher's separable lower-envelope transform); `f32::INFINITY`
+/// everywhere when there is none.
+pub fn squared_distance_transform(mask: &[bool], h: usize, w: usize) -> Vec<f32> {
+    const FAR: f64 = 1e20;
+    let mut d: Vec<f64> = mask.iter().map(|&m| if m { 0.0 } else { FAR }).collect();
+    let mut column = vec![0f64; h];
+    for x in 0..w {
+        for y in 0..h {
+            column[y] = d[y * w + x];
+        }
+        let out = envelope(&column);
+        for y in 0..h {
+            d[y * w + x] = out[y];
+        }
+    }
+    for y in 0..h {
+        let out = envelope(&d[y * w..(y + 1) * w]);
+        d[y * w..(y + 1) * w].copy_from_slice(&out);
+    }
+    d.iter()
+        .map(|&v| {
+            if v >= FAR / 2.0 {
+                f32::INFINITY
+            } else {
+                v as f32
+            }
+        })
+        .collect()
+}
+
+/// One-dimensional squared distance transform of sampled costs `f` (lower envelope of
+/// parabolas).
+fn envelope(f: &[f64]) -> Vec<f64> {
+    let n = f.len();
+    let mut v = vec![0usize; n];
+    let mut z = vec![0f64; n + 1];
+    let mut k = 0;
+    z[0] = f64::NEG_INFINITY;
+    z[1] = f64::INFINITY;
+    for q in 1..n {
+        loop {
+            let p = v[k];
+            let s = ((f[q] + (q * q) as f64) - (f[p] + (p * p) as f64))
+                / (2.0 * q as f64 - 2.0 * p as f64);
+            if s <= z[k] && k > 0 {
+                k -= 1;
+            } else {
+                k += 1;
+                v[k] = q;
+                z[k] = s;
+                z[k + 1] = f64::INFINITY;
+                break;
+            }
+        }
+    }
+    let mut out = vec![0f64; n];
+    k = 0;
+    for (q, o) in out.iter_mut().enumerate() {
+        while z[k + 1] < q as f64 {
+            k += 1;
+        }
+        let p = v[k];
+        *o = (q as f64 - p as f64).powi(2) + f[p];
+    }
+    out
+}
+
+/// The surface (boundary) of a region: its pixels with a 4-neighbour outside it or on the
+/// image border.
+pub fn surface(mask: &[bool], h: usize, w: usize) -> Vec<bool> {
+    let at = |y: isize, x: isize| {
+        y >= 0 && x >= 0 && y < h as isize && x < w as isize && mask[y as usize * w + x as usize]
+    };
+    (0..h * w)
+        .map(|i| {
+            let (y, x) = ((i / w) as isize, (i % w) as isize);
+            mask[i] && !(at(y - 1, x) && at(y + 1, x) && at(y, x - 1) && at(y, x + 1))
+        })
+        .collect()
+}
+
+/// HD95: the 95th percentile (linear interpolation) of the symmetric surface distances between
+/// two regions, in pixels. Both empty: 0; exactly one empty: undefined (None).
+pub fn hd95(pred: &[bool], target: &[bool], h: usize, w: usize) -> Option<f64> {
+    let (sp, sg) = (surface(pred, h, w), surface(target, h, w));
+    match (sp.contains(&true), sg.contains(&true)) {
+        (false, false) => return Some(0.0),
+        (true, false) | (false, true) => return None,
+        _ => {}
+    }
+    let (dp, dg) = (
+        squared_distance_transform(&sp, h, w),
+        squared_distance_transform(&sg, h, w),
+    );
+    let mut d: Vec<f64> = sp
+        .iter()
+        .zip(&dg)
+        .filter(|(s, _)| **s)
+        .map(|(_, v)| (*v as f64).sqrt())
+        .chain(
+            sg.iter()
+                .zip(&dp)
+                .filter(|(s, _)| **s)
+                .map(|(_, v)| (*v as f64).sqrt()),
+        )
+        .collect();
+    d.sort_by(f64::total_cmp);
+    Some(percentile(&d, 95.0))
+}
+
+/// The `q`-th percentile of sorted values, linearly interpolated (NumPy's default).
+pub fn percentile(sorted: &[f64], q: f64) -> f64 {
+    let rank = q / 100.0 * (sorted.len() - 1) as f64;
+    let (lo, hi) = (rank.floor() as usize, rank.ceil() as usize);
+    sorted[lo] + (sorted[hi] - sorted[lo]) * (rank - lo as f64)
+}
+
+/// Bins of the reliability diagram and of the expected calibration error.
+pub const CALIBRATION_BINS: usize = 15;
+
+/// Pixel-level calibration statistics: per confidence bin the pixels, the summed confidence and
+/// the correct predictions, and the Brier score's sum.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Calibration {
+    pub count: Vec<u64>,
+    pub confidence: Vec<f64>,
+    pub correct: Vec<f64>,
+    pub brier_sum: f64,
+    pub pixels: u64,
+}
+
+impl Calibration {
+    /// Adds the pixels of one image: `probs` holds `k` planes (one sigmoid channel, or softmax
+    /// classes), `target` the class per pixel; `ignore`d pixels are skipped. The confidence is
+    /// the probability of the predicted class; for one sigmoid channel, `max(p, 1 − p)`.
+    pub fn add(&mut self, probs: &[f32], k: usize, target: &[u8], ignore: Option<u8>) {
+        if self.count.is_empty() {
+            *self = Self {
+                count: vec![0; CALIBRATION_BINS],
+                confidence: vec![0.0; CALIBRATION_BINS],
+                correct: vec![0.0; CALIBRATION_BINS],
+                ..Self::default()
+            };
+        }
+        let n = target.len();
+        for (i, &t) in target.iter().enumerate() {
+            if Some(t) == ignore {
+                continue;
+            }
+            let truth = if k == 1 { u8::from(t > 0) } else { t };
+            let (conf, label, brier) = if k == 1 {
+                let p = probs[i] as f64;
+                let y = f64::from(u8::from(t > 0));
+                (p.max(1.0 - p), u8::from(p > 0.5), (p - y).powi(2))
+            } else {
+                let mut best = 0;
+                let mut brier = 0.0;
+                for c in 0..k {
+                    let p = probs[c * n + i] as f64;
+                    brier += (p - f64::from(u8::from(c == t as usize))).powi(2);
+                    if p > probs[best * n + i] as f64 {
+                        best = c;
+                    }
+                }
+                (probs[best * n + i] as f64, best as u8, brier)
+            };
+            let bin = ((conf * CALIBRATION_BINS as f64) as usize).min(CALIBRATION_BINS - 1);
+            self.count[bin] += 1;
+            self.confidence[bin] += conf;
+            self.correct[bin] += f64::from(u8::from(label == truth));
+            self.brier_sum += brier;
+            self.pixels += 1;
+        }
+    }
+
+    /// Expected calibration error: `Σ_b (n_b / N)·|accuracy_b − confidence_b|`.
+    pub fn ece(&self) -> f64 {
+        if self.pixels == 0 {
+            return 0.0;
+        }
+        (0..self.count.len())
+            .filter(|&b| self.count[b] > 0)
+            .map(|b| (self.correct[b] - self.confidence[b]).abs() / self.pixels as f64)
+            .sum()
+    }
+
+    /// Mean squared error of the probabilities (summed over classes for softmax).
+    pub fn brier(&self) -> f64 {
+        self.brier_sum / self.pixels.max(1) as f64
+    }
+
+    /// The reliability diagram: per non-empty bin (mean confidence, accuracy, pixels).
+    pub fn diagram(&self) -> Diagram {
+        (0..self.count.len())
+            .filter(|&b| self.count[b] > 0)
+            .map(|b| {
+                let n = self.count[b] as f64;
+                (self.confidence[b] / n, self.correct[b] / n, self.count[b])
+            })
+            .collect()
     }
 }

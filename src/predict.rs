@@ -201,6 +201,20 @@ where
     atomic_write(path, bytes.get_ref())
 }
 
+/// The folder of image/mask pairs of a data set: `images/` + `masks/`, or its `val/` split.
+pub fn dataset_folder(data_dir: &Path) -> Result<PathBuf> {
+    if data_dir.join("images").is_dir() {
+        Ok(data_dir.to_path_buf())
+    } else if data_dir.join("val").join("images").is_dir() {
+        Ok(data_dir.join("val"))
+    } else {
+        bail!(
+            "{}: no images/ + masks/ (or val/images/) folder",
+            data_dir.display()
+        )
+    }
+}
+
 /// Metrics of a model on a dataset folder (`images/` + `masks/`, or its `val/` split), at the
 /// images' native resolution.
 pub fn evaluate(

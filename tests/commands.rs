@@ -184,7 +184,21 @@ fn train_writes_a_run_that_pytorch_can_load_and_every_command_uses() {
     let csv = std::fs::read_to_string(run.join("metrics.csv")).unwrap();
     let lines: Vec<&str> = csv.lines().collect();
     assert_eq!(lines.len(), 3, "{csv}");
-    assert!(lines[0].starts_with("epoch,lr,train_loss,loss_0_dice,loss_1_focal,val_dice"));
+    let header: Vec<&str> = lines[0].split(',').collect();
+    assert!(header.starts_with(&["epoch", "lr", "train_loss", "loss_0_dice", "loss_1_focal"]));
+    for column in [
+        "val_dice",
+        "val_lesion_dice",
+        "val_hd95",
+        "val_ece",
+        "val_brier",
+    ] {
+        assert!(
+            header.contains(&column),
+            "metrics.csv lacks {column}: {}",
+            lines[0]
+        );
+    }
     let summary: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(run.join("summary.json")).unwrap()).unwrap();
     for key in [

@@ -455,7 +455,8 @@ impl Dataset {
                     all.len()
                 );
             }
-            all.shuffle(&mut ChaCha8Rng::seed_from_u64(seed ^ 0x5EED_5711));
+            let split_seed = cfg.split_seed.unwrap_or(seed);
+            all.shuffle(&mut ChaCha8Rng::seed_from_u64(split_seed ^ 0x5EED_5711));
             let n_val =
                 ((all.len() as f64 * cfg.val_fraction).round() as usize).clamp(1, all.len() - 1);
             let val = all.split_off(all.len() - n_val);

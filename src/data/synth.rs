@@ -83,6 +83,10 @@ pub struct SynthConfig {
     /// Share of masks corrupted by dilation, erosion, a shift or deletion.
     #[serde(default)]
     pub label_noise: f64,
+    /// Write `train/` and `val/` folders, the last `val_count` images in `val/` with clean
+    /// masks (label noise applies to `train/` only); 0: one `images/` + `masks/` folder.
+    #[serde(default)]
+    pub val_count: usize,
 }
 
 fn default_count() -> usize {
@@ -98,6 +102,9 @@ impl SynthConfig {
     pub fn validate(&self) -> Result<()> {
         if self.count == 0 {
             bail!("count: must be >= 1");
+        }
+        if self.val_count >= self.count {
+            bail!("val_count: must be below count = {}", self.count);
         }
         if !(16..=4096).contains(&self.size) {
             bail!("size: must lie in 16..=4096, got {}", self.size);
@@ -130,8 +137,8 @@ pub struct Generated {
     pub mask: Vec<u8>,
 }
 
-/// Generates image `index` of the data set.
-pub fn generate(cfg: &SynthConfig, index: usize) -> Generated {
+/// Generates image `index` of the data set (with its label noise, unless `clean`).
+pub fn generate(cfg: &SynthConfig, index: usize, clean: bool) -> Generated {
     let seed = cfg
         .seed
         .wrapping_mul(0x9E37_79B9_7F4A_7C15)
@@ -146,7 +153,7 @@ pub fn generate(cfg: &SynthConfig, index: usize) -> Generated {
         SynthKind::Mri => mri(&mut rng, s, cfg.foreground(), empty),
         SynthKind::Vessel => fundus(&mut rng, s, cfg.foreground(), empty),
     };
-    if rng.random_bool(cfg.label_noise) {
+    if rng.random_bool(cfg.label_noise) && !clean {
         corrupt_mask(&mut rng, &mut g.mask, s);
     }
     g
@@ -175,16 +182,27 @@ pub fn write_dataset(cfg: &SynthConfig, out: &Path) -> Result<()> {
         .to_string_lossy();
     let tmp = parent.join(format!(".{name}.partial-{}", std::process::id()));
     let result = (|| -> Result<()> {
-        for sub in ["images", "masks"] {
-            std::fs::create_dir_all(tmp.join(sub))
-                .with_context(|| format!("cannot create {}", tmp.join(sub).display()))?;
+        // with val_count: train/ (label noise) and val/ (clean masks)
+        let split = cfg.count - cfg.val_count;
+        let folder = |i: usize| match (cfg.val_count, i < split) {
+            (0, _) => tmp.clone(),
+            (_, true) => tmp.join("train"),
+            (_, false) => tmp.join("val"),
+        };
+        for i in [0, cfg.count - 1] {
+            for sub in ["images", "masks"] {
+                let d = folder(i).join(sub);
+                std::fs::create_dir_all(&d)
+                    .with_context(|| format!("cannot create {}", d.display()))?;
+            }
         }
         (0..cfg.count)
             .into_par_iter()
             .try_for_each(|i| -> Result<()> {
-                let g = generate(cfg, i);
+                let g = generate(cfg, i, i >= split);
                 let stem = format!("{}_{i:04}", cfg.kind.name());
-                write_png(&tmp.join("images").join(format!("{stem}.png")), &g)?;
+                let dir = folder(i);
+                write_png(&dir.join("images").join(format!("{stem}.png")), &g)?;
                 let mask: Vec<u8> = match cfg.kind.channels_classes().1 {
                     1 => g
                         .mask
@@ -193,14 +211,13 @@ pub fn write_dataset(cfg: &SynthConfig, out: &Path) -> Result<()> {
                         .collect(),
                     _ => g.mask.clone(),
                 };
-                let path = tmp.join("masks").join(format!("{stem}.png"));
+                let path = dir.join("masks").join(format!("{stem}.png"));
                 image::GrayImage::from_raw(cfg.size as u32, cfg.size as u32, mask)
                     .expect("mask size")
                     .save(&path)
                     .with_context(|| format!("cannot write {}", path.display()))
             })?;
-        let provenance = toml::to_string(cfg)?;
-        std::fs::write(tmp.join("synth.toml"), provenance)?;
+        std::fs::write(tmp.join("synth.toml"), toml::to_string(cfg)?)?;
         std::fs::rename(&tmp, out)
             .with_context(|| format!("cannot move {} to {}", tmp.display(), out.display()))
     })();

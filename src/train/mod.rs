@@ -624,45 +624,43 @@ fn load_checkpoint(
     Ok(progress)
 }
 
-/// Per-class validation Dice columns (`classes > 1`).
-fn class_columns(scored: usize) -> Vec<String> {
-    if scored > 1 {
-        (1..=scored)
-            .map(|k| format!("val_dice_class_{k}"))
-            .collect()
-    } else {
-        vec![]
+/// The validation metrics of a `metrics.csv` row, by column name (None: undefined).
+fn metric_columns(r: &Report) -> Vec<(String, Option<f64>)> {
+    let mut cols = vec![
+        ("val_dice".to_string(), Some(r.dice)),
+        ("val_iou".into(), Some(r.iou)),
+        ("val_precision".into(), Some(r.precision)),
+        ("val_recall".into(), Some(r.recall)),
+        ("val_lesion_dice".into(), r.lesion_dice),
+        ("val_empty_fp_rate".into(), r.empty_fp_rate),
+        ("val_hd95".into(), r.hd95),
+        ("val_ece".into(), Some(r.ece)),
+        ("val_brier".into(), Some(r.brier)),
+    ];
+    if r.dice_per_class.len() > 1 {
+        cols.extend(
+            r.dice_per_class
+                .iter()
+                .enumerate()
+                .map(|(k, d)| (format!("val_dice_class_{}", k + 1), Some(*d))),
+        );
     }
+    cols
 }
 
-fn csv_header(terms: &[&str], scored: usize) -> String {
-    let mut cols = vec!["epoch".to_string(), "lr".into(), "train_loss".into()];
-    cols.extend(
+fn write_metrics(run_dir: &Path, rows: &[EpochRow], terms: &[&str]) -> Result<()> {
+    let mut header = vec!["epoch".to_string(), "lr".into(), "train_loss".into()];
+    header.extend(
         terms
             .iter()
             .enumerate()
             .map(|(i, t)| format!("loss_{i}_{t}")),
     );
-    cols.extend(
-        [
-            "val_dice",
-            "val_iou",
-            "val_precision",
-            "val_recall",
-            "val_lesion_dice",
-            "val_empty_fp_rate",
-            "seconds",
-            "images_per_second",
-        ]
-        .map(String::from),
-    );
-    cols.extend(class_columns(scored));
-    cols.join(",")
-}
-
-fn write_metrics(run_dir: &Path, rows: &[EpochRow], terms: &[&str]) -> Result<()> {
-    let scored = rows.last().map_or(0, |r| r.val.dice_per_class.len());
-    let mut out = csv_header(terms, scored) + "\n";
+    header.extend(["seconds", "images_per_second"].map(String::from));
+    if let Some(r) = rows.first() {
+        header.extend(metric_columns(&r.val).into_iter().map(|(k, _)| k));
+    }
+    let mut out = header.join(",") + "\n";
     for r in rows {
         let mut cols = vec![
             r.epoch.to_string(),
@@ -670,19 +668,13 @@ fn write_metrics(run_dir: &Path, rows: &[EpochRow], terms: &[&str]) -> Result<()
             format!("{:.6}", r.loss),
         ];
         cols.extend(r.terms.iter().map(|v| format!("{v:.6}")));
-        cols.extend(
-            [r.val.dice, r.val.iou, r.val.precision, r.val.recall]
-                .iter()
-                .map(|v| format!("{v:.6}")),
-        );
-        for v in [r.val.lesion_dice, r.val.empty_fp_rate] {
-            cols.push(v.map_or(String::new(), |v| format!("{v:.6}")));
-        }
         cols.push(format!("{:.3}", r.seconds));
         cols.push(format!("{:.2}", r.images_per_second));
-        if scored > 1 {
-            cols.extend(r.val.dice_per_class.iter().map(|v| format!("{v:.6}")));
-        }
+        cols.extend(
+            metric_columns(&r.val)
+                .into_iter()
+                .map(|(_, v)| v.map_or(String::new(), |v| format!("{v:.6}"))),
+        );
         out += &(cols.join(",") + "\n");
     }
     atomic_write(&run_dir.join("metrics.csv"), out.as_bytes())
@@ -695,48 +687,46 @@ fn read_metrics(run_dir: &Path, before: usize) -> Result<Vec<EpochRow>> {
     let Ok(text) = std::fs::read_to_string(&path) else {
         return Ok(vec![]);
     };
-    let mut lines = text.lines();
-    let header: Vec<&str> = lines.next().unwrap_or_default().split(',').collect();
-    let terms = header.iter().filter(|h| h.starts_with("loss_")).count();
+    let table = crate::report::Csv::parse(&text).with_context(|| path.display().to_string())?;
     let mut rows = vec![];
-    for line in lines {
-        // empty cells are undefined metrics
-        let v: Vec<f64> = line
-            .split(',')
-            .map(|x| {
-                if x.is_empty() {
-                    Ok(f64::NAN)
-                } else {
-                    x.parse::<f64>()
-                }
-            })
-            .collect::<std::result::Result<_, _>>()
-            .with_context(|| format!("{}: malformed row `{line}`", path.display()))?;
-        if v.len() != header.len() {
-            bail!("{}: malformed row `{line}`", path.display());
-        }
-        let epoch = v[0] as usize;
-        if epoch > before {
+    for row in 0..table.rows() {
+        let get = |name: &str| table.get(row, name);
+        let epoch = get("epoch").unwrap_or(0.0) as usize;
+        if epoch == 0 || epoch > before {
             continue;
         }
-        let at = 3 + terms;
+        let terms = table
+            .columns()
+            .iter()
+            .filter(|c| c.starts_with("loss_"))
+            .map(|c| get(c).unwrap_or(f64::NAN))
+            .collect();
+        let classes: Vec<f64> = table
+            .columns()
+            .iter()
+            .filter(|c| c.starts_with("val_dice_class_"))
+            .map(|c| get(c).unwrap_or(f64::NAN))
+            .collect();
         rows.push(EpochRow {
             epoch,
-            lr: v[1],
-            loss: v[2],
-            terms: v[3..at].to_vec(),
+            lr: get("lr").unwrap_or(f64::NAN),
+            loss: get("train_loss").unwrap_or(f64::NAN),
+            terms,
             val: Report {
-                dice: v[at],
-                iou: v[at + 1],
-                precision: v[at + 2],
-                recall: v[at + 3],
-                lesion_dice: Some(v[at + 4]).filter(|x| !x.is_nan()),
-                empty_fp_rate: Some(v[at + 5]).filter(|x| !x.is_nan()),
-                dice_per_class: v[at + 8..].to_vec(),
+                dice: get("val_dice").unwrap_or(f64::NAN),
+                iou: get("val_iou").unwrap_or(f64::NAN),
+                precision: get("val_precision").unwrap_or(f64::NAN),
+                recall: get("val_recall").unwrap_or(f64::NAN),
+                lesion_dice: get("val_lesion_dice"),
+                empty_fp_rate: get("val_empty_fp_rate"),
+                hd95: get("val_hd95"),
+                ece: get("val_ece").unwrap_or(f64::NAN),
+                brier: get("val_brier").unwrap_or(f64::NAN),
+                dice_per_class: classes,
                 ..Report::default()
             },
-            seconds: v[at + 6],
-            images_per_second: v[at + 7],
+            seconds: get("seconds").unwrap_or(0.0),
+            images_per_second: get("images_per_second").unwrap_or(0.0),
         });
     }
     Ok(rows)
