@@ -566,6 +566,31 @@ fn set_path(
     set_path(slot, rest, value, &here)
 }
 
+/// The first key (dotted path) whose value differs between two tables, with both values.
+pub fn first_difference(
+    a: &toml::Table,
+    b: &toml::Table,
+    prefix: &str,
+) -> Option<(String, String)> {
+    let keys: std::collections::BTreeSet<&String> = a.keys().chain(b.keys()).collect();
+    for key in keys {
+        let path = format!("{prefix}{key}");
+        match (a.get(key), b.get(key)) {
+            (Some(toml::Value::Table(x)), Some(toml::Value::Table(y))) => {
+                if let Some(d) = first_difference(x, y, &format!("{path}.")) {
+                    return Some(d);
+                }
+            }
+            (x, y) if x != y => {
+                let show = |v: Option<&toml::Value>| v.map_or("absent".into(), |v| v.to_string());
+                return Some((path, format!("{} vs {}", show(x), show(y))));
+            }
+            _ => {}
+        }
+    }
+    None
+}
+
 /// `" (did you mean `x`?)"` when a candidate is close to `given`, else `""`.
 pub fn suggest(given: &str, candidates: &[&str]) -> String {
     candidates

@@ -25,6 +25,27 @@ struct Cli {
 enum Command {
     /// Train the model of a config file; outputs go to runs/<name>/.
     Train(TrainArgs),
+    /// Train several loss configs on the same data, split, schedule and seeds; write a table
+    /// (report.md, results.csv) and plots. Re-running skips the finished runs.
+    Compare {
+        /// Experiment configs that differ only in their [[loss]] tables.
+        #[arg(required = true)]
+        configs: Vec<PathBuf>,
+        /// Runs per variant, with seeds seed, seed+1, … (mean ± std in the report).
+        #[arg(long, default_value_t = 1)]
+        seeds: usize,
+        /// Override a key of every config, e.g. --set train.epochs=5.
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        sets: Vec<String>,
+        /// Train each config once per value, e.g. --sweep loss.0.gamma=0,0.5,1,2,5.
+        #[arg(long, value_name = "KEY=V1,V2,...")]
+        sweep: Option<String>,
+        /// Output folder: report.md, results.csv, plots, runs/.
+        #[arg(long, default_value = "runs/compare")]
+        out: PathBuf,
+        #[arg(long)]
+        device: Option<String>,
+    },
     /// Metrics of a trained model on a dataset folder.
     Eval {
         /// model.safetensors written by `train` or `export`.
@@ -246,23 +267,28 @@ fn check_overlap(overlap: Option<f64>) -> anyhow::Result<Option<f64>> {
     }
 }
 
+/// Ctrl-C finishes the current update, writes a checkpoint and stops; a second one stops at once.
+fn stop_on_ctrl_c() {
+    let _ = ctrlc::set_handler(|| {
+        if segtrain::train::STOP.swap(true, std::sync::atomic::Ordering::SeqCst) {
+            std::process::exit(130);
+        }
+        eprintln!("\nstopping after this update (Ctrl-C again to stop now)");
+    });
+}
+
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Train(a) => {
             let config = Config::load(&a.config, &a.sets)?;
-            // Ctrl-C: finish the update, checkpoint, stop; a second Ctrl-C stops at once
-            let _ = ctrlc::set_handler(|| {
-                if segtrain::train::STOP.swap(true, std::sync::atomic::Ordering::SeqCst) {
-                    std::process::exit(130);
-                }
-                eprintln!("\nstopping after this update (Ctrl-C again to stop now)");
-            });
+            stop_on_ctrl_c();
             let opts = TrainOptions {
                 device: a.device,
                 resume: a.resume,
                 overwrite: a.overwrite,
                 runs_dir: a.runs,
                 progress: true,
+                bars: None,
             };
             let summary = segtrain::train::train(&config, &opts)?;
             println!(
@@ -274,6 +300,27 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 summary.images_per_second,
                 summary.run_dir.join("model.safetensors").display()
             );
+            Ok(())
+        }
+        Command::Compare {
+            configs,
+            seeds,
+            sets,
+            sweep,
+            out,
+            device,
+        } => {
+            stop_on_ctrl_c();
+            let report = segtrain::compare::compare(&segtrain::compare::CompareOptions {
+                configs,
+                seeds,
+                overrides: sets,
+                sweep,
+                out,
+                device,
+            })?;
+            println!("{}", std::fs::read_to_string(&report)?);
+            println!("report: {}", report.display());
             Ok(())
         }
         Command::Eval {

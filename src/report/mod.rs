@@ -2,7 +2,7 @@
 
 pub mod plot;
 
-use anyhow::{bail, Result};
+use anyhow::{anyhow, Result};
 
 /// A CSV table of numbers with a header; empty cells are missing values.
 pub struct Csv {
@@ -11,35 +11,18 @@ pub struct Csv {
 }
 
 impl Csv {
+    /// Parses CSV text whose first line names the columns; every other cell is a number or empty.
     pub fn parse(text: &str) -> Result<Self> {
-        let mut lines = text.lines();
-        let columns: Vec<String> = lines
-            .next()
-            .unwrap_or_default()
-            .split(',')
-            .map(String::from)
-            .collect();
+        let mut reader = csv::Reader::from_reader(text.as_bytes());
+        let columns: Vec<String> = reader.headers()?.iter().map(String::from).collect();
         let mut cells = vec![];
-        for (i, line) in lines.enumerate() {
-            let row: Vec<Option<f64>> = line
-                .split(',')
-                .map(|c| {
-                    if c.is_empty() {
-                        Ok(None)
-                    } else {
-                        c.parse::<f64>().map(Some)
-                    }
-                })
-                .collect::<std::result::Result<_, _>>()
-                .map_err(|_| anyhow::anyhow!("row {}: not numbers: `{line}`", i + 2))?;
-            if row.len() != columns.len() {
-                bail!(
-                    "row {}: {} cells for {} columns",
-                    i + 2,
-                    row.len(),
-                    columns.len()
-                );
-            }
+        for (i, record) in reader.records().enumerate() {
+            let record = record?;
+            let row = record
+                .iter()
+                .map(|c| (!c.is_empty()).then(|| c.parse::<f64>()).transpose())
+                .collect::<std::result::Result<Vec<_>, _>>()
+                .map_err(|_| anyhow!("row {}: not numbers: {record:?}", i + 2))?;
             cells.push(row);
         }
         Ok(Self { columns, cells })

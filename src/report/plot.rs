@@ -70,38 +70,41 @@ fn err<E: std::fmt::Debug>(e: E) -> anyhow::Error {
     anyhow!("plotting: {e:?}")
 }
 
-fn draw_lines<DB: DrawingBackend>(
-    root: DrawingArea<DB, Shift>,
-    title: &str,
-    labels: (&str, &str),
-    series: &[Series],
-    y_range: Option<(f64, f64)>,
-) -> Result<()> {
-    root.fill(&WHITE).map_err(err)?;
-    let all: Vec<(f64, f64)> = series
+/// One line chart: a title, axis labels, its series and an optional fixed y range.
+#[derive(Debug, Clone)]
+pub struct Chart {
+    pub title: String,
+    pub labels: (String, String),
+    pub series: Vec<Series>,
+    pub y_range: Option<(f64, f64)>,
+}
+
+fn draw_chart<DB: DrawingBackend>(area: &DrawingArea<DB, Shift>, c: &Chart) -> Result<()> {
+    let finite = |p: &&(f64, f64)| p.0.is_finite() && p.1.is_finite();
+    let all: Vec<(f64, f64)> = c
+        .series
         .iter()
-        .flat_map(|s| s.points.iter().copied())
-        .filter(|p| p.0.is_finite() && p.1.is_finite())
+        .flat_map(|s| s.points.iter().filter(finite).copied())
         .collect();
     let (x0, x1) = all
         .iter()
         .fold((f64::MAX, f64::MIN), |(a, b), p| (a.min(p.0), b.max(p.0)));
-    let (y0, y1) = y_range.unwrap_or_else(|| {
+    let (y0, y1) = c.y_range.unwrap_or_else(|| {
         let (a, b) = all
             .iter()
             .fold((f64::MAX, f64::MIN), |(a, b), p| (a.min(p.1), b.max(p.1)));
         let pad = ((b - a) * 0.05).max(1e-6);
         (a - pad, b + pad)
     });
-    let (x0, x1) = if all.is_empty() {
-        (0.0, 1.0)
+    let (x0, x1, y0, y1) = if all.is_empty() {
+        (0.0, 1.0, 0.0, 1.0)
     } else if x0 == x1 {
-        (x0 - 1.0, x1 + 1.0)
+        (x0 - 1.0, x1 + 1.0, y0, y1)
     } else {
-        (x0, x1)
+        (x0, x1, y0, y1)
     };
-    let mut chart = ChartBuilder::on(&root)
-        .caption(title, ("sans-serif", 22))
+    let mut chart = ChartBuilder::on(area)
+        .caption(&c.title, ("sans-serif", 20))
         .margin(12)
         .x_label_area_size(40)
         .y_label_area_size(60)
@@ -109,24 +112,23 @@ fn draw_lines<DB: DrawingBackend>(
         .map_err(err)?;
     chart
         .configure_mesh()
-        .x_desc(labels.0)
-        .y_desc(labels.1)
+        .x_desc(c.labels.0.as_str())
+        .y_desc(c.labels.1.as_str())
         .label_style(("sans-serif", 14))
         .draw()
         .map_err(err)?;
-    for (i, s) in series.iter().enumerate() {
-        let c = colour(i);
-        let pts: Vec<(f64, f64)> = s
-            .points
-            .iter()
-            .copied()
-            .filter(|p| p.0.is_finite() && p.1.is_finite())
-            .collect();
+    for (i, s) in c.series.iter().enumerate() {
+        let colour = colour(i);
         chart
-            .draw_series(LineSeries::new(pts, c.stroke_width(2)))
+            .draw_series(LineSeries::new(
+                s.points.iter().filter(finite).copied(),
+                colour.stroke_width(2),
+            ))
             .map_err(err)?
             .label(s.name.clone())
-            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], c.stroke_width(2)));
+            .legend(move |(x, y)| {
+                PathElement::new(vec![(x, y), (x + 18, y)], colour.stroke_width(2))
+            });
     }
     chart
         .configure_series_labels()
@@ -136,7 +138,37 @@ fn draw_lines<DB: DrawingBackend>(
         .position(SeriesLabelPosition::LowerRight)
         .draw()
         .map_err(err)?;
+    Ok(())
+}
+
+fn draw_charts<DB: DrawingBackend>(
+    root: DrawingArea<DB, Shift>,
+    charts: &[Chart],
+    columns: usize,
+) -> Result<()> {
+    root.fill(&WHITE).map_err(err)?;
+    let rows = charts.len().div_ceil(columns).max(1);
+    for (cell, chart) in root.split_evenly((rows, columns)).iter().zip(charts) {
+        draw_chart(cell, chart)?;
+    }
     root.present().map_err(err)
+}
+
+/// Line charts on a grid of `columns`, as `<stem>.png` and `<stem>.svg`.
+pub fn charts(stem: &Path, charts: &[Chart], columns: usize) -> Result<()> {
+    let columns = columns.clamp(1, charts.len().max(1));
+    let rows = charts.len().div_ceil(columns).max(1) as u32;
+    let size = if charts.len() <= 1 {
+        SIZE
+    } else {
+        (560 * columns as u32, 400 * rows)
+    };
+    render(
+        stem,
+        size,
+        |a| draw_charts(a, charts, columns),
+        |a| draw_charts(a, charts, columns),
+    )
 }
 
 /// A line chart with a legend, as `<stem>.png` and `<stem>.svg`.
@@ -147,12 +179,13 @@ pub fn lines(
     series: &[Series],
     y_range: Option<(f64, f64)>,
 ) -> Result<()> {
-    render(
-        stem,
-        SIZE,
-        |a| draw_lines(a, title, labels, series, y_range),
-        |a| draw_lines(a, title, labels, series, y_range),
-    )
+    let chart = Chart {
+        title: title.into(),
+        labels: (labels.0.into(), labels.1.into()),
+        series: series.to_vec(),
+        y_range,
+    };
+    charts(stem, &[chart], 1)
 }
 
 fn draw_reliability<DB: DrawingBackend>(

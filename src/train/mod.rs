@@ -16,8 +16,8 @@ use std::time::Instant;
 use anyhow::{anyhow, bail, Context, Result};
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::{VarBuilder, VarMap};
-use indicatif::{ProgressBar, ProgressStyle};
-use serde::Serialize;
+use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
+use serde::{Deserialize, Serialize};
 
 use crate::config::{Config, DataConfig, NonFinite, Selection};
 use crate::data::loader::{epoch_batches, mix_seed, BatchRecipe, Crop, TrainLoader};
@@ -47,6 +47,18 @@ pub struct TrainOptions {
     pub runs_dir: PathBuf,
     /// Show progress bars (they are hidden anyway when stderr is not a terminal).
     pub progress: bool,
+    /// Draw the epoch bar below these (a comparison's overall bar) and print through them.
+    pub bars: Option<MultiProgress>,
+}
+
+impl TrainOptions {
+    /// Runs `print` (that prints) with the progress bars out of the way.
+    fn suspend(&self, print: impl FnOnce()) {
+        match &self.bars {
+            Some(bars) => bars.suspend(print),
+            None => print(),
+        }
+    }
 }
 
 impl Default for TrainOptions {
@@ -57,12 +69,13 @@ impl Default for TrainOptions {
             overwrite: false,
             runs_dir: PathBuf::from("runs"),
             progress: true,
+            bars: None,
         }
     }
 }
 
-/// The outcome of a run (`summary.json`).
-#[derive(Debug, Clone, Serialize)]
+/// The outcome of a run (`summary.json`): the validation metrics of the selected epoch.
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Summary {
     pub name: String,
     pub best_epoch: usize,
@@ -74,6 +87,10 @@ pub struct Summary {
     pub val_lesion_dice: Option<f64>,
     /// Share of the lesion-free validation images with a false alarm.
     pub val_empty_fp_rate: Option<f64>,
+    /// Mean HD95 in pixels (see [`Report::hd95`]).
+    pub val_hd95: Option<f64>,
+    pub val_ece: f64,
+    pub val_brier: f64,
     pub selected_by: Selection,
     pub epochs: usize,
     pub steps: u64,
@@ -132,7 +149,7 @@ pub fn train(config: &Config, opts: &TrainOptions) -> Result<Summary> {
     let run_dir = opts.runs_dir.join(&config.name);
     let resolved = config.to_toml()?;
     let resume_from = prepare_run_dir(&run_dir, &resolved, opts)?;
-    eprintln!("device: {device_name}");
+    opts.suspend(|| eprintln!("device: {device_name}"));
 
     let dataset = Dataset::open(&config.data, config.seed)?;
     let unet = UNetConfig {
@@ -158,13 +175,15 @@ pub fn train(config: &Config, opts: &TrainOptions) -> Result<Summary> {
                 run_dir.display()
             );
         }
-        eprintln!(
-            "resuming {} at epoch {}, batch {} (update {})",
-            run_dir.display(),
-            progress.epoch + 1,
-            progress.batch,
-            progress.step
-        );
+        opts.suspend(|| {
+            eprintln!(
+                "resuming {} at epoch {}, batch {} (update {})",
+                run_dir.display(),
+                progress.epoch + 1,
+                progress.batch,
+                progress.step
+            )
+        });
     } else {
         atomic_write(&run_dir.join("config.toml"), resolved.as_bytes())?;
     }
@@ -213,13 +232,15 @@ pub fn train(config: &Config, opts: &TrainOptions) -> Result<Summary> {
         Window::Whole { size } => format!("whole images resized to {size}^2"),
         Window::Sliding { patch, .. } => format!("{patch}^2 patches, sliding-window validation"),
     };
-    eprintln!(
-        "{}: {} training / {} validation images, {mode}; {} epochs of {per_epoch} updates",
-        config.name,
-        dataset.train.len(),
-        dataset.val.len(),
-        t.epochs
-    );
+    opts.suspend(|| {
+        eprintln!(
+            "{}: {} training / {} validation images, {mode}; {} epochs of {per_epoch} updates",
+            config.name,
+            dataset.train.len(),
+            dataset.val.len(),
+            t.epochs
+        )
+    });
     let term_names: Vec<&str> = loss.terms.iter().map(|t| t.kind).collect();
     while progress.epoch < t.epochs {
         let epoch = progress.epoch;
@@ -237,7 +258,7 @@ pub fn train(config: &Config, opts: &TrainOptions) -> Result<Summary> {
             mix_seed(config.seed, epoch as u64),
             config.data.workers,
         );
-        let bar = progress_bar(opts.progress, per_epoch, progress.batch, epoch, t.epochs);
+        let bar = progress_bar(opts, per_epoch, progress.batch, epoch, t.epochs);
         if progress.epoch_terms.len() != term_names.len() {
             progress.epoch_terms = vec![0.0; term_names.len()];
         }
@@ -324,7 +345,8 @@ pub fn train(config: &Config, opts: &TrainOptions) -> Result<Summary> {
             seconds: progress.epoch_seconds,
             images_per_second: progress.epoch_images as f64 / progress.epoch_seconds.max(1e-9),
         };
-        println!("{}", epoch_line(&row, t.epochs, &term_names));
+        let line = epoch_line(&row, t.epochs, &term_names);
+        opts.suspend(|| println!("{line}"));
         rows.push(row);
         write_metrics(&run_dir, &rows, &term_names)?;
         let score = selection_score(t.select_by, &report);
@@ -365,6 +387,9 @@ pub fn train(config: &Config, opts: &TrainOptions) -> Result<Summary> {
         val_recall: best.val.recall,
         val_lesion_dice: best.val.lesion_dice,
         val_empty_fp_rate: best.val.empty_fp_rate,
+        val_hd95: best.val.hd95,
+        val_ece: best.val.ece,
+        val_brier: best.val.brier,
         selected_by: t.select_by,
         epochs: t.epochs,
         steps: progress.step,
@@ -485,6 +510,25 @@ pub fn detached_model(vars: &VarMap, unet: UNetConfig, device: &Device) -> Resul
         None,
         VarBuilder::from_tensors(tensors, DType::F32, device),
     )?)
+}
+
+/// The summary of `config`'s run in `runs_dir` if it finished (`summary.json` written) with
+/// the same config; None when it has not started or not finished.
+pub fn finished(config: &Config, runs_dir: &Path) -> Result<Option<Summary>> {
+    let run_dir = runs_dir.join(&config.name);
+    let path = run_dir.join("summary.json");
+    let Ok(text) = std::fs::read_to_string(&path) else {
+        return Ok(None);
+    };
+    let previous = std::fs::read_to_string(run_dir.join("config.toml")).unwrap_or_default();
+    if strip_device(&previous) != strip_device(&config.to_toml()?) {
+        bail!(
+            "{} holds a finished run of a different config; use another output folder or remove it",
+            run_dir.display()
+        );
+    }
+    let summary = serde_json::from_str(&text).with_context(|| path.display().to_string())?;
+    Ok(Some(summary))
 }
 
 /// Checks the run folder: a fresh run needs it empty (or `--overwrite`), `--resume` needs a
@@ -665,15 +709,15 @@ fn write_metrics(run_dir: &Path, rows: &[EpochRow], terms: &[&str]) -> Result<()
         let mut cols = vec![
             r.epoch.to_string(),
             format!("{:e}", r.lr),
-            format!("{:.6}", r.loss),
+            r.loss.to_string(),
         ];
-        cols.extend(r.terms.iter().map(|v| format!("{v:.6}")));
+        cols.extend(r.terms.iter().map(|v| v.to_string()));
         cols.push(format!("{:.3}", r.seconds));
         cols.push(format!("{:.2}", r.images_per_second));
         cols.extend(
             metric_columns(&r.val)
                 .into_iter()
-                .map(|(_, v)| v.map_or(String::new(), |v| format!("{v:.6}"))),
+                .map(|(_, v)| v.map_or(String::new(), |v| v.to_string())),
         );
         out += &(cols.join(",") + "\n");
     }
@@ -733,16 +777,16 @@ fn read_metrics(run_dir: &Path, before: usize) -> Result<Vec<EpochRow>> {
 }
 
 fn progress_bar(
-    show: bool,
+    opts: &TrainOptions,
     len: usize,
     position: usize,
     epoch: usize,
     epochs: usize,
 ) -> ProgressBar {
-    let bar = if show {
-        ProgressBar::new(len as u64)
-    } else {
-        ProgressBar::hidden()
+    let bar = match (&opts.bars, opts.progress) {
+        (Some(bars), true) => bars.add(ProgressBar::new(len as u64)),
+        (None, true) => ProgressBar::new(len as u64),
+        (_, false) => ProgressBar::hidden(),
     };
     bar.set_style(
         ProgressStyle::with_template("{prefix} [{bar:25}] {pos}/{len} {msg}")

@@ -1,0 +1,665 @@
+//! `segtrain compare`: trains several loss configurations on the same data, split,
+//! augmentation stream, schedule and seeds, and reports them side by side — `results.csv` (one
+//! row per run), `report.md` (mean ± standard deviation over seeds, the best of each column, and
+//! whether it beats the seed-to-seed spread) and plots.
+//!
+//! Runs go to `OUT/runs/<variant>-seed<k>/`; a comparison that is interrupted and started
+//! again skips the finished runs and resumes the interrupted one from its checkpoint.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+
+use anyhow::{anyhow, bail, Context, Result};
+use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
+use serde::Serialize;
+
+use crate::config::{first_difference, Config};
+use crate::export;
+use crate::fsutil::atomic_write;
+use crate::metrics::Diagram;
+use crate::report::plot::{self, Chart, Series};
+use crate::report::Csv;
+use crate::train::{self, Summary, TrainOptions, STOP};
+
+/// What to compare and where.
+#[derive(Debug, Clone)]
+pub struct CompareOptions {
+    pub configs: Vec<PathBuf>,
+    /// Runs per variant, with seeds `seed`, `seed + 1`, …
+    pub seeds: usize,
+    /// `--set key=value`, applied to every config.
+    pub overrides: Vec<String>,
+    /// `--sweep key=v1,v2,…`: each config once per value.
+    pub sweep: Option<String>,
+    pub out: PathBuf,
+    pub device: Option<String>,
+}
+
+/// One configuration to train: a config file, or a config file with one sweep value.
+#[derive(Debug, Clone)]
+struct Variant {
+    name: String,
+    config: Config,
+}
+
+/// A finished run and what the report needs of it.
+struct RunResult {
+    variant: String,
+    seed: u64,
+    summary: Summary,
+    /// metrics.csv of the run.
+    metrics: Csv,
+    diagram: Diagram,
+}
+
+/// One row of `results.csv`.
+#[derive(Serialize)]
+struct ResultRow<'a> {
+    variant: &'a str,
+    seed: u64,
+    dice: f64,
+    iou: f64,
+    precision: f64,
+    recall: f64,
+    lesion_dice: Option<f64>,
+    empty_fp_rate: Option<f64>,
+    hd95: Option<f64>,
+    ece: f64,
+    brier: f64,
+    best_epoch: usize,
+    train_seconds: f64,
+}
+
+/// Trains every variant with every seed (skipping finished runs) and writes the report.
+/// Returns the path of `report.md`.
+pub fn compare(opts: &CompareOptions) -> Result<PathBuf> {
+    if opts.seeds == 0 {
+        bail!("--seeds must be at least 1");
+    }
+    let variants = variants(opts)?;
+    let runs_dir = opts.out.join("runs");
+    let bars = MultiProgress::new();
+    let overall = bars.add(ProgressBar::new((variants.len() * opts.seeds) as u64));
+    overall.set_style(
+        ProgressStyle::with_template("compare [{bar:25}] {pos}/{len} runs, {elapsed} {msg}")
+            .expect("a valid template")
+            .progress_chars("=> "),
+    );
+    let mut results = vec![];
+    for variant in &variants {
+        for k in 0..opts.seeds {
+            let config = seeded(&variant.config, &variant.name, k);
+            overall.set_message(config.name.clone());
+            let summary = match train::finished(&config, &runs_dir)? {
+                Some(summary) => {
+                    bars.suspend(|| eprintln!("{}: finished before, skipped", config.name));
+                    summary
+                }
+                None => {
+                    let run = TrainOptions {
+                        device: opts.device.clone(),
+                        resume: true,
+                        overwrite: false,
+                        runs_dir: runs_dir.clone(),
+                        progress: true,
+                        bars: Some(bars.clone()),
+                    };
+                    train::train(&config, &run).map_err(|e| {
+                        if STOP.load(Ordering::SeqCst) {
+                            anyhow!(
+                                "interrupted during {}; its checkpoint is saved: run the same `segtrain compare` command again to continue (finished runs are skipped)",
+                                config.name
+                            )
+                        } else {
+                            e.context(format!("compare: run {}", config.name))
+                        }
+                    })?
+                }
+            };
+            results.push(run_result(&variant.name, config.seed, summary)?);
+            overall.inc(1);
+        }
+    }
+    overall.finish_and_clear();
+    write_report(opts, &variants, &results)
+}
+
+/// The variants of the configs (× sweep values), checked to differ only in their losses.
+fn variants(opts: &CompareOptions) -> Result<Vec<Variant>> {
+    if opts.configs.is_empty() {
+        bail!("compare needs at least one config file");
+    }
+    let bases = opts
+        .configs
+        .iter()
+        .map(|p| Config::load(p, &opts.overrides))
+        .collect::<Result<Vec<_>>>()?;
+    check_fair(&opts.configs, &bases)?;
+    let sweep = opts.sweep.as_deref().map(parse_sweep).transpose()?;
+    let mut variants = vec![];
+    for (path, base) in opts.configs.iter().zip(&bases) {
+        let Some((key, values)) = &sweep else {
+            variants.push(Variant {
+                name: base.name.clone(),
+                config: base.clone(),
+            });
+            continue;
+        };
+        for value in values {
+            let mut sets = opts.overrides.clone();
+            sets.push(format!("{key}={value}"));
+            let config =
+                Config::load(path, &sets).with_context(|| format!("--sweep {key}={value}"))?;
+            let leaf = key.rsplit('.').next().unwrap_or(key);
+            let value: String = value
+                .chars()
+                .filter(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_' | ','))
+                .collect();
+            variants.push(Variant {
+                name: format!("{}@{leaf}={value}", base.name),
+                config,
+            });
+        }
+    }
+    for (i, v) in variants.iter().enumerate() {
+        if variants[..i].iter().any(|w| w.name == v.name) {
+            bail!(
+                "two variants are named `{}`: give the configs different `name`s",
+                v.name
+            );
+        }
+    }
+    Ok(variants)
+}
+
+/// Splits `key=v1,v2,…` at the commas outside brackets and quotes.
+fn parse_sweep(sweep: &str) -> Result<(String, Vec<String>)> {
+    let (key, list) = sweep
+        .split_once('=')
+        .ok_or_else(|| anyhow!("--sweep `{sweep}`: expected key=v1,v2,…"))?;
+    let (mut values, mut current, mut depth, mut quoted) = (vec![], String::new(), 0i32, false);
+    for c in list.chars() {
+        match c {
+            '"' => quoted = !quoted,
+            '[' | '{' if !quoted => depth += 1,
+            ']' | '}' if !quoted => depth -= 1,
+            ',' if !quoted && depth == 0 => {
+                values.push(std::mem::take(&mut current));
+                continue;
+            }
+            _ => {}
+        }
+        current.push(c);
+    }
+    values.push(current);
+    let values: Vec<String> = values.iter().map(|v| v.trim().to_string()).collect();
+    if key.trim().is_empty() || values.iter().any(String::is_empty) {
+        bail!("--sweep `{sweep}`: expected key=v1,v2,… with no empty value");
+    }
+    Ok((key.trim().to_string(), values))
+}
+
+/// The parts of a config that must agree across a comparison: all but the name, the loss and
+/// the device (`model.activation` belongs to the loss).
+fn shared_part(config: &Config) -> Result<toml::Table> {
+    let mut t = match toml::Value::try_from(config)? {
+        toml::Value::Table(t) => t,
+        _ => unreachable!("a config serialises to a table"),
+    };
+    t.remove("name");
+    t.remove("loss");
+    if let Some(toml::Value::Table(model)) = t.get_mut("model") {
+        model.remove("activation");
+    }
+    if let Some(toml::Value::Table(train)) = t.get_mut("train") {
+        train.remove("device");
+    }
+    Ok(t)
+}
+
+/// A fair comparison: every config has the same seed, data, split, model and schedule.
+fn check_fair(paths: &[PathBuf], configs: &[Config]) -> Result<()> {
+    let first = shared_part(&configs[0])?;
+    for (path, config) in paths.iter().zip(configs).skip(1) {
+        if let Some((key, values)) = first_difference(&first, &shared_part(config)?, "") {
+            bail!(
+                "{} and {} differ in `{key}` ({values}): compare trains every variant on the same data, split, model and schedule, and only the [[loss]] tables may differ; align them in the files or with --set {key}=…",
+                paths[0].display(),
+                path.display()
+            );
+        }
+    }
+    Ok(())
+}
+
+/// The `k`-th seed's run of a variant: seed + k, the split of the base seed.
+fn seeded(config: &Config, variant: &str, k: usize) -> Config {
+    let mut c = config.clone();
+    c.data.split_seed.get_or_insert(c.seed);
+    c.seed += k as u64;
+    c.name = format!("{variant}-seed{}", c.seed);
+    c
+}
+
+fn run_result(variant: &str, seed: u64, summary: Summary) -> Result<RunResult> {
+    let path = summary.run_dir.join("metrics.csv");
+    let text = std::fs::read_to_string(&path)
+        .with_context(|| format!("cannot read {}", path.display()))?;
+    let metrics = Csv::parse(&text).with_context(|| path.display().to_string())?;
+    let model = summary.run_dir.join("model.safetensors");
+    let (_, meta) = export::read(&model, &candle_core::Device::Cpu)?;
+    let diagram = serde_json::from_value(meta.metrics["reliability"].clone())
+        .with_context(|| format!("{}: reliability diagram", model.display()))?;
+    Ok(RunResult {
+        variant: variant.to_string(),
+        seed,
+        summary,
+        metrics,
+        diagram,
+    })
+}
+
+/// Which way a column improves.
+#[derive(Clone, Copy, PartialEq)]
+enum Better {
+    Higher,
+    Lower,
+    Neither,
+}
+
+/// A report column: its title, how to read it from a run, and which way is better.
+struct Column {
+    title: &'static str,
+    value: fn(&Summary) -> Option<f64>,
+    better: Better,
+    digits: usize,
+}
+
+const COLUMNS: [Column; 11] = [
+    Column {
+        title: "Dice",
+        value: |s| Some(s.val_dice),
+        better: Better::Higher,
+        digits: 4,
+    },
+    Column {
+        title: "IoU",
+        value: |s| Some(s.val_iou),
+        better: Better::Higher,
+        digits: 4,
+    },
+    Column {
+        title: "precision",
+        value: |s| Some(s.val_precision),
+        better: Better::Higher,
+        digits: 4,
+    },
+    Column {
+        title: "recall",
+        value: |s| Some(s.val_recall),
+        better: Better::Higher,
+        digits: 4,
+    },
+    Column {
+        title: "lesion-image Dice",
+        value: |s| s.val_lesion_dice,
+        better: Better::Higher,
+        digits: 4,
+    },
+    Column {
+        title: "false alarms on empty images",
+        value: |s| s.val_empty_fp_rate,
+        better: Better::Lower,
+        digits: 3,
+    },
+    Column {
+        title: "HD95 (px)",
+        value: |s| s.val_hd95,
+        better: Better::Lower,
+        digits: 2,
+    },
+    Column {
+        title: "ECE",
+        value: |s| Some(s.val_ece),
+        better: Better::Lower,
+        digits: 4,
+    },
+    Column {
+        title: "Brier",
+        value: |s| Some(s.val_brier),
+        better: Better::Lower,
+        digits: 4,
+    },
+    Column {
+        title: "best epoch",
+        value: |s| Some(s.best_epoch as f64),
+        better: Better::Neither,
+        digits: 1,
+    },
+    Column {
+        title: "training s",
+        value: |s| Some(s.train_seconds),
+        better: Better::Lower,
+        digits: 0,
+    },
+];
+
+/// Mean and sample standard deviation (0 for one value) of the defined values.
+#[derive(Clone, Copy)]
+struct Spread {
+    mean: f64,
+    std: f64,
+}
+
+fn spread(values: &[f64]) -> Option<Spread> {
+    if values.is_empty() {
+        return None;
+    }
+    let n = values.len() as f64;
+    let mean = values.iter().sum::<f64>() / n;
+    let var = if values.len() > 1 {
+        values.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / (n - 1.0)
+    } else {
+        0.0
+    };
+    Some(Spread {
+        mean,
+        std: var.sqrt(),
+    })
+}
+
+/// The loss of a config in words: `0.5·dice + focal`.
+fn loss_label(config: &Config) -> String {
+    config
+        .loss
+        .iter()
+        .map(|t| {
+            let kind = t.get("kind").and_then(|k| k.as_str()).unwrap_or("?");
+            match t
+                .get("weight")
+                .and_then(|w| w.as_float().or(w.as_integer().map(|i| i as f64)))
+            {
+                Some(w) if w != 1.0 => format!("{w}·{kind}"),
+                _ => kind.to_string(),
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(" + ")
+}
+
+fn write_report(
+    opts: &CompareOptions,
+    variants: &[Variant],
+    results: &[RunResult],
+) -> Result<PathBuf> {
+    std::fs::create_dir_all(&opts.out)
+        .with_context(|| format!("cannot create {}", opts.out.display()))?;
+    let mut csv = csv::Writer::from_writer(vec![]);
+    for r in results {
+        let s = &r.summary;
+        csv.serialize(ResultRow {
+            variant: &r.variant,
+            seed: r.seed,
+            dice: s.val_dice,
+            iou: s.val_iou,
+            precision: s.val_precision,
+            recall: s.val_recall,
+            lesion_dice: s.val_lesion_dice,
+            empty_fp_rate: s.val_empty_fp_rate,
+            hd95: s.val_hd95,
+            ece: s.val_ece,
+            brier: s.val_brier,
+            best_epoch: s.best_epoch,
+            train_seconds: s.train_seconds,
+        })?;
+    }
+    atomic_write(&opts.out.join("results.csv"), &csv.into_inner()?)?;
+    write_plots(&opts.out, variants, results)?;
+
+    // per variant and column: mean ± std over seeds; columns no run defines are left out
+    let of = |v: &Variant, c: &Column| -> Option<Spread> {
+        let values: Vec<f64> = results
+            .iter()
+            .filter(|r| r.variant == v.name)
+            .filter_map(|r| (c.value)(&r.summary))
+            .filter(|x| x.is_finite())
+            .collect();
+        spread(&values)
+    };
+    let columns: Vec<&Column> = COLUMNS
+        .iter()
+        .filter(|c| variants.iter().any(|v| of(v, c).is_some()))
+        .collect();
+    let table: Vec<Vec<Option<Spread>>> = variants
+        .iter()
+        .map(|v| columns.iter().map(|c| of(v, c)).collect())
+        .collect();
+    // per column, the variants from best to worst
+    let ranking = |j: usize| -> Vec<usize> {
+        let mut order: Vec<usize> = (0..variants.len())
+            .filter(|&i| table[i][j].is_some())
+            .collect();
+        let mean = |i: usize| table[i][j].map_or(f64::NAN, |s| s.mean);
+        order.sort_by(|&a, &b| match columns[j].better {
+            Better::Lower => mean(a).total_cmp(&mean(b)),
+            _ => mean(b).total_cmp(&mean(a)),
+        });
+        order
+    };
+
+    let first = &variants[0].config;
+    let seeds: Vec<String> = (0..opts.seeds)
+        .map(|k| (first.seed + k as u64).to_string())
+        .collect();
+    let t = &first.train;
+    let mut md = String::from("# Loss comparison\n\n");
+    md += &format!(
+        "{} variants × {} seed{} ({}) on `{}`, {} epochs{}, the same split (seed {}), augmentation stream and schedule for every variant; only the loss{} differs. Validation images: {}.\n\n",
+        variants.len(),
+        opts.seeds,
+        if opts.seeds == 1 { "" } else { "s" },
+        seeds.join(", "),
+        first.data.root.display(),
+        t.epochs,
+        t.steps_per_epoch
+            .map_or(String::new(), |s| format!(" of {s} updates")),
+        first.data.split_seed.unwrap_or(first.seed),
+        opts.sweep
+            .as_deref()
+            .map_or(String::new(), |s| format!(" (and the sweep `{s}`)")),
+        results.first().map_or(0, |r| r.summary.val_images.len()),
+    );
+    md += &format!(
+        "| variant | loss | {} |\n|---|---|{}\n",
+        columns
+            .iter()
+            .map(|c| c.title)
+            .collect::<Vec<_>>()
+            .join(" | "),
+        "---|".repeat(columns.len())
+    );
+    // the best mean of each column, as printed: ties (to the printed digits) share the mark
+    let best: Vec<Option<String>> = (0..columns.len())
+        .map(|j| {
+            let d = columns[j].digits;
+            let first = ranking(j).first().copied();
+            (columns[j].better != Better::Neither && variants.len() > 1)
+                .then(|| {
+                    first
+                        .and_then(|i| table[i][j])
+                        .map(|s| format!("{:.d$}", s.mean))
+                })
+                .flatten()
+        })
+        .collect();
+    for (i, v) in variants.iter().enumerate() {
+        let cells: Vec<String> = (0..columns.len())
+            .map(|j| match table[i][j] {
+                None => "—".into(),
+                Some(s) => {
+                    let d = columns[j].digits;
+                    let mean = format!("{:.d$}", s.mean);
+                    let text = if opts.seeds > 1 {
+                        format!("{mean} ± {:.d$}", s.std)
+                    } else {
+                        mean.clone()
+                    };
+                    if best[j].as_ref() == Some(&mean) {
+                        format!("**{text}**")
+                    } else {
+                        text
+                    }
+                }
+            })
+            .collect();
+        md += &format!(
+            "| {} | {} | {} |\n",
+            v.name,
+            loss_label(&v.config),
+            cells.join(" | ")
+        );
+    }
+    md += &format!(
+        "\n{} at each run's selected epoch (`train.select_by = {}`). **Bold**: the best of the column — higher is better for Dice, IoU, precision, recall and lesion-image Dice; lower for false alarms, HD95 (pixels; see the README for how empty masks count), ECE (15 bins), Brier score and training seconds.\n\n",
+        if opts.seeds > 1 {
+            "Mean ± sample standard deviation over the seeds,"
+        } else {
+            "Values"
+        },
+        serde_json::to_value(t.select_by)?.as_str().unwrap_or("?"),
+    );
+
+    md += "## Is the best better than the seed-to-seed spread?\n\n";
+    if variants.len() < 2 {
+        md += "One variant: nothing to compare.\n\n";
+    } else if opts.seeds < 2 {
+        md += "One seed per variant: there is no seed-to-seed spread to judge the differences by. Repeat with `--seeds 3` before trusting a ranking.\n\n";
+    } else {
+        for (j, c) in columns.iter().enumerate() {
+            if c.better == Better::Neither || c.title == "training s" {
+                continue;
+            }
+            let order = ranking(j);
+            let (Some(&a), Some(&b)) = (order.first(), order.get(1)) else {
+                continue;
+            };
+            let (sa, sb) = (table[a][j].expect("ranked"), table[b][j].expect("ranked"));
+            let gap = (sa.mean - sb.mean).abs();
+            let noise = sa.std.max(sb.std);
+            let d = c.digits + 1;
+            let verdict = if gap <= noise {
+                format!("the gap {gap:.d$} is within the seed-to-seed spread ({noise:.d$}): not a clear difference")
+            } else {
+                format!("the gap {gap:.d$} exceeds the seed-to-seed spread ({noise:.d$})")
+            };
+            md += &format!(
+                "- {}: **{}** {:.d$} vs {} {:.d$}: {verdict}.\n",
+                c.title, variants[a].name, sa.mean, variants[b].name, sb.mean
+            );
+        }
+        md += "\n";
+    }
+    md += "## Plots\n\n![Validation Dice per epoch](val_dice.png)\n\n![Training loss per term](train_loss.png)\n\n![Reliability diagrams](reliability.png)\n\n";
+    md += &format!(
+        "Curves are means over the seeds; reliability diagrams pool the seeds' validation pixels. One row per run in `results.csv`; the runs are in `{}`.\n",
+        opts.out.join("runs").display()
+    );
+    let path = opts.out.join("report.md");
+    atomic_write(&path, md.as_bytes())?;
+    Ok(path)
+}
+
+/// The mean over a variant's runs of a metrics.csv column, per epoch.
+fn mean_curve(runs: &[&RunResult], column: &str) -> Vec<(f64, f64)> {
+    let mut by_epoch: BTreeMap<u64, (f64, usize)> = BTreeMap::new();
+    for r in runs {
+        for row in 0..r.metrics.rows() {
+            if let (Some(e), Some(v)) = (r.metrics.get(row, "epoch"), r.metrics.get(row, column)) {
+                let slot = by_epoch.entry(e as u64).or_default();
+                slot.0 += v;
+                slot.1 += 1;
+            }
+        }
+    }
+    by_epoch
+        .into_iter()
+        .map(|(e, (sum, n))| (e as f64, sum / n as f64))
+        .collect()
+}
+
+/// Reliability diagrams of several runs pooled bin by bin (15 equal-width bins).
+fn pooled_diagram(runs: &[&RunResult]) -> Diagram {
+    let mut bins = [(0.0, 0.0, 0u64); 15];
+    for r in runs {
+        for &(confidence, accuracy, n) in &r.diagram {
+            let b = &mut bins[((confidence * 15.0) as usize).min(14)];
+            b.0 += confidence * n as f64;
+            b.1 += accuracy * n as f64;
+            b.2 += n;
+        }
+    }
+    bins.iter()
+        .filter(|b| b.2 > 0)
+        .map(|&(c, a, n)| (c / n as f64, a / n as f64, n))
+        .collect()
+}
+
+fn write_plots(out: &Path, variants: &[Variant], results: &[RunResult]) -> Result<()> {
+    let runs_of = |v: &Variant| -> Vec<&RunResult> {
+        results.iter().filter(|r| r.variant == v.name).collect()
+    };
+    let dice: Vec<Series> = variants
+        .iter()
+        .map(|v| Series {
+            name: v.name.clone(),
+            points: mean_curve(&runs_of(v), "val_dice"),
+        })
+        .collect();
+    plot::lines(
+        &out.join("val_dice"),
+        "Validation Dice per epoch",
+        ("epoch", "validation Dice"),
+        &dice,
+        None,
+    )?;
+    let losses: Vec<Chart> = variants
+        .iter()
+        .map(|v| {
+            let runs = runs_of(v);
+            let columns: Vec<String> = runs
+                .first()
+                .map(|r| {
+                    r.metrics
+                        .columns()
+                        .iter()
+                        .filter(|c| c.starts_with("loss_") || *c == "train_loss")
+                        .cloned()
+                        .collect()
+                })
+                .unwrap_or_default();
+            Chart {
+                title: v.name.clone(),
+                labels: ("epoch".into(), "training loss".into()),
+                series: columns
+                    .iter()
+                    .map(|c| Series {
+                        name: if c == "train_loss" {
+                            "total".into()
+                        } else {
+                            c.trim_start_matches("loss_").to_string()
+                        },
+                        points: mean_curve(&runs, c),
+                    })
+                    .collect(),
+                y_range: None,
+            }
+        })
+        .collect();
+    plot::charts(&out.join("train_loss"), &losses, 3)?;
+    let panels: Vec<(String, Diagram)> = variants
+        .iter()
+        .map(|v| (v.name.clone(), pooled_diagram(&runs_of(v))))
+        .collect();
+    plot::reliability(&out.join("reliability"), &panels)
+}

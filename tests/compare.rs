@@ -1,0 +1,195 @@
+//! `segtrain compare` end to end on a tiny data set: the table, the plots, skipping finished
+//! runs, resuming an unfinished one, sweeps, and the fairness check.
+
+mod common;
+
+use std::path::Path;
+
+use common::{fails, ok, temp_dir, tiny_dataset};
+
+/// A tiny config named `name` with the `[[loss]]` tables `loss` (and `extra` train keys).
+fn config(dir: &Path, root: &Path, name: &str, loss: &str, epochs: usize) -> String {
+    let path = dir.join(format!("{name}.toml"));
+    let text = format!(
+        r#"name = "{name}"
+seed = 7
+
+[data]
+root = "{}"
+image_size = 32
+val_fraction = 0.25
+
+[model]
+base_width = 4
+depth = 2
+
+[train]
+epochs = {epochs}
+batch_size = 4
+lr = 0.01
+
+{loss}
+"#,
+        root.display()
+    );
+    std::fs::write(&path, text).unwrap();
+    path.to_str().unwrap().to_string()
+}
+
+fn results(out: &Path) -> Vec<Vec<String>> {
+    let text = std::fs::read_to_string(out.join("results.csv")).unwrap();
+    text.lines()
+        .map(|l| l.split(',').map(String::from).collect())
+        .collect()
+}
+
+#[test]
+fn compare_writes_a_fair_table_plots_and_skips_finished_runs() {
+    let dir = temp_dir("compare");
+    let root = tiny_dataset(&dir, "data", "lesion", 16, 32);
+    let dice = config(&dir, &root, "dice", "[[loss]]\nkind = \"dice\"", 2);
+    let focal = config(&dir, &root, "focal", "[[loss]]\nkind = \"focal\"", 2);
+    let out = dir.join("out");
+    let out_s = out.to_str().unwrap();
+    let stdout = ok(&["compare", &dice, &focal, "--seeds", "2", "--out", out_s]);
+
+    // one row per run, the seeds counted up from the config's
+    let rows = results(&out);
+    assert_eq!(rows.len(), 5, "{rows:?}");
+    for column in [
+        "variant",
+        "seed",
+        "dice",
+        "hd95",
+        "ece",
+        "brier",
+        "best_epoch",
+    ] {
+        assert!(rows[0].contains(&column.to_string()), "{:?}", rows[0]);
+    }
+    let runs: Vec<(String, String)> = rows[1..]
+        .iter()
+        .map(|r| (r[0].clone(), r[1].clone()))
+        .collect();
+    assert_eq!(
+        runs,
+        [("dice", "7"), ("dice", "8"), ("focal", "7"), ("focal", "8")]
+            .map(|(v, s)| (v.to_string(), s.to_string()))
+    );
+    // the table: both variants, mean ± std, a best mark, and the spread verdict
+    let report = std::fs::read_to_string(out.join("report.md")).unwrap();
+    assert!(stdout.contains("# Loss comparison"));
+    for needle in [
+        "| dice | dice |",
+        "| focal | focal |",
+        " ± ",
+        "**",
+        "seed-to-seed spread",
+        "val_dice.png",
+        "reliability.png",
+    ] {
+        assert!(
+            report.contains(needle),
+            "report lacks {needle:?}:\n{report}"
+        );
+    }
+    for plot in ["val_dice", "train_loss", "reliability"] {
+        for ext in ["png", "svg"] {
+            let p = out.join(format!("{plot}.{ext}"));
+            assert!(std::fs::metadata(&p).unwrap().len() > 1000, "{p:?}");
+        }
+    }
+    // every run saw the same validation images
+    let val = |run: &str| -> serde_json::Value {
+        let s: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(out.join("runs").join(run).join("summary.json")).unwrap(),
+        )
+        .unwrap();
+        s["val_images"].clone()
+    };
+    assert_eq!(val("dice-seed7"), val("focal-seed8"));
+
+    // a second compare skips what is finished and retrains nothing
+    let model = out.join("runs/dice-seed7/model.safetensors");
+    let stamp = std::fs::metadata(&model).unwrap().modified().unwrap();
+    let again = common::segtrain(&["compare", &dice, &focal, "--seeds", "2", "--out", out_s]);
+    assert!(again.status.success());
+    let stderr = String::from_utf8_lossy(&again.stderr);
+    assert_eq!(
+        stderr.matches("finished before, skipped").count(),
+        4,
+        "{stderr}"
+    );
+    assert_eq!(
+        std::fs::metadata(&model).unwrap().modified().unwrap(),
+        stamp
+    );
+    assert_eq!(results(&out), rows);
+
+    // an unfinished run (no summary yet) is resumed, not restarted or mixed
+    std::fs::remove_file(out.join("runs/focal-seed8/summary.json")).unwrap();
+    let resumed = common::segtrain(&["compare", &dice, &focal, "--seeds", "2", "--out", out_s]);
+    assert!(resumed.status.success());
+    let stderr = String::from_utf8_lossy(&resumed.stderr);
+    assert!(stderr.contains("resuming"), "{stderr}");
+    assert_eq!(results(&out), rows);
+
+    // a changed config does not silently reuse the old runs
+    let err = fails(&[
+        "compare",
+        &dice,
+        &focal,
+        "--seeds",
+        "2",
+        "--out",
+        out_s,
+        "--set",
+        "train.lr=0.02",
+    ]);
+    assert!(err.contains("different config"), "{err}");
+}
+
+#[test]
+fn compare_sweeps_a_key_and_refuses_unfair_configs() {
+    let dir = temp_dir("compare-sweep");
+    let root = tiny_dataset(&dir, "data", "lesion", 12, 32);
+    let focal = config(&dir, &root, "focal", "[[loss]]\nkind = \"focal\"", 1);
+    let dice = config(&dir, &root, "dice", "[[loss]]\nkind = \"dice\"", 1);
+    let longer = config(&dir, &root, "longer", "[[loss]]\nkind = \"dice\"", 2);
+    let out = dir.join("sweep");
+    let out_s = out.to_str().unwrap();
+    ok(&[
+        "compare",
+        &focal,
+        "--sweep",
+        "loss.0.gamma=0,2",
+        "--out",
+        out_s,
+    ]);
+    let variants: Vec<String> = results(&out)[1..].iter().map(|r| r[0].clone()).collect();
+    assert_eq!(variants, ["focal@gamma=0", "focal@gamma=2"]);
+    let config = std::fs::read_to_string(out.join("runs/focal@gamma=0-seed7/config.toml")).unwrap();
+    assert!(config.contains("gamma = 0"), "{config}");
+    let report = std::fs::read_to_string(out.join("report.md")).unwrap();
+    assert!(report.contains("One seed per variant"), "{report}");
+
+    // only the losses may differ: the key and both files are named
+    let err = fails(&["compare", &dice, &longer, "--out", out_s]);
+    for needle in ["train.epochs", "dice.toml", "longer.toml", "--set"] {
+        assert!(err.contains(needle), "lacks {needle:?}: {err}");
+    }
+    // a sweep value the loss does not accept, a malformed sweep, zero seeds
+    let err = fails(&[
+        "compare",
+        &dice,
+        "--sweep",
+        "loss.0.gamma=1",
+        "--out",
+        out_s,
+    ]);
+    assert!(err.contains("gamma"), "{err}");
+    let err = fails(&["compare", &dice, "--sweep", "loss.0.gamma", "--out", out_s]);
+    assert!(err.contains("--sweep"), "{err}");
+    let err = fails(&["compare", &dice, "--seeds", "0", "--out", out_s]);
+    assert!(err.contains("--seeds"), "{err}");
+}
