@@ -197,6 +197,33 @@ pub struct TrainConfig {
     /// The validation metric that picks the saved model.
     #[serde(default)]
     pub select_by: Selection,
+    /// Floating-point type of the forward and backward passes (mixed precision: weights,
+    /// optimiser state, BatchNorm and loss stay f32).
+    #[serde(default)]
+    pub precision: Precision,
+}
+
+/// The type activations are computed in.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Precision {
+    #[default]
+    F32,
+    /// bfloat16: f32's range, 8 significant bits. Needs no loss scaling.
+    Bf16,
+    /// IEEE half: 11 significant bits but a range of ±65504 (smallest normal 6e-5), so the
+    /// loss is scaled to keep small gradients from underflowing.
+    F16,
+}
+
+impl Precision {
+    pub fn dtype(self) -> candle_core::DType {
+        match self {
+            Precision::F32 => candle_core::DType::F32,
+            Precision::Bf16 => candle_core::DType::BF16,
+            Precision::F16 => candle_core::DType::F16,
+        }
+    }
 }
 
 /// Which validation metric picks the best epoch.

@@ -131,7 +131,11 @@ impl BatchNorm {
     }
 
     /// `relu(bn(x))` with Candle's ops; in training also updates the running statistics.
+    /// Statistics and normalisation run in f32 whatever `x`'s type (as PyTorch's autocast
+    /// does); the result has `x`'s type.
     fn forward_relu(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        let dtype = x.dtype();
+        let x = &x.to_dtype(DType::F32)?;
         let (mean, var) = if train {
             let (n, _, h, w) = x.dims4()?;
             let mean = x.mean_keepdim(0)?.mean_keepdim(2)?.mean_keepdim(3)?;
@@ -153,7 +157,8 @@ impl BatchNorm {
         let shift = (&self.bias - (mean * &scale)?)?;
         x.broadcast_mul(&scale.reshape(shape)?)?
             .broadcast_add(&shift.reshape(shape)?)?
-            .relu()
+            .relu()?
+            .to_dtype(dtype)
     }
 
     /// Folds batch statistics (mean, biased variance over `count` values) into the running
@@ -174,6 +179,22 @@ impl BatchNorm {
             var: self.running_var.to_vec1()?,
         })
     }
+}
+
+/// The convolution `conv` of `x` with the f32 weight `w`, in `x`'s floating-point type.
+/// Candle 0.11's CPU matmul has no bf16 kernel: there the bf16 operands are multiplied and
+/// summed in f32 and the result rounded to bf16 (as GPU tensor cores accumulate in f32).
+fn conv_in(
+    x: &Tensor,
+    w: &Tensor,
+    conv: impl Fn(&Tensor, &Tensor) -> Result<Tensor>,
+) -> Result<Tensor> {
+    let dt = x.dtype();
+    if dt == DType::BF16 && x.device().is_cpu() {
+        let w = w.to_dtype(dt)?.to_dtype(DType::F32)?;
+        return conv(&x.to_dtype(DType::F32)?, &w)?.to_dtype(dt);
+    }
+    conv(x, &w.to_dtype(dt)?)
 }
 
 /// `[Conv3×3 (no bias) → BN → ReLU] × 2`.
@@ -198,12 +219,14 @@ impl DoubleConv {
         })
     }
 
+    /// The block in `x`'s floating-point type (the f32 weights are cast to it).
     fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        let conv3 = |x: &Tensor, w: &Tensor| x.conv2d(w, 1, 1, 1, 1);
         let x = self
             .bn1
-            .forward_relu(&x.conv2d(&self.conv1, 1, 1, 1, 1)?, train)?;
+            .forward_relu(&conv_in(x, &self.conv1, conv3)?, train)?;
         self.bn2
-            .forward_relu(&x.conv2d(&self.conv2, 1, 1, 1, 1)?, train)
+            .forward_relu(&conv_in(&x, &self.conv2, conv3)?, train)
     }
 
     fn parameters(&self) -> [&Tensor; 6] {
@@ -243,9 +266,8 @@ impl Up {
     }
 
     fn forward(&self, x: &Tensor, skip: &Tensor, train: bool) -> Result<Tensor> {
-        let up = x
-            .conv_transpose2d(&self.weight, 0, 0, 2, 1)?
-            .broadcast_add(&self.bias.reshape((1, (), 1, 1))?)?;
+        let up = conv_in(x, &self.weight, |x, w| x.conv_transpose2d(w, 0, 0, 2, 1))?
+            .broadcast_add(&self.bias.to_dtype(x.dtype())?.reshape((1, (), 1, 1))?)?;
         self.conv.forward(&Tensor::cat(&[skip, &up], 1)?, train)
     }
 }
@@ -315,7 +337,17 @@ impl UNet {
         }
     }
 
-    /// The forward pass with Candle's ops (any device).
+    /// Mixed precision: the forward (and so the backward) pass in `dtype` (f32, bf16 or f16)
+    /// on copies of the f32 weights, BatchNorm in f32, f32 logits. f32 is [`Self::forward`].
+    pub fn forward_in(&self, x: &Tensor, train: bool, dtype: DType) -> Result<Tensor> {
+        if dtype == DType::F32 {
+            return self.forward(x, train);
+        }
+        self.forward_using(Kernels::Candle, &x.to_dtype(dtype)?, train)?
+            .to_dtype(DType::F32)
+    }
+
+    /// The forward pass with Candle's ops (any device), in `x`'s floating-point type.
     fn forward_generic(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         let mut skips = vec![self.inc.forward(x, train)?];
         for down in &self.downs {
@@ -329,8 +361,8 @@ impl UNet {
         for up in &self.ups {
             x = up.forward(&x, &skips.pop().expect("one skip per level"), train)?;
         }
-        x.conv2d(&self.head_weight, 0, 1, 1, 1)?
-            .broadcast_add(&self.head_bias.reshape((1, (), 1, 1))?)
+        conv_in(&x, &self.head_weight, |x, w| x.conv2d(w, 0, 1, 1, 1))?
+            .broadcast_add(&self.head_bias.to_dtype(x.dtype())?.reshape((1, (), 1, 1))?)
     }
 
     /// The blocks in network order: `inc`, `down1..`, then the `up` blocks with their

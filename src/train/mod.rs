@@ -19,7 +19,7 @@ use candle_nn::{VarBuilder, VarMap};
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use serde::{Deserialize, Serialize};
 
-use crate::config::{Config, DataConfig, NonFinite, Selection};
+use crate::config::{Config, DataConfig, NonFinite, Precision, Selection};
 use crate::data::loader::{epoch_batches, mix_seed, BatchRecipe, Crop, TrainLoader};
 use crate::data::Dataset;
 use crate::device::DeviceChoice;
@@ -135,6 +135,36 @@ struct Progress {
     epoch_seconds: f64,
     mean: Vec<f32>,
     std: Vec<f32>,
+    /// f16 training's dynamic loss scale (None otherwise).
+    loss_scale: Option<LossScale>,
+}
+
+/// Dynamic loss scaling for f16 (PyTorch's `GradScaler`): the loss is multiplied by `scale`
+/// before the backward pass, so that small gradients stay above f16's smallest normal
+/// (6·10⁻⁵), and the gradients are divided by it. A non-finite gradient halves the scale and
+/// skips the update; `GROWTH_INTERVAL` finite updates in a row double it.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+struct LossScale {
+    scale: f64,
+    finite_run: u64,
+}
+
+impl LossScale {
+    const INITIAL: f64 = 65536.0;
+    const GROWTH_INTERVAL: u64 = 2000;
+
+    fn finite(&mut self) {
+        self.finite_run += 1;
+        if self.finite_run == Self::GROWTH_INTERVAL {
+            self.scale *= 2.0;
+            self.finite_run = 0;
+        }
+    }
+
+    fn overflow(&mut self) {
+        self.scale = (self.scale / 2.0).max(1.0);
+        self.finite_run = 0;
+    }
 }
 
 const CHECKPOINT: &str = "checkpoint.safetensors";
@@ -162,9 +192,14 @@ pub fn train(config: &Config, opts: &TrainOptions) -> Result<Summary> {
     let (model, vars) = model::init(unet, prior, config.seed, &device)?;
     let params = trainable(&vars);
     let mut optimizer = AdamW::new(params, config.train.weight_decay)?;
+    let precision = config.train.precision;
     let mut progress = Progress {
         mean: dataset.mean.clone(),
         std: dataset.std.clone(),
+        loss_scale: (precision == Precision::F16).then_some(LossScale {
+            scale: LossScale::INITIAL,
+            finite_run: 0,
+        }),
         ..Progress::default()
     };
     if let Some(path) = &resume_from {
@@ -279,8 +314,9 @@ pub fn train(config: &Config, opts: &TrainOptions) -> Result<Summary> {
                 &loss,
                 &mut optimizer,
                 (&images.to_device(&device)?, &masks.to_device(&device)?),
-                lr,
-                t.grad_clip,
+                (lr, t.grad_clip),
+                precision.dtype(),
+                progress.loss_scale.as_mut(),
             );
             let at = format!("epoch {}, update {}", epoch + 1, progress.step + 1);
             match outcome.with_context(|| at.clone())? {
@@ -292,6 +328,7 @@ pub fn train(config: &Config, opts: &TrainOptions) -> Result<Summary> {
                     }
                     progress.epoch_images += n;
                 }
+                StepOutcome::Overflow => {}
                 StepOutcome::NonFinite(what) => match t.on_non_finite {
                     NonFinite::Error => bail!(
                         "{at}: {what}; the last checkpoint in {} is kept (train.on_non_finite = \"skip\" skips such batches)",
@@ -445,18 +482,22 @@ enum StepOutcome {
     },
     /// What was not finite: a loss term or the gradient.
     NonFinite(String),
+    /// f16: the scaled gradient overflowed; the scale is halved and the update skipped.
+    Overflow,
 }
 
-/// Forward, loss, backward, clipping and one AdamW update.
+/// Forward (in `dtype`), loss, backward, clipping and one AdamW update.
+#[allow(clippy::too_many_arguments)]
 fn train_step(
     model: &UNet,
     loss: &Loss,
     optimizer: &mut AdamW,
     (images, masks): (&Tensor, &Tensor),
-    lr: f64,
-    grad_clip: Option<f64>,
+    (lr, grad_clip): (f64, Option<f64>),
+    dtype: DType,
+    loss_scale: Option<&mut LossScale>,
 ) -> Result<StepOutcome> {
-    let logits = model.forward(images, true)?;
+    let logits = model.forward_in(images, true, dtype)?;
     let value = loss.forward(&logits, masks)?;
     let scalar = |t: &Tensor| -> Result<f64> { Ok(t.to_dtype(DType::F64)?.to_scalar::<f64>()?) };
     let terms = value.terms.iter().map(scalar).collect::<Result<Vec<_>>>()?;
@@ -468,18 +509,30 @@ fn train_step(
         )));
     }
     let total = scalar(&value.total)?;
-    let grads = value.total.backward()?;
-    let norm = optimizer.grad_norm(&grads)?;
+    let factor = loss_scale.as_ref().map_or(1.0, |s| s.scale);
+    let grads = if factor == 1.0 {
+        value.total.backward()?
+    } else {
+        (&value.total * factor)?.backward()?
+    };
+    let norm = optimizer.grad_norm(&grads)? / factor;
     if !norm.is_finite() {
+        if let Some(s) = loss_scale {
+            s.overflow();
+            return Ok(StepOutcome::Overflow);
+        }
         return Ok(StepOutcome::NonFinite(format!(
             "the gradient norm is {norm}"
         )));
     }
-    let scale = match grad_clip {
+    let clip = match grad_clip {
         Some(c) if norm > c => c / (norm + 1e-6),
         _ => 1.0,
     };
-    optimizer.step(&grads, lr, scale)?;
+    optimizer.step(&grads, lr, clip / factor)?;
+    if let Some(s) = loss_scale {
+        s.finite();
+    }
     Ok(StepOutcome::Done { loss: total, terms })
 }
 
@@ -849,4 +902,33 @@ fn epoch_line(r: &EpochRow, epochs: usize, terms: &[&str]) -> String {
         r.images_per_second,
         r.seconds
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::LossScale;
+
+    #[test]
+    fn loss_scale_halves_on_overflow_and_doubles_after_a_finite_run() {
+        let mut s = LossScale {
+            scale: LossScale::INITIAL,
+            finite_run: 0,
+        };
+        s.overflow();
+        assert_eq!(s.scale, LossScale::INITIAL / 2.0);
+        for _ in 0..LossScale::GROWTH_INTERVAL - 1 {
+            s.finite();
+        }
+        assert_eq!(s.scale, LossScale::INITIAL / 2.0);
+        s.finite();
+        assert_eq!(s.scale, LossScale::INITIAL);
+        // an overflow resets the run; the scale never drops below 1
+        s.finite();
+        s.overflow();
+        assert_eq!((s.scale, s.finite_run), (LossScale::INITIAL / 2.0, 0));
+        for _ in 0..40 {
+            s.overflow();
+        }
+        assert_eq!(s.scale, 1.0);
+    }
 }
