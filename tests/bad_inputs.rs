@@ -365,9 +365,22 @@ fn bad_inputs_fail_cleanly_and_name_the_problem() {
             expect: vec!["unknown device", "tpu:0"],
         },
         Case {
-            name: "CUDA in a CPU-only build",
-            args: train(&good_cfg, &["--device", "cuda:1"]),
-            expect: vec!["without CUDA support", "--features cuda"],
+            name: "CUDA in a CPU-only build (an absent GPU in a CUDA build)",
+            args: train(&good_cfg, &["--device", "cuda:7"]),
+            expect: if cfg!(feature = "cuda") {
+                vec!["CUDA device 7 is not usable"]
+            } else {
+                vec!["without CUDA support", "--features cuda"]
+            },
+        },
+        Case {
+            name: "Metal in a build without it",
+            args: train(&good_cfg, &["--device", "metal"]),
+            expect: if cfg!(feature = "metal") {
+                vec!["Metal device is not usable"]
+            } else {
+                vec!["without Metal support", "--features metal", "macOS"]
+            },
         },
         Case {
             name: "model file not safetensors",

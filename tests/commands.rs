@@ -562,3 +562,65 @@ fn the_same_config_and_seed_train_the_same_weights() {
         "another seed gave the same weights"
     );
 }
+
+#[test]
+fn device_auto_says_what_it_took_and_why() {
+    let dir = temp_dir("device");
+    let data = tiny_dataset(&dir, "lesion", "lesion", 8, 32);
+    let config = tiny_config(&dir, &data, "");
+    let runs = dir.join("runs");
+    let out = common::segtrain(&[
+        "train",
+        config.to_str().unwrap(),
+        "--runs",
+        runs.to_str().unwrap(),
+        "--device",
+        "auto",
+        "--set",
+        "train.epochs=1",
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    if !cfg!(feature = "cuda") && !cfg!(feature = "metal") {
+        assert!(
+            stderr
+                .contains("device: cpu (auto; CUDA: not in this build; Metal: not in this build)"),
+            "{stderr}"
+        );
+    } else {
+        assert!(stderr.contains("device: "), "{stderr}");
+    }
+}
+
+#[test]
+fn a_generated_data_set_must_match_its_synth_settings() {
+    let dir = temp_dir("synth-stamp");
+    let root = dir.join("generated");
+    let config = tiny_config(
+        &dir,
+        &root,
+        "\n[data.synth]\nkind = \"lesion\"\ncount = 8\nsize = 32\nseed = 2\n",
+    );
+    let runs = dir.join("runs");
+    let args = |extra: &[&str]| -> Vec<String> {
+        let mut v: Vec<String> = ["train", config.to_str().unwrap(), "--runs"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        v.push(runs.to_str().unwrap().into());
+        v.extend([
+            "--set".into(),
+            "train.epochs=1".into(),
+            "--overwrite".into(),
+        ]);
+        v.extend(extra.iter().map(|s| s.to_string()));
+        v
+    };
+    let first = args(&[]);
+    ok(&first.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(root.join("synth.toml").exists());
+    let changed = args(&["--set", "data.synth.label_noise=0.3"]);
+    let err = fails(&changed.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(err.contains("data.synth.label_noise"), "{err}");
+    assert!(err.contains("0.3"), "{err}");
+}
