@@ -627,17 +627,20 @@ fn write_plots(out: &Path, variants: &[Variant], results: &[RunResult]) -> Resul
         .iter()
         .map(|v| {
             let runs = runs_of(v);
-            let columns: Vec<String> = runs
+            let mut columns: Vec<String> = runs
                 .first()
                 .map(|r| {
                     r.metrics
                         .columns()
                         .iter()
-                        .filter(|c| c.starts_with("loss_") || *c == "train_loss")
+                        .filter(|c| c.starts_with("loss_"))
                         .cloned()
                         .collect()
                 })
                 .unwrap_or_default();
+            if columns.len() > 1 {
+                columns.push("train_loss".into());
+            }
             Chart {
                 title: v.name.clone(),
                 labels: ("epoch".into(), "training loss".into()),
