@@ -39,8 +39,14 @@ pub fn read(path: &Path) -> Result<Volume> {
         .into_volume()
         .into_ndarray::<f32>()
         .map_err(|e| anyhow!("{}: cannot read the voxels ({})", path.display(), why(e)))?;
-    // the transpose iterates with x fastest, the layout of `Volume`
-    let data = array.t().iter().copied().collect();
+    // into_ndarray keeps the file's order, x fastest (the transpose is row-major): the layout
+    // of `Volume`, so the buffer is taken as it is
+    anyhow::ensure!(
+        array.t().is_standard_layout(),
+        "{}: voxels not in file order",
+        path.display()
+    );
+    let (data, _) = array.into_raw_vec_and_offset();
     Ok(Volume {
         dims,
         data,
