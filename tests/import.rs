@@ -799,7 +799,7 @@ fn command_line() {
     let extra = ["--window", "-1000,400", "--only-labelled"];
     let stdout = cli(ok, [&ct, &ct_label], &out, &extra);
     assert!(
-        stdout.contains("wrote 2 slice pairs from 1 volumes"),
+        stdout.contains("wrote 2 slice pairs from 1 volume to"),
         "{stdout}"
     );
     assert_eq!(names(&out, "masks"), ["ct_z0002.png", "ct_z0003.png"]);

@@ -26,30 +26,36 @@ pub use volume::{Axis, Canonical, Geometry, Space, Volume};
 /// The volume file extensions, longest first (a volume's name is its file name without it).
 pub const EXTENSIONS: [&str; 4] = [".nii.gz", ".nii", ".nrrd", ".nhdr"];
 
-/// The name of a volume file without its format's extension (`case1.nii.gz` → `case1`), or
-/// `None` for a file of another format.
-pub fn volume_stem(path: &Path) -> Option<&str> {
+/// A volume file's name without its extension, and the extension (`case1.nii.gz` → `case1`,
+/// `.nii.gz`; case-insensitive), or `None` for a file of another format.
+fn split_name(path: &Path) -> Option<(&str, &'static str)> {
     let name = path.file_name()?.to_str()?;
-    EXTENSIONS.iter().find_map(|ext| {
+    EXTENSIONS.into_iter().find_map(|ext| {
         let cut = name.len().checked_sub(ext.len())?;
         (cut > 0 && name.is_char_boundary(cut) && name[cut..].eq_ignore_ascii_case(ext))
-            .then(|| &name[..cut])
+            .then(|| (&name[..cut], ext))
     })
+}
+
+/// The name of a volume file without its format's extension, or `None` for another format.
+pub fn volume_stem(path: &Path) -> Option<&str> {
+    split_name(path).map(|(stem, _)| stem)
+}
+
+fn unknown_format(path: &Path) -> anyhow::Error {
+    anyhow!(
+        "{}: unknown volume format (expected .nii, .nii.gz, .nrrd or .nhdr)",
+        path.display()
+    )
 }
 
 /// Reads a NIfTI or NRRD volume, chosen by the file's extension.
 pub fn read_volume(path: &Path) -> Result<Volume> {
+    let (_, ext) = split_name(path).ok_or_else(|| unknown_format(path))?;
     std::fs::metadata(path).with_context(|| format!("cannot read {}", path.display()))?;
-    let name = path.to_string_lossy().to_ascii_lowercase();
-    if name.ends_with(".nii") || name.ends_with(".nii.gz") {
-        nifti::read(path)
-    } else if name.ends_with(".nrrd") || name.ends_with(".nhdr") {
-        nrrd::read(path)
-    } else {
-        bail!(
-            "{}: unknown volume format (expected .nii, .nii.gz, .nrrd or .nhdr)",
-            path.display()
-        )
+    match ext {
+        ".nii.gz" | ".nii" => nifti::read(path),
+        _ => nrrd::read(path),
     }
 }
 
@@ -124,8 +130,9 @@ impl fmt::Display for ImportReport {
         let written: usize = self.volumes.iter().map(|v| v.written).sum();
         write!(
             f,
-            "wrote {written} slice pairs from {} volumes to {} in {:.2} s ({:.0} slices/s)",
+            "wrote {written} slice pairs from {} volume{} to {} in {:.2} s ({:.0} slices/s)",
             self.volumes.len(),
+            if self.volumes.len() == 1 { "" } else { "s" },
             self.out.display(),
             self.seconds,
             written as f64 / self.seconds.max(1e-9)
@@ -225,12 +232,7 @@ fn import_pair(
     opts: &ImportOptions,
 ) -> Result<VolumeReport> {
     let name = volume_stem(scan_path)
-        .ok_or_else(|| {
-            anyhow!(
-                "{}: unknown volume format (expected .nii, .nii.gz, .nrrd or .nhdr)",
-                scan_path.display()
-            )
-        })?
+        .ok_or_else(|| unknown_format(scan_path))?
         .to_string();
     let (scan, label) = rayon::join(|| read_volume(scan_path), || read_volume(label_path));
     let (scan, label) = (scan?, label?);

@@ -62,15 +62,14 @@ fn volume(path: &Path, file: &[u8]) -> Result<Volume> {
             .map_err(|_| anyhow!("line skip: `{s}` is not a count"))?,
         None => 0,
     };
-    let byte_skip: i64 = match field("byte skip").or(field("byteskip")) {
-        Some(s) => s
-            .parse()
-            .map_err(|_| anyhow!("byte skip: `{s}` is not a count"))?,
-        None => 0,
+    // None: the voxels are the last bytes of the file (`byte skip: -1`, raw only)
+    let byte_skip: Option<usize> = match field("byte skip").or(field("byteskip")) {
+        Some("-1") if !gzip => None,
+        Some(s) => Some(s.parse().map_err(|_| {
+            anyhow!("byte skip: `{s}` (field `byte skip`) is not a count (or -1 with raw data)")
+        })?),
+        None => Some(0),
     };
-    if byte_skip < -1 || (byte_skip == -1 && gzip) {
-        bail!("byte skip: {byte_skip} (field `byte skip`) is not supported with this encoding");
-    }
 
     let detached = match field("data file").or(field("datafile")) {
         Some(name) if name.starts_with("LIST") || name.split_whitespace().count() > 1 => {
@@ -82,22 +81,21 @@ fn volume(path: &Path, file: &[u8]) -> Result<Volume> {
     };
     let read_voxels = |source: &[u8]| -> Result<Vec<u8>> {
         let source = skip_lines(source, line_skip)?;
+        let start = byte_skip.unwrap_or(source.len().saturating_sub(nbytes));
+        let end = start
+            .checked_add(nbytes)
+            .ok_or_else(|| anyhow!("byte skip (field `byte skip`) is too large"))?;
         let payload = if gzip {
-            let want = byte_skip as usize + nbytes;
             let mut out = Vec::new();
             MultiGzDecoder::new(source)
-                .take(want as u64)
+                .take(end as u64)
                 .read_to_end(&mut out)
                 .map_err(|e| anyhow!("bad gzip data ({e})"))?;
-            check_length(out.len(), want, dims, type_name)?;
-            out.split_off(byte_skip as usize)
+            check_length(out.len(), end, dims, type_name)?;
+            out.split_off(start)
         } else {
-            let start = match byte_skip {
-                -1 => source.len().saturating_sub(nbytes),
-                s => s as usize,
-            };
-            check_length(source.len(), start + nbytes, dims, type_name)?;
-            source[start..start + nbytes].to_vec()
+            check_length(source.len(), end, dims, type_name)?;
+            source[start..end].to_vec()
         };
         Ok(payload)
     };
@@ -395,6 +393,21 @@ mod tests {
             [[-2.0, 0.0, 0.0], [0.0, -3.0, 0.0], [0.0, 0.0, 4.0]]
         );
         assert_eq!(v.geometry.origin, [-1.0, -2.0, 3.0]);
+    }
+
+    #[test]
+    fn gzip_byte_skip_counts_inflated_bytes() {
+        let fields = "type: uchar\ndimension: 3\nsizes: 2 1 1\nencoding: gzip\nbyte skip: ";
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        std::io::Write::write_all(&mut gz, &[9, 9, 9, 4, 5]).unwrap();
+        let data = gz.finish().unwrap();
+        let mut file = header(&format!("{fields}3"));
+        file.extend(&data);
+        assert_eq!(volume(Path::new("a.nrrd"), &file).unwrap().data, [4.0, 5.0]);
+        let mut file = header(&format!("{fields}-1"));
+        file.extend(&data);
+        let e = volume(Path::new("a.nrrd"), &file).unwrap_err().to_string();
+        assert!(e.contains("field `byte skip`"), "{e}");
     }
 
     #[test]
