@@ -115,6 +115,8 @@ pub struct VolumeReport {
     pub written: usize,
 }
 
+/// What [`import`] did, per volume, and its wall time; displayed as one line per volume and a
+/// total with the speed in slices/s.
 #[derive(Debug, Clone)]
 pub struct ImportReport {
     pub out: PathBuf,
