@@ -21,9 +21,9 @@ ci:
 study-imbalance:
     cargo run --release -- compare models/unet-bce.toml models/unet-focal.toml models/unet-dice.toml models/unet-dice-focal.toml models/unet-tversky.toml models/unet-focal-tversky.toml --seeds 3 --set data.root=data/lesion-96-fg1 --set data.image_size=96 --set data.synth.size=96 --set data.synth.count=160 --set data.synth.foreground=0.01 --set train.epochs=8 --out runs/study-imbalance
 
-# study 2 (README): label noise — CE vs focal vs focal with p_floor, clean and 30 % noisy masks
+# study 2 (README): label noise — CE vs focal vs focal with p_floor, clean and 30 % noisy masks, 2 seeds
 study-noise:
-    for noise in 0 0.3; do cargo run --release -- compare models/unet-bce.toml models/unet-focal.toml models/unet-focal-pfloor.toml --seeds 3 --set data.root=data/lesion-96-noise$noise --set data.image_size=96 --set data.synth.size=96 --set data.synth.count=160 --set data.synth.val_count=32 --set data.synth.foreground=0.05 --set data.synth.label_noise=$noise --set train.epochs=6 --out runs/study-noise-$noise; done
+    for noise in 0 0.3; do cargo run --release -- compare models/unet-bce.toml models/unet-focal.toml models/unet-focal-pfloor.toml --seeds 2 --set data.root=data/lesion-96-noise$noise --set data.image_size=96 --set data.synth.size=96 --set data.synth.count=160 --set data.synth.val_count=32 --set data.synth.foreground=0.05 --set data.synth.label_noise=$noise --set train.epochs=6 --out runs/study-noise-$noise; done
 
 # compile check of the CUDA build without a GPU (CUDA from PyPI, a link-only libcuda stub);
 # cold ~25 min on 2 cores; `just check-cuda cuda cudnn` checks cuDNN too

@@ -2,11 +2,12 @@
 
 use std::collections::HashMap;
 use std::fs::{self, File};
-use std::io::Write;
+use std::io::{Cursor, Write};
 use std::path::Path;
 
 use anyhow::{Context, Result};
 use candle_core::{Device, Tensor};
+use image::{ImageBuffer, ImageFormat};
 
 /// Replaces `path` with `bytes` atomically: a kill or a full disk at any instant leaves either
 /// the old file or the new one, never a mix.
@@ -38,6 +39,19 @@ pub fn atomic_write(path: &Path, bytes: &[u8]) -> Result<()> {
         let _ = fs::remove_file(&tmp);
     }
     result.with_context(|| format!("cannot write {}", path.display()))
+}
+
+/// Encodes `img` as PNG in memory and writes it with [`atomic_write`].
+pub fn write_png<P, C>(path: &Path, img: &ImageBuffer<P, C>) -> Result<()>
+where
+    P: image::PixelWithColorType,
+    [P::Subpixel]: image::EncodableLayout,
+    C: std::ops::Deref<Target = [P::Subpixel]>,
+{
+    let mut bytes = Cursor::new(vec![]);
+    img.write_to(&mut bytes, ImageFormat::Png)
+        .with_context(|| format!("cannot encode {}", path.display()))?;
+    atomic_write(path, bytes.get_ref())
 }
 
 /// Writes named tensors (moved to the CPU) and string metadata as one safetensors file,

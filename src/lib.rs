@@ -12,6 +12,7 @@ pub mod data;
 pub mod device;
 pub mod export;
 pub mod fsutil;
+pub mod import;
 pub mod inference;
 pub mod kernels;
 pub mod loss;

@@ -103,6 +103,13 @@ enum Command {
     },
     /// Generate a synthetic medical-style data set (images/ + masks/) with no download.
     Synth(SynthArgs),
+    /// Cut NIfTI/NRRD scans and their label volumes into 2-D slice pairs (images/ + masks/).
+    ///
+    /// Slices are <volume>_<axis><index:04>.png. Scan and label are reoriented alike to the
+    /// canonical orientation LPS by axis permutation and flips (an oblique volume to its nearest
+    /// axes) and must then lie on the same grid. Axial slices show the patient's right on the
+    /// left and anterior at the top; coronal and sagittal ones superior at the top.
+    Import(ImportArgs),
     /// Write a run's best model as safetensors, optionally in half precision.
     Export {
         /// The run folder (runs/<name>).
@@ -188,6 +195,42 @@ struct SynthArgs {
     /// noise then applies to train/ only).
     #[arg(long, default_value_t = 0)]
     val_count: usize,
+}
+
+#[derive(clap::Args)]
+#[command(group(clap::ArgGroup::new("input").required(true).args(["image", "images"])))]
+struct ImportArgs {
+    /// Scan volume (.nii, .nii.gz, .nrrd or .nhdr).
+    #[arg(long, requires = "label")]
+    image: Option<PathBuf>,
+    /// Label volume of the scan: integer class indices 0..=255 on the scan's grid.
+    #[arg(long, requires = "image")]
+    label: Option<PathBuf>,
+    /// Folder of scans, paired with --labels by volume name (file name without extension).
+    #[arg(long, requires = "labels", conflicts_with = "image")]
+    images: Option<PathBuf>,
+    /// Folder of label volumes.
+    #[arg(long, requires = "images")]
+    labels: Option<PathBuf>,
+    /// Data set folder: images/ and masks/ are created or added to.
+    #[arg(long)]
+    out: PathBuf,
+    /// z: axial, y: coronal, x: sagittal slices.
+    #[arg(long, value_enum, default_value = "z")]
+    axis: segtrain::import::Axis,
+    /// Fixed intensity window LO,HI (CT Hounsfield units, e.g. -1000,400 for lung).
+    #[arg(long, value_name = "LO,HI", allow_hyphen_values = true,
+          value_parser = segtrain::import::parse_range, conflicts_with = "percentile")]
+    window: Option<(f64, f64)>,
+    /// Window between these percentiles of each volume (MRI) [default: 0.5,99.5].
+    #[arg(long, value_name = "P_LO,P_HI", value_parser = segtrain::import::parse_range)]
+    percentile: Option<(f64, f64)>,
+    /// Keep only slices whose label has a non-zero voxel (after --every).
+    #[arg(long)]
+    only_labelled: bool,
+    /// Keep every K-th slice (0, K, 2K, …).
+    #[arg(long, value_name = "K", default_value_t = 1)]
+    every: usize,
 }
 
 #[derive(clap::Args)]
@@ -424,6 +467,29 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 cfg.kind.name(),
                 a.out.display()
             );
+            Ok(())
+        }
+        Command::Import(a) => {
+            use segtrain::import::{ImportOptions, Intensity};
+            let pairs = match (a.image, a.label, a.images, a.labels) {
+                (Some(image), Some(label), ..) => vec![(image, label)],
+                (.., Some(images), Some(labels)) => {
+                    segtrain::import::pair_folders(&images, &labels)?
+                }
+                _ => anyhow::bail!("give --image and --label, or --images and --labels"),
+            };
+            let intensity = match (a.window, a.percentile) {
+                (Some((lo, hi)), _) => Intensity::Window(lo, hi),
+                (None, Some((lo, hi))) => Intensity::Percentile(lo, hi),
+                (None, None) => ImportOptions::default().intensity,
+            };
+            let opts = ImportOptions {
+                axis: a.axis,
+                intensity,
+                only_labelled: a.only_labelled,
+                every: a.every,
+            };
+            println!("{}", segtrain::import::import(&pairs, &a.out, &opts)?);
             Ok(())
         }
         Command::Export { run, out, dtype } => {

@@ -1,16 +1,15 @@
 //! `segtrain predict` and `segtrain eval`: a trained model applied to image files or to a
 //! dataset folder.
 
-use std::io::Cursor;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use candle_core::Device;
-use image::{ImageBuffer, ImageFormat, Luma};
+use image::{ImageBuffer, Luma};
 
 use crate::data::{self, Format};
 use crate::export::{self, ModelMeta};
-use crate::fsutil::atomic_write;
+use crate::fsutil::write_png;
 use crate::inference::{self, Predictor, Window};
 use crate::metrics::Report;
 use crate::model::UNet;
@@ -121,14 +120,14 @@ pub fn predict(
             labels.clone()
         };
         let path = out.join(format!("{stem}_mask.png"));
-        write_image(
+        write_png(
             &path,
             &ImageBuffer::<Luma<u8>, _>::from_raw(w32, h32, mask_values).expect("size"),
         )?;
         written.push(path);
         if opts.overlay {
             let path = out.join(format!("{stem}_overlay.png"));
-            write_image(&path, &overlay(&decoded.to_rgb8(), &labels))?;
+            write_png(&path, &overlay(&decoded.to_rgb8(), &labels))?;
             written.push(path);
         }
         if opts.probabilities {
@@ -143,7 +142,7 @@ pub fn predict(
                     .map(|p| (p.clamp(0.0, 1.0) * 65535.0).round() as u16)
                     .collect();
                 let path = out.join(name);
-                write_image(
+                write_png(
                     &path,
                     &ImageBuffer::<Luma<u16>, _>::from_raw(w32, h32, values).expect("size"),
                 )?;
@@ -187,18 +186,6 @@ fn overlay(rgb: &image::RgbImage, labels: &[u8]) -> image::RgbImage {
         }
     }
     out
-}
-
-fn write_image<P, C>(path: &Path, img: &ImageBuffer<P, C>) -> Result<()>
-where
-    P: image::PixelWithColorType,
-    [P::Subpixel]: image::EncodableLayout,
-    C: std::ops::Deref<Target = [P::Subpixel]>,
-{
-    let mut bytes = Cursor::new(vec![]);
-    img.write_to(&mut bytes, ImageFormat::Png)
-        .with_context(|| format!("cannot encode {}", path.display()))?;
-    atomic_write(path, bytes.get_ref())
 }
 
 /// The folder of image/mask pairs of a data set: `images/` + `masks/`, or its `val/` split.
