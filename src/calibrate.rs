@@ -10,7 +10,7 @@ use anyhow::{bail, Context, Result};
 use candle_core::{Device, Tensor};
 use serde::Serialize;
 
-use crate::data::{self, normalize, resize_nearest, resize_planar, Format, Sample};
+use crate::data::{normalize, resize_nearest, resize_planar, Sample};
 use crate::export::{self, ModelMeta};
 use crate::inference::Window;
 use crate::loss::Activation;
@@ -167,14 +167,7 @@ fn fit(p: &Pixels, activation: Activation) -> f64 {
 /// resolution, and stores the temperature in the model file (atomically).
 pub fn calibrate(model_path: &Path, data_dir: &Path, device: &Device) -> Result<Calibrated> {
     let (model, mut meta) = export::load(model_path, device)?;
-    let dir = crate::predict::dataset_folder(data_dir)?;
-    let format = Format {
-        channels: meta.unet.in_channels,
-        classes: meta.unet.classes,
-        ignore_index: meta.ignore_index,
-        resize: None,
-    };
-    let samples = data::load_pairs(&data::scan_pairs(&dir)?, &format)?;
+    let (samples, format) = crate::predict::labelled_images(data_dir, &meta)?;
     let pixels = collect(&model, &meta, &samples, device)?;
     let previous = meta.temperature;
     let temperature = fit(&pixels, meta.activation);

@@ -202,6 +202,20 @@ pub fn dataset_folder(data_dir: &Path) -> Result<PathBuf> {
     }
 }
 
+/// The labelled images of a dataset folder (`images/` + `masks/`, or its `val/` split) at
+/// native resolution, read in the format of the model `meta` describes.
+pub fn labelled_images(data_dir: &Path, meta: &ModelMeta) -> Result<(Vec<data::Sample>, Format)> {
+    let dir = dataset_folder(data_dir)?;
+    let format = Format {
+        channels: meta.unet.in_channels,
+        classes: meta.unet.classes,
+        ignore_index: meta.ignore_index,
+        resize: None,
+    };
+    let samples = data::load_pairs(&data::scan_pairs(&dir)?, &format)?;
+    Ok((samples, format))
+}
+
 /// Metrics of a model on a dataset folder (`images/` + `masks/`, or its `val/` split), at the
 /// images' native resolution.
 pub fn evaluate(
@@ -211,23 +225,7 @@ pub fn evaluate(
     device: &Device,
 ) -> Result<Report> {
     let (model, meta) = export::load(model_path, device)?;
-    let dir = if data_dir.join("images").is_dir() {
-        data_dir.to_path_buf()
-    } else if data_dir.join("val").join("images").is_dir() {
-        data_dir.join("val")
-    } else {
-        bail!(
-            "{}: no images/ + masks/ (or val/images/) folder",
-            data_dir.display()
-        );
-    };
-    let format = Format {
-        channels: meta.unet.in_channels,
-        classes: meta.unet.classes,
-        ignore_index: meta.ignore_index,
-        resize: None,
-    };
-    let samples = data::load_pairs(&data::scan_pairs(&dir)?, &format)?;
+    let (samples, format) = labelled_images(data_dir, &meta)?;
     let evaluation =
         predictor(&model, &meta, overlap, device).evaluate(&samples, format.ignore_mask_value())?;
     Ok(evaluation.report())

@@ -42,6 +42,15 @@ fn batch() -> (Tensor, Tensor) {
     (x, g)
 }
 
+fn max_abs(t: &Tensor) -> f64 {
+    t.abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap() as f64
+}
+
 fn cosine(a: &Tensor, b: &Tensor) -> f64 {
     let a: Vec<f32> = a.flatten_all().unwrap().to_vec1().unwrap();
     let b: Vec<f32> = b.flatten_all().unwrap().to_vec1().unwrap();
@@ -76,26 +85,13 @@ fn pass(dtype: DType, x: &Tensor, g: &Tensor) -> (Tensor, f64, Tensor, Tensor) {
 fn half_precision_passes_track_f32() {
     let (x, g) = batch();
     let (l32, v32, first32, head32) = pass(DType::F32, &x, &g);
-    let scale = l32
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap() as f64;
+    let scale = max_abs(&l32);
     for (dtype, logit_tol, loss_tol, cos_min) in [
         (DType::BF16, 0.02, 0.005, [0.9, 0.999]),
         (DType::F16, 0.003, 0.001, [0.98, 0.9999]),
     ] {
         let (l, v, first, head) = pass(dtype, &x, &g);
-        let diff = (&l - &l32)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap() as f64;
+        let diff = max_abs(&(&l - &l32).unwrap());
         assert!(
             diff <= logit_tol * scale,
             "{dtype:?}: logits differ by {diff} (scale {scale})"
