@@ -48,20 +48,11 @@ enum Command {
     },
     /// Metrics of a trained model on a dataset folder.
     Eval {
-        /// model.safetensors written by `train` or `export`.
-        #[arg(long)]
-        model: PathBuf,
-        /// Dataset folder (images/ + masks/, or its val/ split).
-        #[arg(long)]
-        data: PathBuf,
-        /// Print JSON instead of a table.
-        #[arg(long)]
-        json: bool,
+        #[command(flatten)]
+        on: ModelOnData,
         /// Sliding-window overlap (patch-trained models; default: the model's).
         #[arg(long)]
         overlap: Option<f64>,
-        #[arg(long, default_value = "auto")]
-        device: String,
     },
     /// Predict masks for images (files or folders of images).
     Predict {
@@ -90,17 +81,7 @@ enum Command {
     },
     /// Fit a temperature on labelled images (minimum NLL) and store it in the model file;
     /// `predict` and `eval` apply it. Reports ECE and Brier score before and after.
-    Calibrate {
-        #[arg(long)]
-        model: PathBuf,
-        /// Dataset folder (images/ + masks/, or its val/ split).
-        #[arg(long)]
-        data: PathBuf,
-        #[arg(long)]
-        json: bool,
-        #[arg(long, default_value = "auto")]
-        device: String,
-    },
+    Calibrate(ModelOnData),
     /// Generate a synthetic medical-style data set (images/ + masks/) with no download.
     Synth(SynthArgs),
     /// Cut NIfTI/NRRD scans and their label volumes into 2-D slice pairs (images/ + masks/).
@@ -141,6 +122,22 @@ enum PlotCommand {
         #[arg(long, default_value = "focal-curve")]
         out: PathBuf,
     },
+}
+
+/// A trained model and a labelled data set.
+#[derive(clap::Args)]
+struct ModelOnData {
+    /// model.safetensors written by `train` or `export`.
+    #[arg(long)]
+    model: PathBuf,
+    /// Dataset folder (images/ + masks/, or its val/ split).
+    #[arg(long)]
+    data: PathBuf,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+    #[arg(long, default_value = "auto")]
+    device: String,
 }
 
 #[derive(clap::Args)]
@@ -367,11 +364,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Eval {
-            model,
-            data,
-            json,
+            on:
+                ModelOnData {
+                    model,
+                    data,
+                    json,
+                    device,
+                },
             overlap,
-            device,
         } => {
             let device = open_device(&device)?;
             let report =
@@ -427,12 +427,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             println!("wrote {} files to {}", written.len(), out.display());
             Ok(())
         }
-        Command::Calibrate {
+        Command::Calibrate(ModelOnData {
             model,
             data,
             json,
             device,
-        } => {
+        }) => {
             let device = open_device(&device)?;
             let c = segtrain::calibrate::calibrate(&model, &data, &device)?;
             if json {
