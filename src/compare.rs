@@ -641,18 +641,24 @@ fn write_plots(out: &Path, variants: &[Variant], results: &[RunResult]) -> Resul
             if columns.len() > 1 {
                 columns.push("train_loss".into());
             }
+            // each term relative to its first epoch, so that terms of different scales (a
+            // Dice term near 1, a focal term near 0.01) share one axis
             Chart {
                 title: v.name.clone(),
-                labels: ("epoch".into(), "training loss".into()),
+                labels: ("epoch".into(), "training loss / its epoch-1 value".into()),
                 series: columns
                     .iter()
-                    .map(|c| Series {
-                        name: if c == "train_loss" {
-                            "total".into()
-                        } else {
-                            c.trim_start_matches("loss_").to_string()
-                        },
-                        points: mean_curve(&runs, c),
+                    .map(|c| {
+                        let points = mean_curve(&runs, c);
+                        let first = points.first().map_or(1.0, |p| p.1);
+                        Series {
+                            name: if c == "train_loss" {
+                                "total".into()
+                            } else {
+                                c.trim_start_matches("loss_").to_string()
+                            },
+                            points: points.iter().map(|&(e, y)| (e, y / first)).collect(),
+                        }
                     })
                     .collect(),
                 y_range: None,

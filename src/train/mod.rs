@@ -574,7 +574,7 @@ pub fn finished(config: &Config, runs_dir: &Path) -> Result<Option<Summary>> {
         return Ok(None);
     };
     let previous = std::fs::read_to_string(run_dir.join("config.toml")).unwrap_or_default();
-    if strip_device(&previous) != strip_device(&config.to_toml()?) {
+    if !same_experiment(&previous, &config.to_toml()?) {
         bail!(
             "{} holds a finished run of a different config; use another output folder or remove it",
             run_dir.display()
@@ -617,7 +617,7 @@ fn prepare_run_dir(run_dir: &Path, resolved: &str, opts: &TrainOptions) -> Resul
     }
     // the run must be the same experiment
     match std::fs::read_to_string(run_dir.join("config.toml")) {
-        Ok(previous) if strip_device(&previous) != strip_device(resolved) => bail!(
+        Ok(previous) if !same_experiment(&previous, resolved) => bail!(
             "{} holds a run of a different config; --resume needs the same config and overrides (or use --overwrite)",
             run_dir.display()
         ),
@@ -652,13 +652,17 @@ fn remove_stale_temporaries(run_dir: &Path) -> Result<()> {
     Ok(())
 }
 
-/// The resolved config without `train.device`, which may change between resumes.
-fn strip_device(toml_text: &str) -> String {
-    toml_text
-        .lines()
-        .filter(|l| !l.trim_start().starts_with("device ="))
-        .collect::<Vec<_>>()
-        .join("\n")
+/// Whether a run folder's `config.toml` describes the same experiment as the resolved config
+/// `resolved`: equal once both are read with today's defaults (a key added to the schema since
+/// the run was written takes its default) and without `train.device`, which may change between
+/// resumes.
+fn same_experiment(previous: &str, resolved: &str) -> bool {
+    let normal = |text: &str| -> Option<String> {
+        let mut config = Config::from_toml(text, &[]).ok()?;
+        config.train.device = String::new();
+        config.to_toml().ok()
+    };
+    normal(previous).is_some() && normal(previous) == normal(resolved)
 }
 
 fn save_checkpoint(
@@ -906,7 +910,24 @@ fn epoch_line(r: &EpochRow, epochs: usize, terms: &[&str]) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::LossScale;
+    use super::{same_experiment, LossScale};
+
+    #[test]
+    fn a_run_written_before_a_schema_key_existed_is_the_same_experiment() {
+        let old = "name = \"x\"\nseed = 1\n[data]\nroot = \"d\"\nimage_size = 32\n[train]\nepochs = 2\nbatch_size = 4\ndevice = \"cpu\"\n[[loss]]\nkind = \"dice\"\n";
+        let config = crate::config::Config::from_toml(old, &[]).unwrap();
+        let mut now = config.to_toml().unwrap();
+        assert!(
+            now.contains("precision"),
+            "today's schema writes the new key"
+        );
+        assert!(same_experiment(old, &now));
+        now = now.replace("device = \"cpu\"", "device = \"auto\"");
+        assert!(same_experiment(old, &now), "the device may change");
+        let other = old.replace("epochs = 2", "epochs = 3");
+        assert!(!same_experiment(&other, &now));
+        assert!(!same_experiment("not toml [", &now));
+    }
 
     #[test]
     fn loss_scale_halves_on_overflow_and_doubles_after_a_finite_run() {
