@@ -539,20 +539,7 @@ fn the_same_config_and_seed_train_the_same_weights() {
         ];
         args.extend_from_slice(extra);
         ok(&args);
-        let (t, _) = read_safetensors(&runs.join("tiny/model.safetensors"), &Device::Cpu).unwrap();
-        t.iter()
-            .map(|(k, v)| {
-                (
-                    k.clone(),
-                    v.to_dtype(DType::F64)
-                        .unwrap()
-                        .flatten_all()
-                        .unwrap()
-                        .to_vec1()
-                        .unwrap(),
-                )
-            })
-            .collect()
+        common::tensors(&runs.join("tiny/model.safetensors"))
     };
     let a = weights("a", &[]);
     assert_eq!(a, weights("b", &[]), "two runs of one config differ");

@@ -3,16 +3,13 @@
 
 mod common;
 
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use candle_core::{DType, Device};
-use common::{fails, ok, temp_dir, tiny_dataset};
+use common::{fails, ok, temp_dir, tensors, tiny_dataset};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-use segtrain::fsutil::read_safetensors;
 
 /// A tiny config that checkpoints after every update.
 fn config(dir: &Path, data: &Path) -> PathBuf {
@@ -52,21 +49,17 @@ kind = "focal"
 }
 
 /// Every tensor of a safetensors file, as raw f64 values (bitwise comparable for f32 data).
-fn tensors(path: &Path) -> HashMap<String, Vec<f64>> {
-    let (t, _) = read_safetensors(path, &Device::Cpu).unwrap();
-    t.into_iter()
-        .map(|(k, v)| {
-            (
-                k,
-                v.to_dtype(DType::F64)
-                    .unwrap()
-                    .flatten_all()
-                    .unwrap()
-                    .to_vec1()
-                    .unwrap(),
-            )
-        })
-        .collect()
+/// An uninterrupted run of `config` in `dir/reference`, and how long it took (ms).
+fn reference_run(dir: &Path, config: &Path) -> (PathBuf, u64) {
+    let reference = dir.join("reference");
+    let started = std::time::Instant::now();
+    ok(&[
+        "train",
+        config.to_str().unwrap(),
+        "--runs",
+        reference.to_str().unwrap(),
+    ]);
+    (reference, started.elapsed().as_millis() as u64)
 }
 
 fn train_command(config: &Path, runs: &Path) -> Command {
@@ -95,15 +88,7 @@ fn runs_killed_at_random_instants_resume_to_identical_weights() {
     let dir = temp_dir("kill-resume");
     let data = tiny_dataset(&dir, "lesion", "lesion", 24, 48);
     let config = config(&dir, &data);
-    let reference = dir.join("reference");
-    let started = std::time::Instant::now();
-    ok(&[
-        "train",
-        config.to_str().unwrap(),
-        "--runs",
-        reference.to_str().unwrap(),
-    ]);
-    let duration = started.elapsed().as_millis() as u64;
+    let (reference, duration) = reference_run(&dir, &config);
     let want_model = tensors(&reference.join("resume/model.safetensors"));
     let want_checkpoint = tensors(&reference.join("resume/checkpoint.safetensors"));
 
@@ -167,15 +152,7 @@ fn ctrl_c_checkpoints_and_the_run_resumes_to_identical_weights() {
     let dir = temp_dir("ctrl-c");
     let data = tiny_dataset(&dir, "lesion", "lesion", 24, 48);
     let config = config(&dir, &data);
-    let reference = dir.join("reference");
-    let started = std::time::Instant::now();
-    ok(&[
-        "train",
-        config.to_str().unwrap(),
-        "--runs",
-        reference.to_str().unwrap(),
-    ]);
-    let duration = started.elapsed().as_millis() as u64;
+    let (reference, duration) = reference_run(&dir, &config);
     let runs = dir.join("interrupted");
     for wait in [duration / 2, duration / 3, duration / 5, duration * 3 / 4] {
         let _ = std::fs::remove_dir_all(&runs);

@@ -1,6 +1,7 @@
 //! Helpers shared by the end-to-end tests: the binary, tiny data sets and configs.
 #![allow(dead_code)]
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
@@ -103,4 +104,15 @@ alpha = 0.25
     );
     std::fs::write(&path, text).unwrap();
     path
+}
+
+/// Every tensor of a safetensors file, as f64 values by name.
+pub fn tensors(path: &Path) -> HashMap<String, Vec<f64>> {
+    let (t, _) = segtrain::fsutil::read_safetensors(path, &candle_core::Device::Cpu).unwrap();
+    t.into_iter()
+        .map(|(k, v)| {
+            let values = v.to_dtype(candle_core::DType::F64).unwrap();
+            (k, values.flatten_all().unwrap().to_vec1().unwrap())
+        })
+        .collect()
 }
