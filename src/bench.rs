@@ -1,6 +1,7 @@
 //! `segtrain bench`: training-step, inference and loss micro-benchmarks on synthetic tensors,
 //! one JSON line each (`bench/pytorch_bench.py` measures PyTorch on the same model and step).
 
+use std::collections::BTreeMap;
 use std::time::Instant;
 
 use anyhow::Result;
@@ -44,6 +45,16 @@ pub struct BenchResult {
     pub gflops: f64,
     pub peak_rss_mb: f64,
     pub threads: usize,
+    /// With `--profile`: ms per timed step spent in each kernel.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub profile: BTreeMap<&'static str, f64>,
+}
+
+/// Median and fastest ms per step, and the profile of the timed steps.
+struct Timings {
+    median: f64,
+    min: f64,
+    profile: BTreeMap<&'static str, f64>,
 }
 
 /// The DiceFocal loss of the comparison (MONAI `DiceFocalLoss(sigmoid=True)`: Dice + focal
@@ -62,7 +73,7 @@ pub fn peak_rss_mb() -> f64 {
         .map_or(0.0, |kb| kb / 1024.0)
 }
 
-fn timings(warmup: usize, steps: usize, mut f: impl FnMut() -> Result<()>) -> Result<(f64, f64)> {
+fn timings(warmup: usize, steps: usize, mut f: impl FnMut() -> Result<()>) -> Result<Timings> {
     let profiling = crate::kernels::profile::enabled();
     crate::kernels::profile::enable(false);
     for _ in 0..warmup {
@@ -76,7 +87,16 @@ fn timings(warmup: usize, steps: usize, mut f: impl FnMut() -> Result<()>) -> Re
         ms.push(t.elapsed().as_secs_f64() * 1e3);
     }
     ms.sort_by(f64::total_cmp);
-    Ok((ms[ms.len() / 2], ms[0]))
+    let profile = crate::kernels::profile::report()
+        .into_iter()
+        .map(|(name, total, _)| (name, total / steps as f64))
+        .collect();
+    crate::kernels::profile::enable(profiling);
+    Ok(Timings {
+        median: ms[ms.len() / 2],
+        min: ms[0],
+        profile,
+    })
 }
 
 /// A binary target with about `fraction` positives, as a `(N, H, W)` u8 map.
@@ -88,12 +108,12 @@ fn sparse_target(n: usize, size: usize, fraction: f64, seed: u64) -> Result<Tens
     Ok(Tensor::from_vec(v, (n, size, size), &Device::Cpu)?)
 }
 
-fn result(
-    what: &str,
-    o: &BenchOptions,
-    (median, min): (f64, f64),
-    flops_per_image: f64,
-) -> BenchResult {
+fn result(what: &str, o: &BenchOptions, times: Timings, flops_per_image: f64) -> BenchResult {
+    let Timings {
+        median,
+        min,
+        profile,
+    } = times;
     BenchResult {
         what: what.into(),
         kernels: format!("{:?}", o.kernels),
@@ -105,6 +125,7 @@ fn result(
         gflops: flops_per_image * o.batch as f64 / (median / 1e3) / 1e9,
         peak_rss_mb: peak_rss_mb(),
         threads: rayon::current_num_threads(),
+        profile,
     }
 }
 

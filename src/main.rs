@@ -252,7 +252,7 @@ struct BenchArgs {
     /// (batch, 1, size, size) logits; use --size 256.
     #[arg(long)]
     loss: bool,
-    /// Also print the time spent in each kernel (ms per timed step).
+    /// Also report the ms per timed step spent in each kernel (`profile` in the JSON line).
     #[arg(long)]
     profile: bool,
     /// fast: the custom CPU kernels; candle: Candle's generic ops.
@@ -527,15 +527,6 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             };
             for r in results {
                 println!("{}", serde_json::to_string(&r)?);
-            }
-            if a.profile {
-                for (name, ms, calls) in segtrain::kernels::profile::report() {
-                    let per_step = ms / opts.steps as f64;
-                    println!(
-                        "{name:<28} {per_step:9.2} ms/step  {:6} calls/step",
-                        calls / opts.steps
-                    );
-                }
             }
             Ok(())
         }

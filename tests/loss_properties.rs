@@ -577,4 +577,49 @@ fn fused_kernels_match_the_generic_formulas() {
         &map,
     );
     check("[[loss]]\nkind = \"dice\"\nactivation = \"sigmoid\"\nignore_index = 255\nper_image = false\n", &xm, &map);
+    // combined losses share one fused pass: statistics per image and over the batch, several
+    // pixel terms (the first fused with the statistics, the others in their own loops)
+    let combined = [
+        "[[loss]]\nkind = \"dice\"\n[[loss]]\nkind = \"focal\"\n",
+        "[[loss]]\nkind = \"dice\"\nsquared = true\n[[loss]]\nkind = \"focal\"\nweight = 0.5\n",
+        "[[loss]]\nkind = \"focal\"\ngamma = 1.0\n[[loss]]\nkind = \"tversky\"\nper_image = false\n[[loss]]\nkind = \"cross_entropy\"\nweight = 2.0\n[[loss]]\nkind = \"dice\"\n",
+        "[[loss]]\nkind = \"cross_entropy\"\n[[loss]]\nkind = \"focal\"\n",
+    ];
+    let x = logits((3, 1, 7, 9), 30.0, 66);
+    for t in [
+        float_target((3, 1, 7, 9), 0.2, false, 67),
+        float_target((3, 1, 7, 9), 0.0, true, 68),
+    ] {
+        let t32 = t.to_dtype(DType::F32).unwrap();
+        for config in combined {
+            check(config, &x, &t32);
+        }
+    }
+    for config in combined {
+        check(
+            &format!("{config}[model]\nactivation = \"softmax\"\n[data]\nignore_index = 255\n"),
+            &xm,
+            &map,
+        );
+    }
+}
+
+#[test]
+fn a_nan_logit_gives_a_nan_loss_on_both_paths() {
+    use segtrain::kernels::Kernels;
+    let x = logits((2, 1, 4, 5), 3.0, 71).to_dtype(DType::F32).unwrap();
+    let mut v = x.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    v[7] = f32::NAN;
+    let x = Tensor::from_vec(v, (2, 1, 4, 5), &Device::Cpu).unwrap();
+    let t = float_target((2, 1, 4, 5), 0.3, false, 72)
+        .to_dtype(DType::F32)
+        .unwrap();
+    for config in configs(false) {
+        for kernels in [Kernels::FastCpu, Kernels::Candle] {
+            let loss = Loss::from_toml_str(&config).unwrap();
+            let value = loss.forward_using(&x, &t, kernels).unwrap();
+            let v = value.total.to_scalar::<f32>().unwrap();
+            assert!(v.is_nan(), "{config} {kernels:?}: {v}");
+        }
+    }
 }

@@ -8,7 +8,7 @@
 use candle_core::{Result, Tensor};
 use serde::Deserialize;
 
-use super::fused::{ElementWeights, PixelSpec};
+use super::fused::{ElementWeights, PixelSpec, PixelTerm};
 use super::input::sum_all_f64;
 use super::{
     check_len, check_non_negative, validate_weights, Activation, LossFn, LossInput, LossKind,
@@ -52,36 +52,54 @@ impl LossFn for CrossEntropy {
         }
     }
 
+    fn pixel_term(&self, input: &LossInput) -> Result<Option<PixelTerm>> {
+        let weights = match self.class_weights_for(input) {
+            Some(w) => ElementWeights::PerClass(w.iter().map(|v| *v as f32).collect()),
+            None => ElementWeights::None,
+        };
+        let spec = PixelSpec {
+            pos_weight: self.pos_weight.unwrap_or(1.0) as f32,
+            gamma: 0.0,
+            log_floor: None,
+            weights,
+        };
+        Ok(Some(PixelTerm {
+            spec,
+            scale: self.scale(input)?,
+        }))
+    }
+
     fn forward(&self, input: &LossInput) -> Result<Tensor> {
-        let class_weights = match (&self.class_weights, input.activation) {
-            (Some(w), Activation::Softmax) => Some(w),
-            _ => None,
-        };
-        // the normaliser: Σ w_y over kept pixels, or the kept elements (0/0 gives 0)
-        let total = match class_weights {
-            Some(w) => sum_all_f64(&class_weight_per_pixel(input, w)?)?,
-            None => input.kept_elements()?,
-        };
-        let scale = if total > 0.0 { 1.0 / total } else { 0.0 };
         if input.fused {
-            let weights = match class_weights {
-                Some(w) => ElementWeights::PerClass(w.iter().map(|v| *v as f32).collect()),
-                None => ElementWeights::None,
-            };
-            let spec = PixelSpec {
-                pos_weight: self.pos_weight.unwrap_or(1.0) as f32,
-                gamma: 0.0,
-                log_floor: None,
-                weights,
-            };
-            return input.pixel_sum(spec, scale);
+            if let Some(term) = self.pixel_term(input)? {
+                return input.pixel_sum(term);
+            }
         }
         let ce = input.cross_entropy(self.pos_weight)?;
-        let sum = match class_weights {
+        let sum = match self.class_weights_for(input) {
             Some(w) => (ce * class_weight_per_pixel(input, w)?)?.sum_all()?,
             None => ce.sum_all()?,
         };
-        sum * scale
+        sum * self.scale(input)?
+    }
+}
+
+impl CrossEntropy {
+    /// The class weights, which only softmax uses.
+    fn class_weights_for(&self, input: &LossInput) -> Option<&[f64]> {
+        match (&self.class_weights, input.activation) {
+            (Some(w), Activation::Softmax) => Some(w),
+            _ => None,
+        }
+    }
+
+    /// `1 / normaliser`: Σ w_y over kept pixels, or the kept elements (0/0 gives 0).
+    fn scale(&self, input: &LossInput) -> Result<f64> {
+        let total = match self.class_weights_for(input) {
+            Some(w) => sum_all_f64(&class_weight_per_pixel(input, w)?)?,
+            None => input.kept_elements()?,
+        };
+        Ok(if total > 0.0 { 1.0 / total } else { 0.0 })
     }
 }
 

@@ -21,7 +21,7 @@
 use candle_core::{Result, Tensor};
 use serde::Deserialize;
 
-use super::fused::{ElementWeights, PixelSpec};
+use super::fused::{ElementWeights, PixelSpec, PixelTerm};
 use super::input::sum_all_f64;
 use super::{check_len, check_non_negative, Activation, LossFn, LossInput, LossKind};
 
@@ -106,27 +106,37 @@ impl LossFn for Focal {
         }
     }
 
+    fn pixel_term(&self, input: &LossInput) -> Result<Option<PixelTerm>> {
+        Ok(Some(PixelTerm {
+            spec: self.fused_spec(input.activation, input.classes()),
+            scale: 1.0 / self.normaliser(input)?,
+        }))
+    }
+
     fn forward(&self, input: &LossInput) -> Result<Tensor> {
-        let normaliser = match self.normalize {
-            Normalize::Sum => 1.0,
-            Normalize::Mean => input.kept_elements()?.max(1.0),
-            Normalize::Positives => input.positives()?.max(1.0),
-        };
         if input.fused {
-            return input.pixel_sum(
-                self.fused_spec(input.activation, input.classes()),
-                1.0 / normaliser,
-            );
+            if let Some(term) = self.pixel_term(input)? {
+                return input.pixel_sum(term);
+            }
         }
         let per_element = match input.activation {
             Activation::Sigmoid => self.sigmoid_elements(input)?,
             Activation::Softmax => self.softmax_pixels(input)?,
         };
-        per_element.sum_all()? / normaliser
+        per_element.sum_all()? / self.normaliser(input)?
     }
 }
 
 impl Focal {
+    /// What the summed loss is divided by.
+    fn normaliser(&self, input: &LossInput) -> Result<f64> {
+        Ok(match self.normalize {
+            Normalize::Sum => 1.0,
+            Normalize::Mean => input.kept_elements()?.max(1.0),
+            Normalize::Positives => input.positives()?.max(1.0),
+        })
+    }
+
     fn log_floor(&self) -> Option<f64> {
         self.p_floor.map(f64::ln)
     }

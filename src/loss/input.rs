@@ -10,8 +10,12 @@ use std::cell::OnceCell;
 use candle_core::{bail, DType, Result, Tensor, D};
 use serde::{Deserialize, Serialize};
 
-use super::fused::{self, PixelSpec, Stat};
+use rayon::prelude::*;
+
+use super::fused::{self, PixelTerm, Stat, STATS};
+use crate::kernels::padded::with_data;
 use crate::kernels::Kernels;
+use crate::with_avx2;
 
 /// How logits become probabilities.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize, Serialize)]
@@ -77,10 +81,14 @@ pub struct LossInput {
     log_1mp: OnceCell<Tensor>,
     log_sum_exp: OnceCell<Tensor>,
     kept_elements: OnceCell<f64>,
+    positives: OnceCell<f64>,
     /// Use the fused CPU kernels ([`super::fused`]) where a loss has one.
     pub fused: bool,
-    /// Region statistics per image and over the batch.
-    stats: [OnceCell<Tensor>; 2],
+    /// What the one fused pass computes (see [`Self::plan_fused`]).
+    plan: fused::Request,
+    planned: OnceCell<fused::Outputs>,
+    /// `(N + 1, C, 7)`: the [`Stat`]s of each image, then of the whole batch.
+    stats: OnceCell<Tensor>,
 }
 
 impl LossInput {
@@ -163,9 +171,40 @@ impl LossInput {
             log_1mp: OnceCell::new(),
             log_sum_exp: OnceCell::new(),
             kept_elements: OnceCell::new(),
+            positives: OnceCell::new(),
             fused: kernels == Kernels::FastCpu && logits.device().is_cpu() && dtype == DType::F32,
-            stats: [OnceCell::new(), OnceCell::new()],
+            plan: fused::Request {
+                stats: true,
+                pixel: vec![],
+            },
+            planned: OnceCell::new(),
+            stats: OnceCell::new(),
         })
+    }
+
+    /// Declares what the terms sharing this input will ask of the fused kernels — their pixel
+    /// terms, and whether any reads region statistics — so that one pass over the logits (and
+    /// one backward pass) computes it all. Without a plan, statistics take one pass and each
+    /// pixel term its own.
+    pub fn plan_fused(&mut self, plan: fused::Request) {
+        self.plan = plan;
+        self.planned = OnceCell::new();
+        self.stats = OnceCell::new();
+    }
+
+    /// One fused pass over the logits.
+    fn fused_pass(&self, request: fused::Request) -> Result<fused::Outputs> {
+        fused::evaluate(
+            &self.logits,
+            &self.target,
+            self.mask.as_ref(),
+            self.activation,
+            request,
+        )
+    }
+
+    fn planned(&self) -> Result<&fused::Outputs> {
+        get_or_try_init(&self.planned, || self.fused_pass(self.plan.clone()))
     }
 
     pub fn classes(&self) -> usize {
@@ -248,12 +287,15 @@ impl LossInput {
     /// The positives of the RetinaNet normalisation: sigmoid: kept target elements > 0.5;
     /// softmax: kept pixels whose class is not 0.
     pub fn positives(&self) -> Result<f64> {
-        let fg = match self.activation {
-            Activation::Sigmoid => self.target.gt(0.5)?,
-            // the one-hot target is all zero at ignored pixels: count class-1.. entries
-            Activation::Softmax => self.target.narrow(1, 1, self.classes() - 1)?.gt(0.5)?,
-        };
-        sum_all_f64(&fg.to_dtype(DType::F32)?)
+        get_or_try_init(&self.positives, || {
+            let fg = match self.activation {
+                Activation::Sigmoid => self.target.gt(0.5)?,
+                // the one-hot target is all zero at ignored pixels: count class-1.. entries
+                Activation::Softmax => self.target.narrow(1, 1, self.classes() - 1)?.gt(0.5)?,
+            };
+            sum_all_f64(&fg.to_dtype(DType::F32)?)
+        })
+        .copied()
     }
 
     /// Per-element cross-entropy: sigmoid `−[w₊·g·log p + (1−g)·log(1−p)]` `(N, C, H, W)`
@@ -286,16 +328,20 @@ impl LossInput {
     }
 
     /// All [`Stat`]s per image (`per_image`) or over the batch, and class: `(rows, C, 7)`.
-    pub fn region_stats(&self, per_image: bool) -> Result<&Tensor> {
-        get_or_try_init(&self.stats[usize::from(per_image)], || {
+    pub fn region_stats(&self, per_image: bool) -> Result<Tensor> {
+        let all = get_or_try_init(&self.stats, || {
             if self.fused {
-                return fused::region_stats(
-                    &self.logits,
-                    &self.target,
-                    self.mask.as_ref(),
-                    self.activation,
-                    per_image,
-                );
+                if let Some(stats) = &self.planned()?.stats {
+                    return Ok(stats.clone());
+                }
+                let request = fused::Request {
+                    stats: true,
+                    pixel: vec![],
+                };
+                return Ok(self
+                    .fused_pass(request)?
+                    .stats
+                    .expect("statistics requested"));
             }
             let (p, q, g) = (self.p()?, self.one_minus_p()?, &self.target);
             let parts = [
@@ -309,10 +355,18 @@ impl LossInput {
             ];
             let sums = parts
                 .iter()
-                .map(|t| self.region_sum(t, per_image))
+                .map(|t| self.region_sum(t, true))
                 .collect::<Result<Vec<_>>>()?;
-            Tensor::stack(&sums, 2)
-        })
+            let per_image = Tensor::stack(&sums, 2)?;
+            Tensor::cat(&[&per_image, &per_image.sum_keepdim(0)?], 0)
+        })?;
+        let n = all.dims()[0] - 1;
+        debug_assert_eq!(all.dims()[2], STATS);
+        if per_image {
+            all.narrow(0, 0, n)
+        } else {
+            all.narrow(0, n, 1)
+        }
     }
 
     /// One region statistic `(rows, scored classes)`: per image or over the batch, background
@@ -325,17 +379,17 @@ impl LossInput {
         self.kept_classes(&all, include_background)
     }
 
-    /// `scale ·` Σ over kept elements of a weighted per-element cross-entropy or focal loss,
-    /// fused (see [`fused::pixel_sum`]; only when `self.fused`).
-    pub fn pixel_sum(&self, spec: PixelSpec, scale: f64) -> Result<Tensor> {
-        fused::pixel_sum(
-            &self.logits,
-            &self.target,
-            self.mask.as_ref(),
-            self.activation,
-            spec,
-            scale,
-        )
+    /// A weighted per-element cross-entropy or focal loss, fused (see [`fused`]; only when
+    /// `self.fused`): from the planned pass when the term was planned, else from its own.
+    pub fn pixel_sum(&self, term: PixelTerm) -> Result<Tensor> {
+        if let Some(at) = self.plan.pixel.iter().position(|p| *p == term) {
+            return Ok(self.planned()?.pixel[at].clone());
+        }
+        let request = fused::Request {
+            stats: false,
+            pixel: vec![term],
+        };
+        Ok(self.fused_pass(request)?.pixel.remove(0))
     }
 
     /// Drops the background column (class 0) of `(·, C)` region statistics for softmax
@@ -356,12 +410,60 @@ pub fn kept_class_count(classes: usize, activation: Activation, include_backgrou
     }
 }
 
+/// The smallest and largest value of `t` (NaN if it holds one): one parallel pass over CPU
+/// data, Candle's reductions elsewhere.
+fn value_range(t: &Tensor) -> Result<(f32, f32)> {
+    let t = t.to_dtype(DType::F32)?;
+    if !(t.device().is_cpu() && t.is_contiguous()) {
+        return Ok((
+            t.min_all()?.to_scalar::<f32>()?,
+            t.max_all()?.to_scalar::<f32>()?,
+        ));
+    }
+    let merge = |a: (f32, f32), b: (f32, f32)| (a.0.min(b.0), a.1.max(b.1));
+    let (lo, hi, nan) = with_data(&t, |v| {
+        Ok(v.par_chunks(1 << 16)
+            .map(|c| with_avx2!(chunk_range(c)))
+            .reduce(
+                || (f32::INFINITY, f32::NEG_INFINITY, false),
+                |a, b| {
+                    let (lo, hi) = merge((a.0, a.1), (b.0, b.1));
+                    (lo, hi, a.2 || b.2)
+                },
+            ))
+    })?;
+    Ok(if nan { (f32::NAN, f32::NAN) } else { (lo, hi) })
+}
+
+/// (min, max, any NaN) of a slice, in 8 vector lanes.
+#[inline(always)]
+fn chunk_range(v: &[f32]) -> (f32, f32, bool) {
+    let (mut lo, mut hi) = ([f32::INFINITY; 8], [f32::NEG_INFINITY; 8]);
+    // Σ 0·x is NaN once some x is NaN (or infinite, which the range shows anyway)
+    let mut poison = [0f32; 8];
+    let mut blocks = v.chunks_exact(8);
+    for b in &mut blocks {
+        let b: &[f32; 8] = b.try_into().expect("8 lanes");
+        for l in 0..8 {
+            lo[l] = if b[l] < lo[l] { b[l] } else { lo[l] };
+            hi[l] = if b[l] > hi[l] { b[l] } else { hi[l] };
+            poison[l] += 0.0 * b[l];
+        }
+    }
+    for &x in blocks.remainder() {
+        lo[0] = lo[0].min(x);
+        hi[0] = hi[0].max(x);
+        poison[0] += 0.0 * x;
+    }
+    (
+        lo.iter().copied().fold(f32::INFINITY, f32::min),
+        hi.iter().copied().fold(f32::NEG_INFINITY, f32::max),
+        poison.iter().any(|p| p.is_nan()) && v.iter().any(|x| x.is_nan()),
+    )
+}
+
 fn check_range(target: &Tensor, mask: Option<&Tensor>) -> Result<()> {
-    let t = target.to_dtype(DType::F32)?;
-    let (lo, hi) = (
-        t.min_all()?.to_scalar::<f32>()?,
-        t.max_all()?.to_scalar::<f32>()?,
-    );
+    let (lo, hi) = value_range(target)?;
     if !(0.0..=1.0).contains(&lo) || !(0.0..=1.0).contains(&hi) {
         let hint = if mask.is_some() {
             ""
@@ -383,10 +485,7 @@ fn check_classes(
         Some(m) => (map * m.to_dtype(DType::F32)?)?,
         None => map.clone(),
     };
-    let (lo, hi) = (
-        kept.min_all()?.to_scalar::<f32>()?,
-        kept.max_all()?.to_scalar::<f32>()?,
-    );
+    let (lo, hi) = value_range(&kept)?;
     if lo < 0.0 || hi > highest as f32 {
         let bad = if lo < 0.0 { lo } else { hi };
         let ignore = match ignore_index {

@@ -46,6 +46,13 @@ pub trait LossFn: fmt::Debug + Send + Sync {
 
     /// The scalar loss.
     fn forward(&self, input: &LossInput) -> Result<Tensor>;
+
+    /// The loss as a fused pixel term, for a loss that is a weighted sum over elements
+    /// (cross-entropy, focal): lets one fused pass compute it with the other terms' work.
+    /// `None` (the default): the loss reads region statistics or takes the generic path.
+    fn pixel_term(&self, _input: &LossInput) -> Result<Option<fused::PixelTerm>> {
+        Ok(None)
+    }
 }
 
 /// A registered loss kind: its TOML name and how to build it from the table's options.
@@ -290,25 +297,51 @@ impl Loss {
     ) -> anyhow::Result<LossValue> {
         let classes = logits.dims().get(1).copied().unwrap_or(0);
         self.check(classes)?;
+        let context = |i: usize| format!("loss.{i} (kind = \"{}\")", self.terms[i].kind);
+        // one prepared input per (activation, ignore_index), shared by the terms using it
         let mut prepared: Vec<((Activation, Option<i64>), LossInput)> = vec![];
-        let mut terms = Vec::with_capacity(self.terms.len());
-        let mut total: Option<Tensor> = None;
+        let mut input_of = Vec::with_capacity(self.terms.len());
         for (i, term) in self.terms.iter().enumerate() {
             let key = (term.activation_for(classes), term.ignore_index);
-            let at = prepared.iter().position(|(k, _)| *k == key);
-            let at = match at {
+            let at = match prepared.iter().position(|(k, _)| *k == key) {
                 Some(at) => at,
                 None => {
-                    let input = LossInput::new(logits, target, key.0, key.1, kernels)
-                        .with_context(|| format!("loss.{i} (kind = \"{}\")", term.kind))?;
+                    let input = crate::kernels::profile::time("loss: prepare input", || {
+                        LossInput::new(logits, target, key.0, key.1, kernels)
+                    })
+                    .with_context(|| context(i))?;
                     prepared.push((key, input));
                     prepared.len() - 1
                 }
             };
+            input_of.push(at);
+        }
+        for (at, (_, input)) in prepared.iter_mut().enumerate() {
+            if !input.fused {
+                continue;
+            }
+            let mut plan = fused::Request::default();
+            for (i, term) in self
+                .terms
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| input_of[*i] == at)
+            {
+                match term.loss.pixel_term(input).with_context(|| context(i))? {
+                    Some(p) if !plan.pixel.contains(&p) => plan.pixel.push(p),
+                    Some(_) => {}
+                    None => plan.stats = true,
+                }
+            }
+            input.plan_fused(plan);
+        }
+        let mut terms = Vec::with_capacity(self.terms.len());
+        let mut total: Option<Tensor> = None;
+        for (i, term) in self.terms.iter().enumerate() {
             let value = term
                 .loss
-                .forward(&prepared[at].1)
-                .with_context(|| format!("loss.{i} (kind = \"{}\")", term.kind))?;
+                .forward(&prepared[input_of[i]].1)
+                .with_context(|| context(i))?;
             let weighted = (&value * term.weight)?;
             total = Some(match total {
                 None => weighted,
