@@ -216,7 +216,8 @@ impl Targets {
 /// Elements per parallel task of the sigmoid kernels.
 const CHUNK: usize = 4096;
 
-/// A contiguous range of at most [`CHUNK`] elements of one `(image, class)` plane.
+/// The contiguous range of logits one parallel task handles: sigmoid, at most [`CHUNK`]
+/// elements of one `(image, class)` plane; softmax, one whole image (`plane` is the image).
 #[derive(Clone, Copy)]
 struct Unit {
     plane: usize,
@@ -416,27 +417,23 @@ fn sigmoid_unit(
     let soft = any_soft(t);
     let mut sums = Vec::with_capacity(specs.len());
     let mut stats = [0f64; STATS];
+    // one build of the range loop per (soft targets, γ = 2, pixel term, statistics)
+    macro_rules! range {
+        ($soft:literal, $square:literal, $pixel:literal, $stats:literal, $spec:expr, $grad:expr, $scale:expr) => {
+            with_avx2!(sigmoid_range::<$soft, $square, $pixel, $stats>(
+                $spec, x, t, mask, $grad, pq, $scale
+            ))
+        };
+    }
     for (i, &(spec, scale)) in specs.iter().enumerate() {
         let grad = &mut *grads[i];
         let (sum, s) = match (soft, spec.gamma == 2.0, i == 0 && with_stats) {
-            (true, _, false) => with_avx2!(sigmoid_range::<true, false, true, false>(
-                spec, x, t, mask, grad, pq, scale
-            )),
-            (true, _, true) => with_avx2!(sigmoid_range::<true, false, true, true>(
-                spec, x, t, mask, grad, pq, scale
-            )),
-            (false, true, false) => with_avx2!(sigmoid_range::<false, true, true, false>(
-                spec, x, t, mask, grad, pq, scale
-            )),
-            (false, true, true) => with_avx2!(sigmoid_range::<false, true, true, true>(
-                spec, x, t, mask, grad, pq, scale
-            )),
-            (false, false, false) => with_avx2!(sigmoid_range::<false, false, true, false>(
-                spec, x, t, mask, grad, pq, scale
-            )),
-            (false, false, true) => with_avx2!(sigmoid_range::<false, false, true, true>(
-                spec, x, t, mask, grad, pq, scale
-            )),
+            (true, _, false) => range!(true, false, true, false, spec, grad, scale),
+            (true, _, true) => range!(true, false, true, true, spec, grad, scale),
+            (false, true, false) => range!(false, true, true, false, spec, grad, scale),
+            (false, true, true) => range!(false, true, true, true, spec, grad, scale),
+            (false, false, false) => range!(false, false, true, false, spec, grad, scale),
+            (false, false, true) => range!(false, false, true, true, spec, grad, scale),
         };
         sums.push(sum);
         if i == 0 {
@@ -445,16 +442,7 @@ fn sigmoid_unit(
     }
     if specs.is_empty() && with_stats {
         let spec = PixelSpec::cross_entropy().sigmoid_consts();
-        stats = with_avx2!(sigmoid_range::<false, false, false, true>(
-            spec,
-            x,
-            t,
-            mask,
-            &mut [],
-            pq,
-            1.0
-        ))
-        .1;
+        stats = range!(false, false, false, true, spec, &mut [], 1.0).1;
     }
     (sums, stats)
 }
