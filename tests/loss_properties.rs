@@ -602,6 +602,18 @@ fn fused_kernels_match_the_generic_formulas() {
             &map,
         );
     }
+    // a float target with ignored elements: a per-element mask, over several channels
+    let x = logits((2, 3, 5, 7), 20.0, 69);
+    let t = float_target((2, 3, 5, 7), 0.3, false, 70);
+    let ignored = float_target((2, 3, 5, 7), 0.2, false, 73);
+    let t = ((&ignored * 255.0).unwrap() + (t * (1.0 - &ignored).unwrap()).unwrap())
+        .unwrap()
+        .to_dtype(DType::F32)
+        .unwrap();
+    for config in combined {
+        let sigmoid = "[model]\nactivation = \"sigmoid\"\n[data]\nignore_index = 255\n";
+        check(&format!("{config}{sigmoid}"), &x, &t);
+    }
 }
 
 #[test]
