@@ -524,7 +524,7 @@ fn only_labelled_and_every() {
         (true, 2, vec![2]),
         (false, 4, vec![0, 4]),
     ];
-    for (only_labelled, every, kept) in cases {
+    for (only_labelled, every, kept) in cases.clone() {
         let out = dir.join(format!("o{only_labelled}{every}"));
         let o = ImportOptions {
             only_labelled,
@@ -535,6 +535,32 @@ fn only_labelled_and_every() {
         let expected: Vec<String> = kept.iter().map(|k| format!("c_z{k:04}.png")).collect();
         assert_eq!(names(&out, "images"), expected);
         assert_eq!(names(&out, "masks"), expected);
+    }
+    // re-importing into the same folder leaves exactly the new settings' slices (stale ones
+    // removed, missing ones added back), and other volumes' and axes' files alone
+    let same = dir.join("same");
+    let other = ImportOptions {
+        every: 3,
+        ..opts(Axis::X)
+    };
+    run(&s, &l, &same, &other).unwrap();
+    let other_axis = names(&same, "images");
+    std::fs::write(same.join("images/c_z00x1.png"), b"not a slice").unwrap();
+    for (only_labelled, every, kept) in cases.iter().chain(cases.iter().rev()) {
+        let o = ImportOptions {
+            only_labelled: *only_labelled,
+            every: *every,
+            ..opts(Axis::Z)
+        };
+        let report = import(&[(s.clone(), l.clone())], &same, &o).unwrap();
+        assert_eq!(report.volumes[0].written, kept.len());
+        let mut expected: Vec<String> = kept.iter().map(|k| format!("c_z{k:04}.png")).collect();
+        expected.extend(other_axis.iter().cloned());
+        expected.sort();
+        assert_eq!(names(&same, "masks"), expected);
+        expected.push("c_z00x1.png".into());
+        expected.sort();
+        assert_eq!(names(&same, "images"), expected);
     }
     let o = ImportOptions {
         every: 0,

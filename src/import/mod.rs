@@ -11,7 +11,7 @@ mod nifti;
 mod nrrd;
 mod volume;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -113,6 +113,8 @@ pub struct VolumeReport {
     pub name: String,
     pub slices: usize,
     pub written: usize,
+    /// Slice pairs of an earlier import of this volume that this one replaced by nothing.
+    pub removed: usize,
 }
 
 /// What [`import`] did, per volume, and its wall time; displayed as one line per volume and a
@@ -127,7 +129,15 @@ pub struct ImportReport {
 impl fmt::Display for ImportReport {
     fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
         for v in &self.volumes {
-            writeln!(f, "{}: {} of {} slices", v.name, v.written, v.slices)?;
+            write!(f, "{}: {} of {} slices", v.name, v.written, v.slices)?;
+            if v.removed > 0 {
+                write!(
+                    f,
+                    "; removed {} stale slices of an earlier import",
+                    v.removed
+                )?;
+            }
+            writeln!(f)?;
         }
         let written: usize = self.volumes.iter().map(|v| v.written).sum();
         write!(
@@ -196,7 +206,9 @@ fn volumes_in(dir: &Path) -> Result<BTreeMap<String, PathBuf>> {
 }
 
 /// Writes the slices of each (scan, label) pair into `out` (`images/`, `masks/`, created; files
-/// of the same names are replaced). Stops at the first bad volume with an error naming it.
+/// of the same names are replaced, and slices of an earlier import of the same volume and axis
+/// that this one does not write are removed). Stops at the first bad volume with an error
+/// naming it.
 pub fn import(
     pairs: &[(PathBuf, PathBuf)],
     out: &Path,
@@ -258,23 +270,62 @@ fn import_pair(
     let kept: Vec<usize> = (0..slices).step_by(opts.every).collect();
     let written = kept
         .par_iter()
-        .map(|&k| -> Result<usize> {
+        .map(|&k| -> Result<Option<String>> {
             let (w, h, mask) = label_view.slice(&classes, axis, k, |c| c);
             if opts.only_labelled && mask.iter().all(|&c| c == 0) {
-                return Ok(0);
+                return Ok(None);
             }
             let (_, _, pixels) = scan_view.slice(&scan.data, axis, k, grey);
-            let file = format!("{name}_{}{k:04}.png", axis.letter());
+            let file = slice_file(&name, axis, k);
             write_grey(&out.join("images").join(&file), w, h, pixels)?;
             write_grey(&out.join("masks").join(&file), w, h, mask)?;
-            Ok(1)
+            Ok(Some(file))
         })
-        .sum::<Result<usize>>()?;
+        .filter_map(Result::transpose)
+        .collect::<Result<BTreeSet<String>>>()?;
+    let removed = remove_stale(out, &name, axis, &written)?;
     Ok(VolumeReport {
         name,
         slices,
-        written,
+        written: written.len(),
+        removed,
     })
+}
+
+/// The file name of slice `k` of volume `name` along `axis`: `<name>_<axis><k:04>.png`.
+fn slice_file(name: &str, axis: Axis, k: usize) -> String {
+    format!("{name}_{}{k:04}.png", axis.letter())
+}
+
+/// Removes the slice files ([`slice_file`]) of volume `name` along `axis` that this import did
+/// not write — left by an earlier import with other `--every` / `--only-labelled` settings or
+/// of a longer volume — so that the data set holds exactly this import's slices. Returns the
+/// number of image files removed.
+fn remove_stale(out: &Path, name: &str, axis: Axis, written: &BTreeSet<String>) -> Result<usize> {
+    let prefix = format!("{name}_{}", axis.letter());
+    let is_slice = |file: &str| {
+        file.strip_prefix(&prefix)
+            .and_then(|rest| rest.strip_suffix(".png"))
+            .is_some_and(|k| k.len() >= 4 && k.bytes().all(|b| b.is_ascii_digit()))
+    };
+    let mut removed = 0;
+    for sub in ["images", "masks"] {
+        let dir = out.join(sub);
+        let entries =
+            std::fs::read_dir(&dir).with_context(|| format!("cannot list {}", dir.display()))?;
+        for entry in entries {
+            let entry = entry.with_context(|| format!("cannot list {}", dir.display()))?;
+            let file = entry.file_name();
+            let Some(file) = file.to_str() else { continue };
+            if is_slice(file) && !written.contains(file) {
+                let path = dir.join(file);
+                std::fs::remove_file(&path)
+                    .with_context(|| format!("cannot remove the stale slice {}", path.display()))?;
+                removed += usize::from(sub == "images");
+            }
+        }
+    }
+    Ok(removed)
 }
 
 fn write_grey(path: &Path, w: usize, h: usize, pixels: Vec<u8>) -> Result<()> {
