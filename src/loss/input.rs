@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 
 use rayon::prelude::*;
 
-use super::fused::{self, PixelTerm, Stat, STATS};
+use super::fused::{self, PixelTerm, Stat};
 use crate::kernels::padded::with_data;
 use crate::kernels::Kernels;
 use crate::with_avx2;
@@ -316,15 +316,9 @@ impl LossInput {
         }
     }
 
-    /// Sum of `t` over the spatial dims (per image) or over batch and spatial dims, after
-    /// masking: `(N, C)` or `(1, C)`.
-    pub fn region_sum(&self, t: &Tensor, per_image: bool) -> Result<Tensor> {
-        let s = self.masked(t)?.sum(D::Minus1)?.sum(D::Minus1)?;
-        if per_image {
-            Ok(s)
-        } else {
-            s.sum_keepdim(0)
-        }
+    /// Sum of `t` over the spatial dims of each image, after masking: `(N, C)`.
+    fn region_sum(&self, t: &Tensor) -> Result<Tensor> {
+        self.masked(t)?.sum(D::Minus1)?.sum(D::Minus1)
     }
 
     /// All [`Stat`]s per image (`per_image`) or over the batch, and class: `(rows, C, 7)`.
@@ -355,13 +349,12 @@ impl LossInput {
             ];
             let sums = parts
                 .iter()
-                .map(|t| self.region_sum(t, true))
+                .map(|t| self.region_sum(t))
                 .collect::<Result<Vec<_>>>()?;
             let per_image = Tensor::stack(&sums, 2)?;
             Tensor::cat(&[&per_image, &per_image.sum_keepdim(0)?], 0)
         })?;
         let n = all.dims()[0] - 1;
-        debug_assert_eq!(all.dims()[2], STATS);
         if per_image {
             all.narrow(0, 0, n)
         } else {
