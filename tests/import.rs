@@ -153,7 +153,8 @@ fn folders(dir: &Path) -> (PathBuf, PathBuf) {
 /// NRRD file options: encoding, byte order, attached or detached, and names.
 #[derive(Clone, Copy)]
 struct NrrdStyle {
-    gzip: bool,
+    /// raw, gzip, bzip2, hex or ascii.
+    encoding: &'static str,
     big_endian: bool,
     /// `.nhdr` + a data file.
     detached: bool,
@@ -173,7 +174,32 @@ fn write_nrrd(path: &Path, v: &Stored, style: NrrdStyle) {
         ("ushort", true) => values.flat_map(|&x| (x as u16).to_be_bytes()).collect(),
         (t, _) => panic!("test writer: no type {t}"),
     };
-    let payload = if style.gzip { gzip(&bytes) } else { bytes };
+    let payload = match style.encoding {
+        "raw" => bytes,
+        "gzip" => gzip(&bytes),
+        "bzip2" => {
+            let mut enc = bzip2::write::BzEncoder::new(Vec::new(), bzip2::Compression::fast());
+            enc.write_all(&bytes).unwrap();
+            enc.finish().unwrap()
+        }
+        // 16 bytes a line, upper case
+        "hex" => bytes
+            .chunks(16)
+            .map(|line| line.iter().map(|b| format!("{b:02X}")).collect::<String>() + "\n")
+            .collect::<String>()
+            .into_bytes(),
+        // the values as the type holds them, 7 a line
+        "ascii" => v
+            .data
+            .chunks(7)
+            .map(|line| {
+                let text: Vec<String> = line.iter().map(|x| x.to_string()).collect();
+                text.join(" ") + "\n"
+            })
+            .collect::<String>()
+            .into_bytes(),
+        e => panic!("test writer: no encoding {e}"),
+    };
     let lps = |p: [f64; 3]| format!("({},{},{})", -p[0], -p[1], p[2]);
     let mut header = format!(
         "NRRD0004\n# written by the segtrain tests\ntype: {}\ndimension: 3\nspace: \
@@ -187,14 +213,14 @@ fn write_nrrd(path: &Path, v: &Stored, style: NrrdStyle) {
         lps(v.axes[1]),
         lps(v.axes[2]),
         if style.big_endian { "big" } else { "little" },
-        if style.gzip { "gzip" } else { "raw" },
+        style.encoding,
         lps(v.origin)
     );
     if style.detached {
         let data_name = format!(
             "{}.{}",
             path.file_stem().unwrap().to_str().unwrap(),
-            if style.gzip { "raw.gz" } else { "raw" }
+            style.encoding
         );
         header.push_str(&format!("data file: {data_name}\n"));
         std::fs::write(path, header).unwrap();
@@ -214,7 +240,7 @@ fn gzip(bytes: &[u8]) -> Vec<u8> {
 }
 
 const RAW_SHORT: NrrdStyle = NrrdStyle {
-    gzip: false,
+    encoding: "raw",
     big_endian: false,
     detached: false,
     type_name: "short",
@@ -396,12 +422,12 @@ fn nrrd_encodings_byte_orders_and_detached_headers_match_nifti() {
         (
             "gzip",
             NrrdStyle {
-                gzip: true,
+                encoding: "gzip",
                 type_name: "float",
                 ..RAW_SHORT
             },
             NrrdStyle {
-                gzip: true,
+                encoding: "gzip",
                 ..RAW_UCHAR
             },
             PERMUTED,
@@ -430,9 +456,36 @@ fn nrrd_encodings_byte_orders_and_detached_headers_match_nifti() {
             },
             NrrdStyle {
                 detached: true,
-                gzip: true,
+                encoding: "gzip",
                 type_name: "unsigned char",
                 ..RAW_SHORT
+            },
+            IDENTITY,
+        ),
+        (
+            "bzip2-ascii",
+            NrrdStyle {
+                encoding: "bzip2",
+                type_name: "float",
+                ..RAW_SHORT
+            },
+            NrrdStyle {
+                encoding: "ascii",
+                ..RAW_UCHAR
+            },
+            PERMUTED,
+        ),
+        (
+            "hex",
+            NrrdStyle {
+                encoding: "hex",
+                big_endian: true,
+                ..RAW_SHORT
+            },
+            NrrdStyle {
+                encoding: "hex",
+                detached: true,
+                ..RAW_UCHAR
             },
             IDENTITY,
         ),
@@ -718,7 +771,7 @@ fn bad_files_are_errors_naming_them() {
     let nrrd = short(RAW_SHORT, "ok.nrrd");
     let nrrd_gz = short(
         NrrdStyle {
-            gzip: true,
+            encoding: "gzip",
             ..RAW_SHORT
         },
         "okgz.nrrd",
@@ -740,14 +793,25 @@ fn bad_files_are_errors_naming_them() {
         ("cut_gz.nrrd", nrrd_gz[..nrrd_gz.len() / 2].to_vec(), "gzip"),
         ("text.nrrd", b"hello".to_vec(), "not a NRRD file"),
         (
+            "zrl.nrrd",
+            edit("encoding: raw", "encoding: zrl"),
+            "field `encoding`",
+        ),
+        // binary voxels under a text or compressed encoding
+        (
             "ascii.nrrd",
             edit("encoding: raw", "encoding: ascii"),
-            "field `encoding`",
+            "ascii data",
         ),
         (
             "bzip2.nrrd",
             edit("encoding: raw", "encoding: bzip2"),
-            "field `encoding`",
+            "bad bzip2 data",
+        ),
+        (
+            "hex.nrrd",
+            edit("encoding: raw", "encoding: hex"),
+            "hex data",
         ),
         (
             "block.nrrd",

@@ -1,16 +1,19 @@
-//! NRRD volumes: attached (`.nrrd`) or detached (`.nhdr` with `data file`) headers, `raw` or
-//! `gzip` encoding, either endianness, the integer and float scalar types, `dimension: 3`.
+//! NRRD volumes: attached (`.nrrd`) or detached (`.nhdr` with `data file`) headers, `raw`,
+//! `gzip`, `bzip2`, `hex` or `ascii` encoding, either endianness, the integer and float scalar
+//! types, `dimension: 3`.
 //!
 //! Geometry: `space directions` and `space origin` in the named `space` (RAS, LAS or LPS);
 //! without `space directions`, `spacings` (or 1) along the axes of `space`, or of LPS when no
 //! space is named (as ITK reads such files).
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::fs;
 use std::io::Read;
 use std::path::Path;
 
 use anyhow::{anyhow, bail, Context, Result};
+use bzip2::read::MultiBzDecoder;
 use flate2::read::MultiGzDecoder;
 
 use super::volume::{Geometry, Space, Volume};
@@ -39,15 +42,11 @@ fn volume(path: &Path, file: &[u8]) -> Result<Volume> {
     let type_name = required("type")?;
     let scalar = Scalar::parse(type_name)
         .ok_or_else(|| anyhow!("unsupported type `{type_name}` (field `type`)"))?;
-    let gzip = match required("encoding")? {
-        "raw" => false,
-        "gzip" | "gz" => true,
-        other => bail!("unsupported encoding `{other}` (field `encoding`; supported: raw, gzip)"),
-    };
+    let encoding = Encoding::parse(required("encoding")?)?;
     let big_endian = match field("endian") {
         Some("little") => false,
         Some("big") => true,
-        None if scalar.size() == 1 => false,
+        None if scalar.size() == 1 || encoding == Encoding::Ascii => false,
         None => bail!("missing field `endian` (needed for type `{type_name}`)"),
         Some(other) => bail!("unsupported endian `{other}` (field `endian`)"),
     };
@@ -64,12 +63,15 @@ fn volume(path: &Path, file: &[u8]) -> Result<Volume> {
     };
     // None: the voxels are the last bytes of the file (`byte skip: -1`, raw only)
     let byte_skip: Option<usize> = match field("byte skip").or(field("byteskip")) {
-        Some("-1") if !gzip => None,
+        Some("-1") if encoding == Encoding::Raw => None,
         Some(s) => Some(s.parse().map_err(|_| {
             anyhow!("byte skip: `{s}` (field `byte skip`) is not a count (or -1 with raw data)")
         })?),
         None => Some(0),
     };
+    if matches!(encoding, Encoding::Ascii | Encoding::Hex) && byte_skip != Some(0) {
+        bail!("byte skip (field `byte skip`) is not supported with the text encodings ascii and hex; use line skip");
+    }
 
     let detached = match field("data file").or(field("datafile")) {
         Some(name) if name.starts_with("LIST") || name.split_whitespace().count() > 1 => {
@@ -79,27 +81,36 @@ fn volume(path: &Path, file: &[u8]) -> Result<Volume> {
         None if is_detached_header(path) => bail!("missing field `data file`"),
         None => None,
     };
-    let read_voxels = |source: &[u8]| -> Result<Vec<u8>> {
+    let read_voxels = |source: &[u8]| -> Result<Vec<f32>> {
         let source = skip_lines(source, line_skip)?;
         let start = byte_skip.unwrap_or(source.len().saturating_sub(nbytes));
         let end = start
             .checked_add(nbytes)
             .ok_or_else(|| anyhow!("byte skip (field `byte skip`) is too large"))?;
-        let payload = if gzip {
+        let inflate = |mut decoder: Box<dyn Read + '_>, name: &str| -> Result<Vec<u8>> {
             let mut out = Vec::new();
-            MultiGzDecoder::new(source)
-                .take(end as u64)
+            decoder
                 .read_to_end(&mut out)
-                .map_err(|e| anyhow!("bad gzip data ({e})"))?;
-            check_length(out.len(), end, dims, type_name)?;
-            out.split_off(start)
-        } else {
-            check_length(source.len(), end, dims, type_name)?;
-            source[start..end].to_vec()
+                .map_err(|e| anyhow!("bad {name} data ({e})"))?;
+            Ok(out)
         };
-        Ok(payload)
+        let payload: Cow<[u8]> = match encoding {
+            Encoding::Ascii => return ascii_values(source, dims, type_name),
+            Encoding::Raw => Cow::Borrowed(source),
+            Encoding::Hex => Cow::Owned(hex_bytes(source)?),
+            Encoding::Gzip => Cow::Owned(inflate(
+                Box::new(MultiGzDecoder::new(source).take(end as u64)),
+                "gzip",
+            )?),
+            Encoding::Bzip2 => Cow::Owned(inflate(
+                Box::new(MultiBzDecoder::new(source).take(end as u64)),
+                "bzip2",
+            )?),
+        };
+        check_length(payload.len(), end, dims, type_name)?;
+        Ok(scalar.decode(&payload[start..end], big_endian))
     };
-    let payload = match &detached {
+    let data = match &detached {
         Some(data_path) => fs::read(data_path)
             .map_err(anyhow::Error::from)
             .and_then(|bytes| read_voxels(&bytes))
@@ -108,9 +119,88 @@ fn volume(path: &Path, file: &[u8]) -> Result<Volume> {
     };
     Ok(Volume {
         dims,
-        data: scalar.decode(&payload, big_endian),
+        data,
         geometry,
     })
+}
+
+/// How the voxel data is stored (field `encoding`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Encoding {
+    Raw,
+    Gzip,
+    Bzip2,
+    /// Two hexadecimal digits per byte of the raw data; whitespace between them is ignored.
+    Hex,
+    /// The values as text, separated by whitespace.
+    Ascii,
+}
+
+impl Encoding {
+    fn parse(name: &str) -> Result<Self> {
+        Ok(match name {
+            "raw" => Self::Raw,
+            "gzip" | "gz" => Self::Gzip,
+            "bzip2" | "bz2" => Self::Bzip2,
+            "hex" => Self::Hex,
+            "ascii" | "text" | "txt" => Self::Ascii,
+            other => bail!(
+                "unsupported encoding `{other}` (field `encoding`; supported: raw, gzip, bzip2, hex, ascii)"
+            ),
+        })
+    }
+}
+
+/// The bytes of hex-encoded data (whitespace ignored).
+fn hex_bytes(text: &[u8]) -> Result<Vec<u8>> {
+    let digit = |c: u8, at: usize| -> Result<u8> {
+        (c as char).to_digit(16).map(|d| d as u8).ok_or_else(|| {
+            anyhow!(
+                "hex data: `{}` at byte {at} of the data is not a hex digit",
+                c as char
+            )
+        })
+    };
+    let digits: Vec<(usize, u8)> = text
+        .iter()
+        .enumerate()
+        .filter(|(_, c)| !c.is_ascii_whitespace())
+        .map(|(i, &c)| (i, c))
+        .collect();
+    digits
+        .chunks(2)
+        .map(|pair| match pair {
+            [(i, hi), (j, lo)] => Ok(digit(*hi, *i)? << 4 | digit(*lo, *j)?),
+            _ => bail!("hex data: an odd number of hex digits"),
+        })
+        .collect()
+}
+
+/// The first `dims` product of whitespace-separated numbers of ascii data.
+fn ascii_values(text: &[u8], dims: [usize; 3], type_name: &str) -> Result<Vec<f32>> {
+    let n = dims.iter().product::<usize>();
+    let text = std::str::from_utf8(text).map_err(|_| anyhow!("ascii data: not text"))?;
+    let values = text
+        .split_ascii_whitespace()
+        .take(n)
+        .enumerate()
+        .map(|(i, token)| {
+            token
+                .parse::<f64>()
+                .map(|v| v as f32)
+                .map_err(|_| anyhow!("ascii data: value {i} `{token}` is not a number"))
+        })
+        .collect::<Result<Vec<f32>>>()?;
+    if values.len() < n {
+        bail!(
+            "truncated: {} values of ascii data where {}×{}×{} `{type_name}` voxels need {n}",
+            values.len(),
+            dims[0],
+            dims[1],
+            dims[2]
+        );
+    }
+    Ok(values)
 }
 
 fn is_detached_header(path: &Path) -> bool {
@@ -408,6 +498,56 @@ mod tests {
         file.extend(&data);
         let e = volume(Path::new("a.nrrd"), &file).unwrap_err().to_string();
         assert!(e.contains("field `byte skip`"), "{e}");
+    }
+
+    #[test]
+    fn bzip2_hex_and_ascii_encodings() {
+        let fields = "type: short\ndimension: 3\nsizes: 3 1 1\nendian: big\nencoding: ";
+        let values = [-2.0, 300.0, 7.0];
+        let raw = [0xff, 0xfe, 0x01, 0x2c, 0x00, 0x07];
+        let mut bz = bzip2::write::BzEncoder::new(Vec::new(), bzip2::Compression::fast());
+        std::io::Write::write_all(&mut bz, &raw).unwrap();
+        let mut file = header(&format!("{fields}bzip2"));
+        file.extend(bz.finish().unwrap());
+        assert_eq!(volume(Path::new("a.nrrd"), &file).unwrap().data, values);
+        let mut file = header(&format!("{fields}hex"));
+        file.extend(b"fffe 012C\n0007\n");
+        assert_eq!(volume(Path::new("a.nrrd"), &file).unwrap().data, values);
+        // ascii needs no endianness; a line skip is honoured
+        let ascii = "type: short\ndimension: 3\nsizes: 3 1 1\nencoding: ascii\nline skip: 1";
+        let mut file = header(ascii);
+        file.extend(b"a title line\n-2 300\n 7\n");
+        assert_eq!(volume(Path::new("a.nrrd"), &file).unwrap().data, values);
+        let bad = [
+            (format!("{fields}hex"), &b"fffe 012C 000"[..], "odd number"),
+            (
+                format!("{fields}hex"),
+                &b"fffe 012C 00 7g"[..],
+                "`g` at byte 14",
+            ),
+            (ascii.to_string(), &b"title\n-2 x 7"[..], "value 1 `x`"),
+            (
+                ascii.to_string(),
+                &b"title\n-2 3"[..],
+                "truncated: 2 values",
+            ),
+            (
+                format!("{fields}bzip2"),
+                &b"BZh9 not bzip2"[..],
+                "bad bzip2 data",
+            ),
+            (
+                format!("{fields}ascii\nbyte skip: 2"),
+                &b"1 2 3"[..],
+                "field `byte skip`",
+            ),
+        ];
+        for (fields, data, want) in bad {
+            let mut file = header(&fields);
+            file.extend(data);
+            let e = format!("{:#}", volume(Path::new("a.nrrd"), &file).unwrap_err());
+            assert!(e.contains(want), "{want}: {e}");
+        }
     }
 
     #[test]
