@@ -153,27 +153,27 @@ impl Encoding {
 
 /// The bytes of hex-encoded data (whitespace ignored).
 fn hex_bytes(text: &[u8]) -> Result<Vec<u8>> {
-    let digit = |c: u8, at: usize| -> Result<u8> {
-        (c as char).to_digit(16).map(|d| d as u8).ok_or_else(|| {
+    let mut out = Vec::with_capacity(text.len() / 2);
+    let mut high = None;
+    for (at, &c) in text.iter().enumerate() {
+        if c.is_ascii_whitespace() {
+            continue;
+        }
+        let digit = (c as char).to_digit(16).ok_or_else(|| {
             anyhow!(
                 "hex data: `{}` at byte {at} of the data is not a hex digit",
                 c as char
             )
-        })
-    };
-    let digits: Vec<(usize, u8)> = text
-        .iter()
-        .enumerate()
-        .filter(|(_, c)| !c.is_ascii_whitespace())
-        .map(|(i, &c)| (i, c))
-        .collect();
-    digits
-        .chunks(2)
-        .map(|pair| match pair {
-            [(i, hi), (j, lo)] => Ok(digit(*hi, *i)? << 4 | digit(*lo, *j)?),
-            _ => bail!("hex data: an odd number of hex digits"),
-        })
-        .collect()
+        })? as u8;
+        match high.take() {
+            None => high = Some(digit),
+            Some(h) => out.push(h << 4 | digit),
+        }
+    }
+    if high.is_some() {
+        bail!("hex data: an odd number of hex digits");
+    }
+    Ok(out)
 }
 
 /// The first `dims` product of whitespace-separated numbers of ascii data.
