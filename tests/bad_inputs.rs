@@ -88,12 +88,7 @@ fn bad_inputs_fail_cleanly_and_name_the_problem() {
     dataset(&good, 6);
     let runs = dir.join("runs");
     let good_cfg = config(&dir, &good, "");
-    ok(&[
-        "train",
-        good_cfg.to_str().unwrap(),
-        "--runs",
-        runs.to_str().unwrap(),
-    ]);
+    ok(&common::train_args(&good_cfg, &runs, &[]));
     let model = runs.join("bad/model.safetensors");
     let sentinels = Sentinels {
         files: [
@@ -567,12 +562,7 @@ fn sixteen_bit_and_palette_masks_are_accepted() {
     wide.save(root.join("masks/p0.png")).unwrap();
     palette_mask(&root.join("masks/p1.png"), 48, 48, |x, _| u8::from(x > 10));
     let cfg = config(&dir, &root, "");
-    ok(&[
-        "train",
-        cfg.to_str().unwrap(),
-        "--runs",
-        dir.join("runs").to_str().unwrap(),
-    ]);
+    ok(&common::train_args(&cfg, &dir.join("runs"), &[]));
     // palette indices are classes: a 3-class palette mask loads as indices 0..2
     let multi = dir.join("multi");
     dataset(&multi, 6);
@@ -582,14 +572,14 @@ fn sixteen_bit_and_palette_masks_are_accepted() {
         });
     }
     let cfg = config(&dir, &multi, "");
-    ok(&[
-        "train",
-        cfg.to_str().unwrap(),
-        "--runs",
-        dir.join("runs2").to_str().unwrap(),
-        "--set",
-        "data.classes=3",
-        "--set",
-        "loss.0.kind=\"cross_entropy\"",
-    ]);
+    ok(&common::train_args(
+        &cfg,
+        &dir.join("runs2"),
+        &[
+            "--set",
+            "data.classes=3",
+            "--set",
+            "loss.0.kind=\"cross_entropy\"",
+        ],
+    ));
 }

@@ -162,14 +162,7 @@ fn train_writes_a_run_that_pytorch_can_load_and_every_command_uses() {
     let data = tiny_dataset(&dir, "lesion", "lesion", 12, 48);
     let config = tiny_config(&dir, &data, "");
     let runs = dir.join("runs");
-    let stdout = ok(&[
-        "train",
-        config.to_str().unwrap(),
-        "--runs",
-        runs.to_str().unwrap(),
-        "--device",
-        "cpu",
-    ]);
+    let stdout = ok(&common::train_args(&config, &runs, &["--device", "cpu"]));
     assert!(stdout.contains("epoch 2/2"), "{stdout}");
     let run = runs.join("tiny");
     for f in [
@@ -242,12 +235,7 @@ fn train_writes_a_run_that_pytorch_can_load_and_every_command_uses() {
     );
 
     // a second run into the same folder is refused
-    let err = fails(&[
-        "train",
-        config.to_str().unwrap(),
-        "--runs",
-        runs.to_str().unwrap(),
-    ]);
+    let err = fails(&common::train_args(&config, &runs, &[]));
     assert!(
         err.contains("--resume") && err.contains("--overwrite"),
         "{err}"
@@ -531,14 +519,7 @@ fn the_same_config_and_seed_train_the_same_weights() {
     let config = tiny_config(&dir, &data, "");
     let weights = |runs: &str, extra: &[&str]| -> HashMap<String, Vec<f64>> {
         let runs = dir.join(runs);
-        let mut args = vec![
-            "train",
-            config.to_str().unwrap(),
-            "--runs",
-            runs.to_str().unwrap(),
-        ];
-        args.extend_from_slice(extra);
-        ok(&args);
+        ok(&common::train_args(&config, &runs, extra));
         common::tensors(&runs.join("tiny/model.safetensors"))
     };
     let a = weights("a", &[]);
@@ -556,16 +537,11 @@ fn device_auto_says_what_it_took_and_why() {
     let data = tiny_dataset(&dir, "lesion", "lesion", 8, 32);
     let config = tiny_config(&dir, &data, "");
     let runs = dir.join("runs");
-    let out = common::segtrain(&[
-        "train",
-        config.to_str().unwrap(),
-        "--runs",
-        runs.to_str().unwrap(),
-        "--device",
-        "auto",
-        "--set",
-        "train.epochs=1",
-    ]);
+    let out = common::segtrain(&common::train_args(
+        &config,
+        &runs,
+        &["--device", "auto", "--set", "train.epochs=1"],
+    ));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}");
     if !cfg!(feature = "cuda") && !cfg!(feature = "metal") {

@@ -332,12 +332,7 @@ fn patch_training_runs_on_odd_sized_images_and_reports_honest_metrics() {
     )
     .unwrap();
     let runs = dir.join("runs");
-    let out = ok(&[
-        "train",
-        config.to_str().unwrap(),
-        "--runs",
-        runs.to_str().unwrap(),
-    ]);
+    let out = ok(&common::train_args(&config, &runs, &[]));
     assert!(out.contains("epoch 2/2"), "{out}");
     let summary: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(runs.join("patch/summary.json")).unwrap())

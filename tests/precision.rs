@@ -118,16 +118,16 @@ fn bf16_and_f16_training_runs_track_f32() {
     let cfg = common::tiny_config(&dir, &root, "");
     let runs = dir.join("runs");
     let loss_of = |precision: &str| -> Vec<f64> {
-        common::ok(&[
-            "train",
-            cfg.to_str().unwrap(),
-            "--runs",
-            runs.to_str().unwrap(),
-            "--set",
-            &format!("name=\"{precision}\""),
-            "--set",
-            &format!("train.precision=\"{precision}\""),
-        ]);
+        common::ok(&common::train_args(
+            &cfg,
+            &runs,
+            &[
+                "--set",
+                &format!("name=\"{precision}\""),
+                "--set",
+                &format!("train.precision=\"{precision}\""),
+            ],
+        ));
         let csv = std::fs::read_to_string(runs.join(precision).join("metrics.csv")).unwrap();
         csv.lines()
             .skip(1)
@@ -147,13 +147,10 @@ fn bf16_and_f16_training_runs_track_f32() {
         }
     }
     // an unknown precision is a config error naming the key
-    let err = common::fails(&[
-        "train",
-        cfg.to_str().unwrap(),
-        "--runs",
-        runs.to_str().unwrap(),
-        "--set",
-        "train.precision=\"fp8\"",
-    ]);
+    let err = common::fails(&common::train_args(
+        &cfg,
+        &runs,
+        &["--set", "train.precision=\"fp8\""],
+    ));
     assert!(err.contains("precision"), "{err}");
 }

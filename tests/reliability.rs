@@ -53,12 +53,7 @@ kind = "focal"
 fn reference_run(dir: &Path, config: &Path) -> (PathBuf, u64) {
     let reference = dir.join("reference");
     let started = std::time::Instant::now();
-    ok(&[
-        "train",
-        config.to_str().unwrap(),
-        "--runs",
-        reference.to_str().unwrap(),
-    ]);
+    ok(&common::train_args(config, &reference, &[]));
     (reference, started.elapsed().as_millis() as u64)
 }
 

@@ -41,6 +41,18 @@ pub fn fails(args: &[&str]) -> String {
     stderr
 }
 
+/// `train CONFIG --runs RUNS` followed by `extra`.
+pub fn train_args<'a>(config: &'a Path, runs: &'a Path, extra: &[&'a str]) -> Vec<&'a str> {
+    let mut args = vec![
+        "train",
+        config.to_str().unwrap(),
+        "--runs",
+        runs.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    args
+}
+
 pub fn temp_dir(name: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("segtrain-test-{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
