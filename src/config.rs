@@ -301,7 +301,7 @@ impl Config {
     /// Reads `path`, applies `--set key=value` overrides and validates the result. Errors name
     /// the file, and the line and column of TOML syntax errors.
     pub fn load(path: &Path, overrides: &[String]) -> Result<Self> {
-        let text = std::fs::read_to_string(path)
+        let text = crate::fsutil::read_text(path, crate::fsutil::MAX_TEXT_BYTES, "config")
             .with_context(|| format!("cannot read config {}", path.display()))?;
         Self::from_toml(&text, overrides).with_context(|| format!("config {}", path.display()))
     }

@@ -76,7 +76,7 @@ pub fn read_safetensors(
     path: &Path,
     device: &Device,
 ) -> Result<(HashMap<String, Tensor>, HashMap<String, String>)> {
-    let bytes = fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let bytes = read_bounded(path, MAX_SAFETENSORS_BYTES, "model or checkpoint file")?;
     let parsed = safetensors::SafeTensors::deserialize(&bytes)
         .map_err(|e| anyhow::anyhow!("{}: not a valid safetensors file ({e})", path.display()))?;
     let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes)
@@ -95,4 +95,143 @@ pub fn read_safetensors(
         tensors.insert(name, t);
     }
     Ok((tensors, meta.metadata().clone().unwrap_or_default()))
+}
+
+/// Largest model or checkpoint file read (a U-Net of base width 64, depth 5 is ≈ 0.5 GB).
+pub const MAX_SAFETENSORS_BYTES: u64 = 4 << 30;
+
+/// Largest config or JSON/TOML side file read (a config is a few KiB).
+pub const MAX_TEXT_BYTES: u64 = 16 << 20;
+
+/// Refuses anything but a regular file (a folder, FIFO, device such as `/dev/zero`, socket)
+/// where a file is expected, so a read can neither block nor run without end.
+pub fn ensure_regular_file(path: &Path) -> Result<()> {
+    let meta = fs::metadata(path).with_context(|| format!("cannot read {}", path.display()))?;
+    if meta.is_dir() {
+        anyhow::bail!("{}: is a folder, not a file", path.display());
+    }
+    if !meta.is_file() {
+        anyhow::bail!(
+            "{}: not a regular file (a device, FIFO or socket)",
+            path.display()
+        );
+    }
+    Ok(())
+}
+
+/// Reads a regular file of at most `max_bytes` whole; a larger one is refused before it is
+/// read (`what` names the kind of file in the error, e.g. "config").
+pub fn read_bounded(path: &Path, max_bytes: u64, what: &str) -> Result<Vec<u8>> {
+    ensure_regular_file(path)?;
+    let mut file = File::open(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let len = file
+        .metadata()
+        .with_context(|| format!("cannot read {}", path.display()))?
+        .len();
+    if len > max_bytes {
+        anyhow::bail!(
+            "{}: {len} bytes, larger than any {what} segtrain reads ({max_bytes} bytes at most)",
+            path.display()
+        );
+    }
+    let mut bytes = Vec::with_capacity(len as usize);
+    // the file may grow while it is read: never take more than the bound
+    std::io::Read::read_to_end(&mut std::io::Read::take(&mut file, max_bytes + 1), &mut bytes)
+        .with_context(|| format!("cannot read {}", path.display()))?;
+    if bytes.len() as u64 > max_bytes {
+        anyhow::bail!(
+            "{}: larger than any {what} segtrain reads ({max_bytes} bytes at most)",
+            path.display()
+        );
+    }
+    Ok(bytes)
+}
+
+/// [`read_bounded`] for UTF-8 text.
+pub fn read_text(path: &Path, max_bytes: u64, what: &str) -> Result<String> {
+    String::from_utf8(read_bounded(path, max_bytes, what)?)
+        .map_err(|e| anyhow::anyhow!("{}: not UTF-8 text ({e})", path.display()))
+}
+
+/// Removes the temporaries that [`atomic_write`] left in `dir` when its process was killed:
+/// `.<name>.tmp-<pid>` whose process no longer runs (a live writer's are kept).
+pub fn remove_dead_temporaries(dir: &Path) -> Result<()> {
+    let entries = match fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e).with_context(|| format!("cannot list {}", dir.display())),
+    };
+    for entry in entries {
+        let path = entry
+            .with_context(|| format!("cannot list {}", dir.display()))?
+            .path();
+        let Some(name) = path.file_name().and_then(|n| n.to_str()) else {
+            continue;
+        };
+        let pid = name
+            .strip_prefix('.')
+            .and_then(|n| n.rsplit_once(".tmp-"))
+            .and_then(|(_, pid)| pid.parse::<u32>().ok());
+        if pid.is_some_and(|pid| !process_alive(pid)) {
+            let _ = fs::remove_file(&path);
+        }
+    }
+    Ok(())
+}
+
+/// Whether a process `pid` exists (signal 0 probes without sending anything).
+fn process_alive(pid: u32) -> bool {
+    if pid == std::process::id() {
+        return true;
+    }
+    let Ok(pid) = libc::pid_t::try_from(pid) else {
+        return false;
+    };
+    // SAFETY: kill with signal 0 performs only the existence and permission check
+    let rc = unsafe { libc::kill(pid, 0) };
+    rc == 0 || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
+}
+
+/// An exclusive advisory lock on a folder (`<dir>/.lock`, holding the holder's PID) for as long
+/// as a command writes there; released when dropped or when the process dies.
+#[derive(Debug)]
+pub struct DirLock {
+    _file: File,
+}
+
+impl DirLock {
+    /// Takes the lock of `dir` (created if missing), or fails at once naming the process that
+    /// holds it.
+    pub fn acquire(dir: &Path) -> Result<Self> {
+        fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        let path = dir.join(".lock");
+        let mut file = fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .with_context(|| format!("cannot open {}", path.display()))?;
+        match file.try_lock() {
+            Ok(()) => {}
+            Err(fs::TryLockError::WouldBlock) => {
+                let holder = fs::read_to_string(&path).unwrap_or_default();
+                let holder = match holder.trim() {
+                    "" => "another process".to_string(),
+                    pid => format!("process {pid}"),
+                };
+                anyhow::bail!(
+                    "{} is in use by {holder} (a running train, compare, calibrate or export); wait for it to finish or stop it",
+                    dir.display()
+                );
+            }
+            Err(fs::TryLockError::Error(e)) => {
+                return Err(e).with_context(|| format!("cannot lock {}", path.display()))
+            }
+        }
+        file.set_len(0)
+            .and_then(|()| write!(file, "{}", std::process::id()))
+            .with_context(|| format!("cannot write {}", path.display()))?;
+        Ok(Self { _file: file })
+    }
 }

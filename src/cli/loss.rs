@@ -12,8 +12,7 @@ use crate::loss::{Loss, REGISTRY};
 /// and writes `loss` (f32, shape []), `grad` (d loss / d logits) and `term.<i>` (each term's
 /// unweighted value) to `out`.
 pub fn eval(config: &Path, input: &Path, out: &Path) -> Result<()> {
-    let text = std::fs::read_to_string(config)
-        .with_context(|| format!("cannot read config {}", config.display()))?;
+    let text = crate::fsutil::read_text(config, crate::fsutil::MAX_TEXT_BYTES, "config")?;
     let loss = Loss::from_toml_str(&text).with_context(|| config.display().to_string())?;
     let (tensors, _) = read_safetensors(input, &Device::Cpu)?;
     let get = |name: &str| {

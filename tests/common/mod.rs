@@ -128,3 +128,89 @@ pub fn tensors(path: &Path) -> HashMap<String, Vec<f64>> {
         })
         .collect()
 }
+
+/// What a bounded run of segtrain did.
+pub struct Bounded {
+    /// Exit code (None: killed by a signal, e.g. an abort).
+    pub code: Option<i32>,
+    pub stderr: String,
+    /// Whether it had to be killed at the time limit.
+    pub timed_out: bool,
+}
+
+/// Runs segtrain with its address space capped at `memory_mib` MiB (`setrlimit(RLIMIT_AS)` in the
+/// child) and kills it after `seconds`: a decompression or allocation bomb must fail cleanly
+/// inside both bounds.
+pub fn segtrain_bounded(args: &[&str], memory_mib: u64, seconds: u64) -> Bounded {
+    use std::os::unix::process::CommandExt;
+    use std::time::{Duration, Instant};
+    let limit = memory_mib << 20;
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_segtrain"));
+    cmd.args(args)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped());
+    // SAFETY: setrlimit is async-signal-safe; the closure allocates nothing
+    unsafe {
+        cmd.pre_exec(move || {
+            let rl = libc::rlimit {
+                rlim_cur: limit,
+                rlim_max: limit,
+            };
+            if libc::setrlimit(libc::RLIMIT_AS, &rl) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().expect("the segtrain binary runs");
+    let mut stderr_pipe = child.stderr.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = std::io::Read::read_to_string(&mut stderr_pipe, &mut s);
+        s
+    });
+    let start = Instant::now();
+    let mut timed_out = false;
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if start.elapsed() > Duration::from_secs(seconds) {
+            timed_out = true;
+            let _ = child.kill();
+            break child.wait().unwrap();
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    Bounded {
+        code: status.code(),
+        stderr: reader.join().unwrap(),
+        timed_out,
+    }
+}
+
+/// Asserts that a bounded run failed cleanly (exit 1, no panic, no abort, in time) with an error
+/// containing every one of `expect`; returns stderr.
+pub fn fails_bounded(args: &[&str], memory_mib: u64, seconds: u64, expect: &[&str]) -> String {
+    let run = segtrain_bounded(args, memory_mib, seconds);
+    assert!(
+        !run.timed_out,
+        "segtrain {args:?} ran past {seconds} s:\n{}",
+        run.stderr
+    );
+    assert!(
+        !run.stderr.contains("panicked") && run.code == Some(1),
+        "segtrain {args:?} did not fail cleanly (exit {:?}) under {memory_mib} MiB:\n{}",
+        run.code,
+        run.stderr
+    );
+    for e in expect {
+        assert!(
+            run.stderr.contains(e),
+            "segtrain {args:?}: `{e}` not in\n{}",
+            run.stderr
+        );
+    }
+    run.stderr
+}
