@@ -16,7 +16,7 @@ use serde::Serialize;
 
 use crate::config::{first_difference, Config};
 use crate::export;
-use crate::fsutil::atomic_write;
+use crate::fsutil::{atomic_write, DirLock};
 use crate::metrics::Diagram;
 use crate::report::plot::{self, Chart, Series};
 use crate::report::Csv;
@@ -78,6 +78,8 @@ pub fn compare(opts: &CompareOptions) -> Result<PathBuf> {
         bail!("--seeds must be at least 1");
     }
     let variants = variants(opts)?;
+    // one comparison writes a folder at a time (each run folder has its own lock too)
+    let _lock = DirLock::acquire(&opts.out)?;
     let runs_dir = opts.out.join("runs");
     let bars = MultiProgress::new();
     let overall = bars.add(ProgressBar::new((variants.len() * opts.seeds) as u64));

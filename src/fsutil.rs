@@ -136,8 +136,11 @@ pub fn read_bounded(path: &Path, max_bytes: u64, what: &str) -> Result<Vec<u8>> 
     }
     let mut bytes = Vec::with_capacity(len as usize);
     // the file may grow while it is read: never take more than the bound
-    std::io::Read::read_to_end(&mut std::io::Read::take(&mut file, max_bytes + 1), &mut bytes)
-        .with_context(|| format!("cannot read {}", path.display()))?;
+    std::io::Read::read_to_end(
+        &mut std::io::Read::take(&mut file, max_bytes + 1),
+        &mut bytes,
+    )
+    .with_context(|| format!("cannot read {}", path.display()))?;
     if bytes.len() as u64 > max_bytes {
         anyhow::bail!(
             "{}: larger than any {what} segtrain reads ({max_bytes} bytes at most)",
@@ -233,5 +236,68 @@ impl DirLock {
             .and_then(|()| write!(file, "{}", std::process::id()))
             .with_context(|| format!("cannot write {}", path.display()))?;
         Ok(Self { _file: file })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn temp(name: &str) -> std::path::PathBuf {
+        let dir =
+            std::env::temp_dir().join(format!("segtrain-fsutil-{name}-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    #[test]
+    fn a_locked_folder_refuses_a_second_holder_until_released() {
+        let dir = temp("lock");
+        let first = DirLock::acquire(&dir).unwrap();
+        let err = DirLock::acquire(&dir).unwrap_err().to_string();
+        assert!(
+            err.contains("in use") && err.contains(&std::process::id().to_string()),
+            "{err}"
+        );
+        drop(first);
+        DirLock::acquire(&dir).unwrap();
+    }
+
+    #[test]
+    fn only_temporaries_of_dead_processes_are_removed() {
+        let dir = temp("temporaries");
+        // PIDs above the kernel's limit (at most 2^22) belong to no process
+        let dead = dir.join(".model.safetensors.tmp-4194305");
+        let live = dir.join(format!(".mask.png.tmp-{}", std::process::id()));
+        let other = dir.join("notes.tmp-12");
+        for p in [&dead, &live, &other] {
+            fs::write(p, b"x").unwrap();
+        }
+        remove_dead_temporaries(&dir).unwrap();
+        assert!(!dead.exists() && live.exists() && other.exists());
+        remove_dead_temporaries(&dir.join("absent")).unwrap();
+    }
+
+    #[test]
+    fn bounded_reads_refuse_large_and_special_files() {
+        let dir = temp("bounded");
+        let small = dir.join("small.toml");
+        fs::write(&small, b"name = 1").unwrap();
+        assert_eq!(read_text(&small, 100, "config").unwrap(), "name = 1");
+        let err = read_bounded(&small, 4, "config").unwrap_err().to_string();
+        assert!(
+            err.contains("small.toml") && err.contains("4 bytes at most"),
+            "{err}"
+        );
+        let err = read_bounded(Path::new("/dev/zero"), 100, "config")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("/dev/zero") && err.contains("not a regular file"),
+            "{err}"
+        );
+        let err = read_bounded(&dir, 100, "config").unwrap_err().to_string();
+        assert!(err.contains("is a folder"), "{err}");
     }
 }

@@ -1,5 +1,6 @@
 //! Crash safety: runs killed at random instants and resumed end with the same weights as an
-//! uninterrupted run; Ctrl-C checkpoints and stops; non-finite losses stop (or are skipped).
+//! uninterrupted run; Ctrl-C and SIGTERM checkpoint and stop; a damaged checkpoint falls back to
+//! the previous one; one writer per run folder; non-finite losses stop (or are skipped).
 
 mod common;
 
@@ -150,9 +151,10 @@ fn runs_killed_at_random_instants_resume_to_identical_weights() {
     );
 }
 
-#[test]
-fn ctrl_c_checkpoints_and_the_run_resumes_to_identical_weights() {
-    let dir = temp_dir("ctrl-c");
+/// A run sent `signal` mid-training checkpoints, exits non-zero with the resume command, and
+/// `--resume` ends with the uninterrupted run's weights.
+fn interrupted_by(signal: &str) {
+    let dir = temp_dir(&format!("signal-{signal}"));
     let data = tiny_dataset(&dir, "lesion", "lesion", 24, 48);
     let config = config(&dir, &data);
     let (reference, duration) = reference_run(&dir, &config);
@@ -166,7 +168,7 @@ fn ctrl_c_checkpoints_and_the_run_resumes_to_identical_weights() {
             .unwrap();
         std::thread::sleep(Duration::from_millis(wait));
         let _ = Command::new("kill")
-            .args(["-INT", &child.id().to_string()])
+            .args([&format!("-{signal}"), &child.id().to_string()])
             .status();
         let out = child.wait_with_output().unwrap();
         if out.status.success() {
@@ -186,7 +188,127 @@ fn ctrl_c_checkpoints_and_the_run_resumes_to_identical_weights() {
         );
         return;
     }
-    panic!("no Ctrl-C landed during training");
+    panic!("no SIG{signal} landed during training");
+}
+
+#[test]
+fn ctrl_c_checkpoints_and_the_run_resumes_to_identical_weights() {
+    interrupted_by("INT");
+}
+
+/// What schedulers and `docker stop` send: handled like Ctrl-C.
+#[test]
+fn sigterm_checkpoints_and_the_run_resumes_to_identical_weights() {
+    interrupted_by("TERM");
+}
+
+/// A newest checkpoint truncated (a full disk, a crash of the file system) is reported and the
+/// previous one used; the resumed run still ends with the uninterrupted run's weights.
+#[test]
+fn a_truncated_checkpoint_falls_back_to_the_previous_one() {
+    let dir = temp_dir("truncated-checkpoint");
+    let data = tiny_dataset(&dir, "lesion", "lesion", 12, 48);
+    let config = config(&dir, &data);
+    let (reference, _) = reference_run(&dir, &config);
+    let runs = dir.join("damaged");
+    let run = runs.join("resume");
+    std::fs::create_dir_all(&run).unwrap();
+    for entry in std::fs::read_dir(reference.join("resume")).unwrap() {
+        let path = entry.unwrap().path();
+        std::fs::copy(&path, run.join(path.file_name().unwrap())).unwrap();
+    }
+    std::fs::remove_file(run.join("summary.json")).unwrap();
+    let checkpoint = run.join("checkpoint.safetensors");
+    let bytes = std::fs::read(&checkpoint).unwrap();
+    std::fs::write(&checkpoint, &bytes[..bytes.len() / 2]).unwrap();
+    let out = train_command(&config, &runs).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("checkpoint.safetensors") && stderr.contains("checkpoint.prev.safetensors"),
+        "the fallback is not reported:\n{stderr}"
+    );
+    for file in ["model.safetensors", "checkpoint.safetensors"] {
+        assert_eq!(
+            tensors(&run.join(file)),
+            tensors(&reference.join("resume").join(file)),
+            "{file}"
+        );
+    }
+    // both checkpoints damaged: an error naming both, no panic
+    for file in ["checkpoint.safetensors", "checkpoint.prev.safetensors"] {
+        std::fs::write(run.join(file), b"garbage").unwrap();
+    }
+    std::fs::remove_file(run.join("summary.json")).unwrap();
+    let err = fails(&[
+        "train",
+        config.to_str().unwrap(),
+        "--runs",
+        runs.to_str().unwrap(),
+        "--resume",
+    ]);
+    assert!(
+        err.contains("no usable checkpoint") && err.contains("checkpoint.prev.safetensors"),
+        "{err}"
+    );
+}
+
+/// A run folder is written by one process at a time: a `--resume` or `--overwrite` beside a
+/// running run is refused, naming the holder's PID, and the running run is not disturbed.
+#[test]
+fn a_second_writer_of_a_run_folder_is_refused() {
+    let dir = temp_dir("lock");
+    let data = tiny_dataset(&dir, "lesion", "lesion", 12, 48);
+    let config = config(&dir, &data);
+    let runs = dir.join("runs");
+    let (c, r) = (config.to_str().unwrap(), runs.to_str().unwrap());
+    let mut first = train_command(&config, &runs)
+        .args(["--set", "train.epochs=400"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let run = runs.join("resume");
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    while !run.join("checkpoint.safetensors").exists() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no checkpoint written"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let pid = first.id().to_string();
+    for extra in ["--resume", "--overwrite"] {
+        let err = fails(&["train", c, "--runs", r, "--set", "train.epochs=400", extra]);
+        assert!(
+            err.contains("in use") && err.contains(&pid),
+            "{extra}: {err}"
+        );
+    }
+    assert!(
+        run.join("config.toml").exists(),
+        "--overwrite cleared a running run"
+    );
+    let _ = Command::new("kill").args(["-INT", &pid]).status();
+    let out = first.wait().unwrap();
+    assert!(!out.success());
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(first.stderr.as_mut().unwrap(), &mut stderr).unwrap();
+    assert!(stderr.contains("interrupted after update"), "{stderr}");
+    // the holder is gone: the lock is free again
+    let err = fails(&[
+        "train",
+        c,
+        "--runs",
+        r,
+        "--set",
+        "train.epochs=1",
+        "--resume",
+    ]);
+    assert!(
+        err.contains("different config") && err.contains("train.epochs") && err.contains("400"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -259,7 +381,10 @@ fn a_run_folder_is_never_mixed_with_another_run() {
         "train.epochs=2",
         "--resume",
     ]);
-    assert!(err.contains("different config"), "{err}");
+    assert!(
+        err.contains("different config") && err.contains("train.epochs: 1 vs 2"),
+        "the differing key is not named: {err}"
+    );
     assert_eq!(
         std::fs::read(runs.join("resume/model.safetensors")).unwrap(),
         model,

@@ -24,7 +24,9 @@ use crate::data::loader::{epoch_batches, mix_seed, BatchRecipe, Crop, TrainLoade
 use crate::data::Dataset;
 use crate::device::DeviceChoice;
 use crate::export::{self, ModelMeta};
-use crate::fsutil::{atomic_write, read_safetensors, write_safetensors};
+use crate::fsutil::{
+    atomic_write, read_safetensors, remove_dead_temporaries, write_safetensors, DirLock,
+};
 use crate::inference::{Predictor, Window};
 use crate::loss::Loss;
 use crate::metrics::Report;
@@ -168,6 +170,8 @@ impl LossScale {
 }
 
 const CHECKPOINT: &str = "checkpoint.safetensors";
+/// The lock file of a run folder ([`DirLock`]).
+const LOCK: &str = ".lock";
 const PREVIOUS_CHECKPOINT: &str = "checkpoint.prev.safetensors";
 const CHECKPOINT_FORMAT: &str = "segtrain-checkpoint/1";
 
@@ -178,7 +182,9 @@ pub fn train(config: &Config, opts: &TrainOptions) -> Result<Summary> {
     let (device, device_name) = choice.open()?;
     let run_dir = opts.runs_dir.join(&config.name);
     let resolved = config.to_toml()?;
-    let resume_from = prepare_run_dir(&run_dir, &resolved, opts)?;
+    // held until training returns: a second writer of this folder is refused, not mixed in
+    let _lock = DirLock::acquire(&run_dir)?;
+    let checkpoints = prepare_run_dir(&run_dir, &resolved, opts)?;
     opts.suspend(|| eprintln!("device: {device_name}"));
 
     let dataset = Dataset::open(&config.data, config.seed)?;
@@ -202,8 +208,8 @@ pub fn train(config: &Config, opts: &TrainOptions) -> Result<Summary> {
         }),
         ..Progress::default()
     };
-    if let Some(path) = &resume_from {
-        progress = load_checkpoint(path, &vars, &mut optimizer, &device)?;
+    if !checkpoints.is_empty() {
+        progress = load_newest_checkpoint(&checkpoints, &vars, &mut optimizer, &device, opts)?;
         if progress.mean != dataset.mean || progress.std != dataset.std {
             bail!(
                 "{}: the data set changed since the checkpoint was written",
@@ -574,9 +580,9 @@ pub fn finished(config: &Config, runs_dir: &Path) -> Result<Option<Summary>> {
         return Ok(None);
     };
     let previous = std::fs::read_to_string(run_dir.join("config.toml")).unwrap_or_default();
-    if !same_experiment(&previous, &config.to_toml()?) {
+    if let Some((key, values)) = experiment_difference(&previous, &config.to_toml()?) {
         bail!(
-            "{} holds a finished run of a different config; use another output folder or remove it",
+            "{} holds a finished run of a different config ({key}: {values}, the run's first); use another output folder or remove it",
             run_dir.display()
         );
     }
@@ -584,20 +590,32 @@ pub fn finished(config: &Config, runs_dir: &Path) -> Result<Option<Summary>> {
     Ok(Some(summary))
 }
 
-/// Checks the run folder: a fresh run needs it empty (or `--overwrite`), `--resume` needs a
-/// checkpoint of the same config. Returns the checkpoint to resume from.
-fn prepare_run_dir(run_dir: &Path, resolved: &str, opts: &TrainOptions) -> Result<Option<PathBuf>> {
-    let occupied = run_dir.is_dir()
-        && std::fs::read_dir(run_dir)
-            .with_context(|| format!("cannot list {}", run_dir.display()))?
-            .next()
-            .is_some();
+/// Checks the run folder (locked by the caller): a fresh run needs it empty (or `--overwrite`),
+/// `--resume` needs a run of the same config. Returns the checkpoints to resume from, newest
+/// first (none: start from scratch).
+fn prepare_run_dir(run_dir: &Path, resolved: &str, opts: &TrainOptions) -> Result<Vec<PathBuf>> {
     if opts.resume && opts.overwrite {
         bail!("--resume and --overwrite exclude each other");
     }
+    remove_dead_temporaries(run_dir)?;
+    // everything but the lock, which the caller holds
+    let contents: Vec<PathBuf> = std::fs::read_dir(run_dir)
+        .and_then(|entries| entries.map(|e| e.map(|e| e.path())).collect())
+        .with_context(|| format!("cannot list {}", run_dir.display()))?;
+    let contents: Vec<PathBuf> = contents
+        .into_iter()
+        .filter(|p| p.file_name() != Some(LOCK.as_ref()))
+        .collect();
+    let occupied = !contents.is_empty();
     if occupied && opts.overwrite {
-        std::fs::remove_dir_all(run_dir)
-            .with_context(|| format!("cannot clear {}", run_dir.display()))?;
+        for path in &contents {
+            let removed = if path.is_dir() && !path.is_symlink() {
+                std::fs::remove_dir_all(path)
+            } else {
+                std::fs::remove_file(path)
+            };
+            removed.with_context(|| format!("cannot clear {}", path.display()))?;
+        }
     } else if occupied && !opts.resume {
         let state = if run_dir.join("summary.json").exists() {
             "a finished"
@@ -609,19 +627,19 @@ fn prepare_run_dir(run_dir: &Path, resolved: &str, opts: &TrainOptions) -> Resul
             run_dir.display()
         );
     }
-    std::fs::create_dir_all(run_dir)
-        .with_context(|| format!("cannot create {}", run_dir.display()))?;
-    remove_stale_temporaries(run_dir)?;
     if !opts.resume || !occupied {
-        return Ok(None);
+        return Ok(vec![]);
     }
     // the run must be the same experiment
     match std::fs::read_to_string(run_dir.join("config.toml")) {
-        Ok(previous) if !same_experiment(&previous, resolved) => bail!(
-            "{} holds a run of a different config; --resume needs the same config and overrides (or use --overwrite)",
-            run_dir.display()
-        ),
-        Ok(_) => {}
+        Ok(previous) => {
+            if let Some((key, values)) = experiment_difference(&previous, resolved) {
+                bail!(
+                    "{} holds a run of a different config ({key}: {values}, the run's first); --resume needs the same config and overrides (or use --overwrite)",
+                    run_dir.display()
+                );
+            }
+        }
         Err(_) => bail!(
             "{}: not a segtrain run (no config.toml); use --overwrite to start over",
             run_dir.display()
@@ -632,37 +650,58 @@ fn prepare_run_dir(run_dir: &Path, resolved: &str, opts: &TrainOptions) -> Resul
     Ok([CHECKPOINT, PREVIOUS_CHECKPOINT]
         .iter()
         .map(|f| run_dir.join(f))
-        .find(|p| p.exists()))
+        .filter(|p| p.exists())
+        .collect())
 }
 
-/// Removes the temporaries of writes a kill interrupted (`.<name>.tmp-<pid>`).
-fn remove_stale_temporaries(run_dir: &Path) -> Result<()> {
-    for entry in
-        std::fs::read_dir(run_dir).with_context(|| format!("cannot list {}", run_dir.display()))?
-    {
-        let path = entry?.path();
-        let name = path
-            .file_name()
-            .map(|n| n.to_string_lossy().to_string())
-            .unwrap_or_default();
-        if name.starts_with('.') && name.contains(".tmp-") {
-            let _ = std::fs::remove_file(&path);
+/// Loads the first of `checkpoints` (newest first) that reads; a damaged newer one (truncated
+/// by a full disk, say) is reported and the previous one used.
+fn load_newest_checkpoint(
+    checkpoints: &[PathBuf],
+    vars: &VarMap,
+    optimizer: &mut AdamW,
+    device: &Device,
+    opts: &TrainOptions,
+) -> Result<Progress> {
+    let mut failures = vec![];
+    for path in checkpoints {
+        match load_checkpoint(path, vars, optimizer, device) {
+            Ok(progress) => {
+                for failure in &failures {
+                    opts.suspend(|| {
+                        eprintln!("warning: {failure:#}; resuming from {}", path.display())
+                    });
+                }
+                return Ok(progress);
+            }
+            Err(e) => failures.push(e),
         }
     }
-    Ok(())
+    let why: Vec<String> = failures.iter().map(|e| format!("{e:#}")).collect();
+    bail!(
+        "no usable checkpoint: {}; use --overwrite to start over",
+        why.join("; ")
+    )
 }
 
-/// Whether a run folder's `config.toml` describes the same experiment as the resolved config
-/// `resolved`: equal once both are read with today's defaults (a key added to the schema since
+/// The first key in which a run folder's `config.toml` (`previous`) differs as an experiment
+/// from the resolved config `resolved`, with both values; None when they are the same
+/// experiment: equal once both are read with today's defaults (a key added to the schema since
 /// the run was written takes its default) and without `train.device`, which may change between
-/// resumes.
-fn same_experiment(previous: &str, resolved: &str) -> bool {
-    let normal = |text: &str| -> Option<String> {
-        let mut config = Config::from_toml(text, &[]).ok()?;
+/// resumes. A previous config that no longer reads differs in `config.toml` itself.
+fn experiment_difference(previous: &str, resolved: &str) -> Option<(String, String)> {
+    let normal = |text: &str| -> Result<toml::Table> {
+        let mut config = Config::from_toml(text, &[])?;
         config.train.device = String::new();
-        config.to_toml().ok()
+        Ok(config.to_toml()?.parse()?)
     };
-    normal(previous).is_some() && normal(previous) == normal(resolved)
+    let Ok(now) = normal(resolved) else {
+        return Some(("config".into(), "the new config does not read back".into()));
+    };
+    match normal(previous) {
+        Ok(before) => crate::config::first_difference(&before, &now, ""),
+        Err(e) => Some(("config.toml".into(), format!("unreadable ({e:#})"))),
+    }
 }
 
 fn save_checkpoint(
@@ -910,7 +949,11 @@ fn epoch_line(r: &EpochRow, epochs: usize, terms: &[&str]) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::{same_experiment, LossScale};
+    use super::{experiment_difference, LossScale};
+
+    fn same_experiment(previous: &str, resolved: &str) -> bool {
+        experiment_difference(previous, resolved).is_none()
+    }
 
     #[test]
     fn a_run_written_before_a_schema_key_existed_is_the_same_experiment() {
