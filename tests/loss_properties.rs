@@ -635,3 +635,65 @@ fn a_nan_logit_gives_a_nan_loss_on_both_paths() {
         }
     }
 }
+
+/// Focal loss normalised by the positives, over a sequence of batches with 1000, 0 and 1
+/// foreground pixels: divided by each batch's own count it jumps by an order of magnitude on the
+/// nearly empty batches (the explosion seen in patch training); training divides by the running
+/// average (`PositivesAverage`) and stays within a small factor of the first batch. A first
+/// batch, like any single evaluation, is exactly the per-batch value.
+#[test]
+fn positives_normalised_focal_stays_bounded_on_batches_with_few_positives() {
+    use segtrain::loss::PositivesAverage;
+    let loss = Loss::from_toml_str(
+        "[[loss]]\nkind = \"focal\"\nnormalize = \"positives\"\nalpha = 0.25\n",
+    )
+    .unwrap();
+    let (n, h, w) = (2, 64, 64);
+    // a half-trained model: background at p ≈ 0.05, lesion pixels still uncertain (p = 0.5)
+    let batch = |positives: usize| -> (Tensor, Tensor) {
+        let target: Vec<f32> = (0..n * h * w)
+            .map(|i| if i < positives { 1.0 } else { 0.0 })
+            .collect();
+        let logits: Vec<f32> = target
+            .iter()
+            .enumerate()
+            .map(|(i, &g)| {
+                if g > 0.0 {
+                    0.0
+                } else {
+                    -3.0 + (i % 7) as f32 * 0.1
+                }
+            })
+            .collect();
+        (
+            Tensor::from_vec(logits, (n, 1, h, w), &Device::Cpu).unwrap(),
+            Tensor::from_vec(target, (n, 1, h, w), &Device::Cpu).unwrap(),
+        )
+    };
+    let value = |t: &Tensor| t.to_scalar::<f32>().unwrap() as f64;
+    let mut average = PositivesAverage::default();
+    let (mut per_batch, mut running) = (vec![], vec![]);
+    for positives in [1000, 1000, 0, 1, 1000, 0, 1] {
+        let (logits, target) = batch(positives);
+        per_batch.push(value(&loss.forward(&logits, &target).unwrap().total));
+        running.push(value(
+            &loss
+                .forward_training(&logits, &target, &mut average)
+                .unwrap()
+                .total,
+        ));
+    }
+    assert!((running[0] - per_batch[0]).abs() <= 1e-6 * per_batch[0]);
+    let first = per_batch[0];
+    let worst_per_batch = per_batch.iter().cloned().fold(0.0, f64::max);
+    assert!(
+        worst_per_batch > 10.0 * first,
+        "the per-batch normalisation should explode here: {per_batch:?}"
+    );
+    for (k, v) in running.iter().enumerate() {
+        assert!(
+            v.is_finite() && *v <= 1.5 * first,
+            "batch {k}: running-average focal {v} vs first batch {first} ({running:?})"
+        );
+    }
+}

@@ -8,7 +8,10 @@
 //!
 //! Defaults: `gamma` = 2.0, no `alpha`, `normalize` = `"mean"` (over kept elements; softmax:
 //! kept pixels), `"sum"`, or `"positives"` (sum / max(1, positive elements; softmax: pixels of
-//! a class other than 0) — RetinaNet's normalisation by the number of positive anchors).
+//! a class other than 0) — RetinaNet's normalisation by the number of positive anchors). In
+//! training, `"positives"` divides by a running average of that count instead (momentum 0.9, as
+//! detectron2's RetinaNet; see [`super::PositivesAverage`]), so a batch with few or no
+//! positives cannot blow the term up; a single evaluation divides by its own count.
 //! γ = 0 without α is exactly `cross_entropy`.
 //!
 //! The modulator is computed as `exp(γ·log(1 − p_t))` with `log(1 − p_t)` from log-sigmoid or
@@ -68,7 +71,8 @@ pub enum Normalize {
     Mean,
     /// Nothing.
     Sum,
-    /// max(1, number of positive elements) — RetinaNet's normalisation.
+    /// max(1, number of positive elements) — RetinaNet's normalisation (in training: its
+    /// running average).
     Positives,
 }
 
@@ -106,6 +110,10 @@ impl LossFn for Focal {
         }
     }
 
+    fn normalises_by_positives(&self) -> bool {
+        self.normalize == Normalize::Positives
+    }
+
     fn pixel_term(&self, input: &LossInput) -> Result<Option<PixelTerm>> {
         Ok(Some(PixelTerm {
             spec: self.fused_spec(input.activation, input.classes()),
@@ -133,7 +141,7 @@ impl Focal {
         Ok(match self.normalize {
             Normalize::Sum => 1.0,
             Normalize::Mean => input.kept_elements()?.max(1.0),
-            Normalize::Positives => input.positives()?.max(1.0),
+            Normalize::Positives => input.positives_normaliser()?,
         })
     }
 

@@ -82,6 +82,9 @@ pub struct LossInput {
     log_sum_exp: OnceCell<Tensor>,
     kept_elements: OnceCell<f64>,
     positives: OnceCell<f64>,
+    /// What `normalize = "positives"` divides by instead of this batch's count: the running
+    /// average of a training run ([`super::PositivesAverage`]).
+    pub positives_normaliser: Option<f64>,
     /// Use the fused CPU kernels ([`super::fused`]) where a loss has one.
     pub fused: bool,
     /// What the one fused pass computes (see [`Self::plan_fused`]).
@@ -172,6 +175,7 @@ impl LossInput {
             log_sum_exp: OnceCell::new(),
             kept_elements: OnceCell::new(),
             positives: OnceCell::new(),
+            positives_normaliser: None,
             fused: kernels == Kernels::FastCpu && logits.device().is_cpu() && dtype == DType::F32,
             plan: fused::Request {
                 stats: true,
@@ -282,6 +286,15 @@ impl LossInput {
             }
         })
         .copied()
+    }
+
+    /// The divisor of `normalize = "positives"`: the running average set by training, else
+    /// max(1, [`Self::positives`]).
+    pub fn positives_normaliser(&self) -> Result<f64> {
+        match self.positives_normaliser {
+            Some(n) => Ok(n),
+            None => Ok(self.positives()?.max(1.0)),
+        }
     }
 
     /// The positives of the RetinaNet normalisation: sigmoid: kept target elements > 0.5;

@@ -47,6 +47,12 @@ pub trait LossFn: fmt::Debug + Send + Sync {
     /// The scalar loss.
     fn forward(&self, input: &LossInput) -> Result<Tensor>;
 
+    /// Whether the loss divides by the number of positives ([`LossInput::positives_normaliser`]),
+    /// which training replaces by a running average.
+    fn normalises_by_positives(&self) -> bool {
+        false
+    }
+
     /// The loss as a fused pixel term, for a loss that is a weighted sum over elements
     /// (cross-entropy, focal): lets one fused pass compute it with the other terms' work.
     /// `None` (the default): the loss reads region statistics or takes the generic path.
@@ -288,12 +294,38 @@ impl Loss {
         self.forward_using(logits, target, Kernels::for_device(logits.device()))
     }
 
+    /// [`Self::forward`] for a training step: terms normalised by the positives divide by
+    /// `average` after folding this batch's count into it.
+    pub fn forward_training(
+        &self,
+        logits: &Tensor,
+        target: &Tensor,
+        average: &mut PositivesAverage,
+    ) -> anyhow::Result<LossValue> {
+        self.evaluate(
+            logits,
+            target,
+            Kernels::for_device(logits.device()),
+            Some(average),
+        )
+    }
+
     /// [`Self::forward`] with a chosen implementation.
     pub fn forward_using(
         &self,
         logits: &Tensor,
         target: &Tensor,
         kernels: Kernels,
+    ) -> anyhow::Result<LossValue> {
+        self.evaluate(logits, target, kernels, None)
+    }
+
+    fn evaluate(
+        &self,
+        logits: &Tensor,
+        target: &Tensor,
+        kernels: Kernels,
+        average: Option<&mut PositivesAverage>,
     ) -> anyhow::Result<LossValue> {
         let classes = logits.dims().get(1).copied().unwrap_or(0);
         self.check(classes)?;
@@ -315,6 +347,16 @@ impl Loss {
                 }
             };
             input_of.push(at);
+        }
+        let by_positives: Vec<usize> = (0..self.terms.len())
+            .filter(|&i| self.terms[i].loss.normalises_by_positives())
+            .map(|i| input_of[i])
+            .collect();
+        if let (Some(average), Some(&first)) = (average, by_positives.first()) {
+            let normaliser = average.update(prepared[first].1.positives()?);
+            for &at in &by_positives {
+                prepared[at].1.positives_normaliser = Some(normaliser);
+            }
         }
         for (at, (_, input)) in prepared.iter_mut().enumerate() {
             if !input.fused {
@@ -351,6 +393,31 @@ impl Loss {
         }
         let total = total.ok_or_else(|| anyhow!("the loss has no term"))?;
         Ok(LossValue { total, terms })
+    }
+}
+
+/// The running average of the positives per batch that training divides `normalize =
+/// "positives"` terms by (detectron2's RetinaNet): `n̄ ← m·n̄ + (1 − m)·max(1, n)`, momentum
+/// m = 0.9, started at the first batch's max(1, n) — so a first batch, and any single
+/// evaluation, matches the per-batch normalisation. A batch with 0 or 1 positive pixels after
+/// batches with thousands divides by about the thousands, not by 1.
+#[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct PositivesAverage {
+    pub value: Option<f64>,
+}
+
+impl PositivesAverage {
+    pub const MOMENTUM: f64 = 0.9;
+
+    /// Folds a batch's positives in; returns the divisor for that batch.
+    pub fn update(&mut self, positives: f64) -> f64 {
+        let n = positives.max(1.0);
+        let value = match self.value {
+            None => n,
+            Some(v) => Self::MOMENTUM * v + (1.0 - Self::MOMENTUM) * n,
+        };
+        self.value = Some(value);
+        value
     }
 }
 

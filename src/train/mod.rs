@@ -28,7 +28,7 @@ use crate::fsutil::{
     atomic_write, read_safetensors, remove_dead_temporaries, write_safetensors, DirLock,
 };
 use crate::inference::{Predictor, Window};
-use crate::loss::Loss;
+use crate::loss::{Loss, PositivesAverage};
 use crate::metrics::Report;
 use crate::model::{self, is_trainable, UNet, UNetConfig};
 use optim::AdamW;
@@ -139,6 +139,9 @@ struct Progress {
     std: Vec<f32>,
     /// f16 training's dynamic loss scale (None otherwise).
     loss_scale: Option<LossScale>,
+    /// The running positives per batch of `normalize = "positives"` terms.
+    #[serde(default)]
+    positives: PositivesAverage,
 }
 
 /// Dynamic loss scaling for f16 (PyTorch's `GradScaler`): the loss is multiplied by `scale`
@@ -323,6 +326,7 @@ pub fn train(config: &Config, opts: &TrainOptions) -> Result<Summary> {
                 (lr, t.grad_clip),
                 precision.dtype(),
                 progress.loss_scale.as_mut(),
+                &mut progress.positives,
             );
             let at = format!("epoch {}, update {}", epoch + 1, progress.step + 1);
             match outcome.with_context(|| at.clone())? {
@@ -502,9 +506,10 @@ fn train_step(
     (lr, grad_clip): (f64, Option<f64>),
     dtype: DType,
     loss_scale: Option<&mut LossScale>,
+    positives: &mut PositivesAverage,
 ) -> Result<StepOutcome> {
     let logits = model.forward_in(images, true, dtype)?;
-    let value = loss.forward(&logits, masks)?;
+    let value = loss.forward_training(&logits, masks, positives)?;
     let scalar = |t: &Tensor| -> Result<f64> { Ok(t.to_dtype(DType::F64)?.to_scalar::<f64>()?) };
     let terms = value.terms.iter().map(scalar).collect::<Result<Vec<_>>>()?;
     if let Some(i) = terms.iter().position(|v| !v.is_finite()) {
