@@ -18,6 +18,7 @@ pub mod kernels;
 pub mod loss;
 pub mod metrics;
 pub mod model;
+pub mod plan;
 pub mod predict;
 pub mod report;
 pub mod train;

@@ -84,6 +84,9 @@ enum Command {
     Calibrate(ModelOnData),
     /// Generate a synthetic medical-style data set (images/ + masks/) with no download.
     Synth(SynthArgs),
+    /// Measure a data set (sizes, channels, intensities, foreground share, lesion sizes) and
+    /// write a training config chosen from it, each decision commented with its numbers.
+    Plan(PlanArgs),
     /// Cut NIfTI/NRRD scans and their label volumes into 2-D slice pairs (images/ + masks/).
     ///
     /// Slices are <volume>_<axis><index:04>.png. Scan and label are reoriented alike to the
@@ -159,6 +162,24 @@ struct TrainArgs {
     /// Folder of the run folders.
     #[arg(long, default_value = "runs")]
     runs: PathBuf,
+}
+
+#[derive(clap::Args)]
+struct PlanArgs {
+    /// The data set: images/ + masks/, or train/ and val/ folders holding both.
+    data: PathBuf,
+    /// Write the config here (default: print it).
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// The run's name (default: the data folder's name).
+    #[arg(long)]
+    name: Option<String>,
+    /// Training time to plan for, on this machine.
+    #[arg(long, default_value_t = 10.0)]
+    budget_minutes: f64,
+    /// Seconds of one training update, instead of timing one here.
+    #[arg(long)]
+    step_seconds: Option<f64>,
 }
 
 #[derive(clap::Args)]
@@ -446,6 +467,22 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 println!("ECE          {:.5} -> {:.5}", c.ece_before, c.ece_after);
                 println!("Brier        {:.5} -> {:.5}", c.brier_before, c.brier_after);
                 println!("stored in {}", model.display());
+            }
+            Ok(())
+        }
+        Command::Plan(a) => {
+            let opts = segtrain::plan::PlanOptions {
+                name: a.name,
+                budget_minutes: a.budget_minutes,
+                step_seconds: a.step_seconds,
+            };
+            let text = segtrain::plan::plan(&a.data, &opts)?;
+            match a.out {
+                Some(out) => {
+                    segtrain::fsutil::atomic_write(&out, text.as_bytes())?;
+                    eprintln!("wrote {}", out.display());
+                }
+                None => print!("{text}"),
             }
             Ok(())
         }

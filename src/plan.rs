@@ -1,0 +1,498 @@
+//! `segtrain plan`: a data set's fingerprint and the training config chosen from it.
+//!
+//! Like nnU-Net's experiment planner, the decisions follow from a few numbers measured on the
+//! training images — sizes, channels, intensities, foreground share, lesion sizes — and the
+//! time a training step takes on this machine; unlike it, every decision is written into the
+//! config as a comment that gives the numbers behind it, so the plan can be read and edited.
+//!
+//! Rules (sides are multiples of 2^depth = 16):
+//! - **Whole image or patches.** Whole images at side S = the median image side, clamped to
+//!   [`MIN_SIDE`, `MAX_WHOLE_SIDE`], as long as the 5th-percentile lesion keeps at least
+//!   [`MIN_LESION_PIXELS`] pixels after the resize, or the resize at most halves its area (a
+//!   typical lesion must survive it); otherwise patches of [`PATCH_SIDE`] at native resolution, which see every lesion at full
+//!   size, with a third of the patches (half when most images are empty) centred on lesions.
+//! - **Batch**: 8 images of 128² per update, fewer for larger sides (the same pixels per
+//!   update), at least 2.
+//! - **Budget**: epochs = the time budget (default 10 min) × 0.85 / the time of one epoch
+//!   (its updates, timed on this machine, plus validation), between 5 and 500.
+//! - **Loss**: Dice + focal (γ = 2, mean), the MONAI `DiceFocalLoss` that plain PyTorch
+//!   baselines use; in patch mode the focal term is normalised by the running average of the
+//!   positives.
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use rayon::prelude::*;
+
+use crate::bench::{self, BenchOptions};
+use crate::config::Config;
+use crate::data::{self, PairPaths};
+use crate::kernels::Kernels;
+use crate::metrics::percentile;
+
+/// Smallest model input side.
+pub const MIN_SIDE: usize = 64;
+/// Largest whole-image side (larger images are resized down to it, or cut into patches).
+pub const MAX_WHOLE_SIDE: usize = 256;
+/// Side of the patches of patch mode.
+pub const PATCH_SIDE: usize = 128;
+/// Fewest pixels a 5th-percentile lesion may keep after the whole-image resize.
+pub const MIN_LESION_PIXELS: f64 = 16.0;
+/// The U-Net the plans train (the project's tested default).
+const BASE_WIDTH: usize = 16;
+const DEPTH: usize = 4;
+
+/// Median, smallest and largest of a list of numbers.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Spread {
+    pub median: f64,
+    pub min: f64,
+    pub max: f64,
+}
+
+impl Spread {
+    fn of(values: &[f64]) -> Option<Self> {
+        let mut v = values.to_vec();
+        v.sort_by(f64::total_cmp);
+        Some(Self {
+            median: percentile(&v, 50.0),
+            min: *v.first()?,
+            max: *v.last()?,
+        })
+    }
+}
+
+/// Intensity statistics of one channel, values in [0, 1].
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Intensity {
+    pub p0_5: f64,
+    pub p50: f64,
+    pub p99_5: f64,
+    pub mean: f64,
+    pub std: f64,
+}
+
+/// What `plan` measures on the training images.
+#[derive(Debug, Clone)]
+pub struct Fingerprint {
+    /// The folder read: `DATA/train` when the data set has a fixed split, else `DATA`.
+    pub folder: PathBuf,
+    pub images: usize,
+    pub fixed_split: bool,
+    pub heights: Spread,
+    pub widths: Spread,
+    /// 1 when every image is grey (R = G = B), else 3.
+    pub channels: usize,
+    pub intensity: Vec<Intensity>,
+    /// Share of pixels darker than 2 % of full scale: the black background of a scan slice.
+    pub dark_share: f64,
+    /// Classes including background: 1 (binary masks) or the largest mask value + 1.
+    pub classes: usize,
+    /// Foreground share of each image that has foreground.
+    pub foreground: Option<Spread>,
+    pub empty_share: f64,
+    /// Connected lesions (8-neighbourhood) per image with foreground.
+    pub lesions_per_image: Option<Spread>,
+    /// Lesion areas in native pixels: median and 5th percentile.
+    pub lesion_area_median: f64,
+    pub lesion_area_p5: f64,
+}
+
+impl Fingerprint {
+    /// What the intensities look like.
+    pub fn modality(&self) -> &'static str {
+        if self.channels == 3 {
+            "colour photographs (RGB)"
+        } else if self.dark_share > 0.2 {
+            "grey scan slices on a black background (MRI, or CT after windowing)"
+        } else {
+            "grey images without a black background (microscopy, ultrasound or photographs)"
+        }
+    }
+}
+
+/// One image's measurements.
+struct ImageStats {
+    h: usize,
+    w: usize,
+    grey: bool,
+    /// Pixel values per channel, subsampled.
+    samples: Vec<Vec<f32>>,
+    dark: f64,
+    max_label: u32,
+    foreground: f64,
+    lesion_areas: Vec<f64>,
+}
+
+fn measure(pair: &PairPaths) -> Result<ImageStats> {
+    let image = data::load_image(&pair.image, 3, None)?;
+    let (h, w) = image.hw;
+    let planes: Vec<&[f32]> = image.planes.chunks(h * w).collect();
+    let grey = (0..h * w).all(|i| planes[0][i] == planes[1][i] && planes[1][i] == planes[2][i]);
+    let step = (h * w / 4096).max(1);
+    let samples = planes
+        .iter()
+        .map(|p| p.iter().step_by(step).copied().collect())
+        .collect();
+    let luma = |i: usize| (planes[0][i] + planes[1][i] + planes[2][i]) / 3.0;
+    let dark = (0..h * w).filter(|&i| luma(i) < 0.02).count() as f64 / (h * w) as f64;
+    let mask = data::read_mask_values(&pair.mask)?;
+    if (mask.width as usize, mask.height as usize) != (w, h) {
+        bail!(
+            "{} is {w}×{h} but its mask {} is {}×{}",
+            pair.image.display(),
+            pair.mask.display(),
+            mask.width,
+            mask.height
+        );
+    }
+    let fg: Vec<bool> = mask.values.iter().map(|&v| v > 0).collect();
+    let max_label = if mask.colour {
+        u32::from(fg.iter().any(|&f| f))
+    } else {
+        mask.values.iter().copied().max().unwrap_or(0)
+    };
+    Ok(ImageStats {
+        h,
+        w,
+        grey,
+        samples,
+        dark,
+        max_label,
+        foreground: fg.iter().filter(|&&f| f).count() as f64 / (h * w) as f64,
+        lesion_areas: component_areas(&fg, h, w),
+    })
+}
+
+/// Areas of the 8-connected components of `mask` (`h × w`, row-major).
+pub fn component_areas(mask: &[bool], h: usize, w: usize) -> Vec<f64> {
+    let mut seen = vec![false; mask.len()];
+    let mut areas = vec![];
+    let mut stack = vec![];
+    for start in 0..mask.len() {
+        if !mask[start] || seen[start] {
+            continue;
+        }
+        seen[start] = true;
+        stack.push(start);
+        let mut area = 0usize;
+        while let Some(i) = stack.pop() {
+            area += 1;
+            let (y, x) = (i / w, i % w);
+            for ny in y.saturating_sub(1)..=(y + 1).min(h - 1) {
+                for nx in x.saturating_sub(1)..=(x + 1).min(w - 1) {
+                    let j = ny * w + nx;
+                    if mask[j] && !seen[j] {
+                        seen[j] = true;
+                        stack.push(j);
+                    }
+                }
+            }
+        }
+        areas.push(area as f64);
+    }
+    areas
+}
+
+/// Measures the training images of the data set at `root`.
+pub fn fingerprint(root: &Path) -> Result<Fingerprint> {
+    let fixed_split = root.join("train").is_dir() && root.join("val").is_dir();
+    let folder = if fixed_split {
+        root.join("train")
+    } else {
+        root.to_path_buf()
+    };
+    let pairs = data::scan_pairs(&folder)?;
+    if pairs.is_empty() {
+        bail!("{}: no image/mask pairs", folder.display());
+    }
+    let stats = pairs
+        .par_iter()
+        .map(measure)
+        .collect::<Result<Vec<_>>>()?;
+    let channels = if stats.iter().all(|s| s.grey) { 1 } else { 3 };
+    let intensity = (0..channels)
+        .map(|c| {
+            let mut v: Vec<f64> = stats
+                .iter()
+                .flat_map(|s| s.samples[c].iter().map(|&x| x as f64))
+                .collect();
+            v.sort_by(f64::total_cmp);
+            let mean = v.iter().sum::<f64>() / v.len() as f64;
+            let var = v.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / v.len() as f64;
+            Intensity {
+                p0_5: percentile(&v, 0.5),
+                p50: percentile(&v, 50.0),
+                p99_5: percentile(&v, 99.5),
+                mean,
+                std: var.sqrt(),
+            }
+        })
+        .collect();
+    let max_label = stats.iter().map(|s| s.max_label).max().unwrap_or(0);
+    let with_fg: Vec<&ImageStats> = stats.iter().filter(|s| s.foreground > 0.0).collect();
+    let mut areas: Vec<f64> = stats.iter().flat_map(|s| s.lesion_areas.clone()).collect();
+    areas.sort_by(f64::total_cmp);
+    let spread = |f: &dyn Fn(&ImageStats) -> f64, of: &[&ImageStats]| -> Option<Spread> {
+        Spread::of(&of.iter().map(|s| f(s)).collect::<Vec<_>>())
+    };
+    let all: Vec<&ImageStats> = stats.iter().collect();
+    Ok(Fingerprint {
+        folder,
+        images: stats.len(),
+        fixed_split,
+        heights: spread(&|s| s.h as f64, &all).expect("one image at least"),
+        widths: spread(&|s| s.w as f64, &all).expect("one image at least"),
+        channels,
+        intensity,
+        dark_share: stats.iter().map(|s| s.dark).sum::<f64>() / stats.len() as f64,
+        // values 0/255 (or 0/1) are binary masks; 0..K with K small are class indices
+        classes: if max_label <= 1 || max_label == 255 || max_label == 65535 {
+            1
+        } else {
+            max_label as usize + 1
+        },
+        foreground: spread(&|s| s.foreground, &with_fg),
+        empty_share: 1.0 - with_fg.len() as f64 / stats.len() as f64,
+        lesions_per_image: spread(&|s| s.lesion_areas.len() as f64, &with_fg),
+        lesion_area_median: if areas.is_empty() {
+            0.0
+        } else {
+            percentile(&areas, 50.0)
+        },
+        lesion_area_p5: if areas.is_empty() {
+            0.0
+        } else {
+            percentile(&areas, 5.0)
+        },
+    })
+}
+
+/// How `plan` runs.
+#[derive(Debug, Clone)]
+pub struct PlanOptions {
+    /// The run's name (default: the data folder's name).
+    pub name: Option<String>,
+    /// Training time to plan for, in minutes.
+    pub budget_minutes: f64,
+    /// Seconds of one training update at the planned size; None: timed on this machine.
+    pub step_seconds: Option<f64>,
+}
+
+fn round_to(v: f64, multiple: usize) -> usize {
+    ((v / multiple as f64).round() as usize).max(1) * multiple
+}
+
+/// The config for `root` as commented TOML, checked to parse as a valid config.
+pub fn plan(root: &Path, opts: &PlanOptions) -> Result<String> {
+    if !(opts.budget_minutes > 0.0 && opts.budget_minutes <= 7.0 * 24.0 * 60.0) {
+        bail!(
+            "--budget-minutes: must lie in (0, 10080], got {}",
+            opts.budget_minutes
+        );
+    }
+    let fp = fingerprint(root)?;
+    let root_abs = root
+        .canonicalize()
+        .with_context(|| format!("cannot resolve {}", root.display()))?;
+    let name = match &opts.name {
+        Some(n) => n.clone(),
+        None => root_abs
+            .file_name()
+            .map(|n| n.to_string_lossy().to_string())
+            .unwrap_or_else(|| "plan".into()),
+    };
+    let multiple = 1usize << DEPTH;
+    let side = (fp.heights.median * fp.widths.median).sqrt();
+    let mut text = String::new();
+    let w = &mut text;
+    writeln!(w, "# Planned by `segtrain plan {}`", root.display())?;
+    writeln!(w, "# Fingerprint of {} ({} training images):", fp.folder.display(), fp.images)?;
+    writeln!(
+        w,
+        "#   sizes: height median {:.0} (min {:.0}, max {:.0}), width median {:.0} (min {:.0}, max {:.0})",
+        fp.heights.median, fp.heights.min, fp.heights.max, fp.widths.median, fp.widths.min, fp.widths.max
+    )?;
+    writeln!(w, "#   looks like {}; {:.0} % of the pixels are black", fp.modality(), 100.0 * fp.dark_share)?;
+    for (c, i) in fp.intensity.iter().enumerate() {
+        writeln!(
+            w,
+            "#   channel {c}: percentiles 0.5/50/99.5 = {:.3}/{:.3}/{:.3}, mean {:.3}, std {:.3} (of full scale)",
+            i.p0_5, i.p50, i.p99_5, i.mean, i.std
+        )?;
+    }
+    match (&fp.foreground, &fp.lesions_per_image) {
+        (Some(f), Some(l)) => {
+            writeln!(
+                w,
+                "#   foreground: {:.2} % of an image with a lesion (median; min {:.3} %, max {:.2} %); {:.0} % of the images are empty",
+                100.0 * f.median, 100.0 * f.min, 100.0 * f.max, 100.0 * fp.empty_share
+            )?;
+            writeln!(
+                w,
+                "#   lesions: {:.0} per image with any (median; max {:.0}), area median {:.0} px, 5th percentile {:.0} px",
+                l.median, l.max, fp.lesion_area_median, fp.lesion_area_p5
+            )?;
+        }
+        _ => writeln!(w, "#   no image has foreground: the model can only learn background")?,
+    }
+    writeln!(w)?;
+    writeln!(w, "name = \"{}\"", name.replace(['"', '\\', '/'], "_"))?;
+    writeln!(w, "seed = 0")?;
+    writeln!(w)?;
+    writeln!(w, "[data]")?;
+    writeln!(w, "root = {}", toml::Value::String(root_abs.display().to_string()))?;
+    // whole image or patches
+    let whole = round_to(side, multiple).clamp(MIN_SIDE, MAX_WHOLE_SIDE);
+    let scale = (whole * whole) as f64 / (fp.heights.median * fp.widths.median);
+    let kept = fp.lesion_area_p5 * scale.min(1.0);
+    // patches only when the resize is what makes lesions too small: a lesion small already
+    // at native resolution loses nothing to a near-native whole image
+    let patch_mode = fp.lesion_area_p5 > 0.0
+        && kept < MIN_LESION_PIXELS
+        && fp.lesion_area_p5 >= 2.0 * kept;
+    let (model_side, batch_side) = if patch_mode {
+        let patch = PATCH_SIDE.min(round_to(side, multiple).max(MIN_SIDE));
+        writeln!(
+            w,
+            "# patches: resized to {whole}² the 5th-percentile lesion ({:.0} px) would keep {kept:.1} px (< {MIN_LESION_PIXELS}); patches of {patch}² at native resolution keep every lesion whole",
+            fp.lesion_area_p5
+        )?;
+        writeln!(w, "patch_size = {patch}")?;
+        let share = if fp.empty_share > 0.5 { 0.5 } else { 1.0 / 3.0 };
+        writeln!(
+            w,
+            "# {:.0} % of the patches centred on a lesion pixel ({:.0} % of the images are empty)",
+            100.0 * share,
+            100.0 * fp.empty_share
+        )?;
+        writeln!(w, "foreground_fraction = {share:.3}")?;
+        (patch, patch)
+    } else {
+        writeln!(
+            w,
+            "# whole images resized to {whole}² (median side {side:.0}, clamped to {MIN_SIDE}..{MAX_WHOLE_SIDE}): the 5th-percentile lesion ({:.0} px) keeps {kept:.0} px (>= {MIN_LESION_PIXELS}, or at least half)",
+            fp.lesion_area_p5
+        )?;
+        writeln!(w, "image_size = {whole}")?;
+        (whole, whole)
+    };
+    writeln!(w, "# {}", fp.modality())?;
+    writeln!(w, "channels = {}", fp.channels)?;
+    if fp.classes > 1 {
+        writeln!(w, "# mask values 0..{}: class indices", fp.classes - 1)?;
+    } else {
+        writeln!(w, "# binary masks (any non-zero value is foreground)")?;
+    }
+    writeln!(w, "classes = {}", fp.classes)?;
+    if !fp.fixed_split {
+        writeln!(w, "# no train/ + val/ folders: 20 % of the pairs are held out (seeded)")?;
+        writeln!(w, "val_fraction = 0.2")?;
+    }
+    writeln!(w, "# normalisation: the training images' per-channel mean and std (computed at the start of training)")?;
+    writeln!(w)?;
+    writeln!(w, "[model]")?;
+    writeln!(w, "# the tested default U-Net: base width {BASE_WIDTH}, depth {DEPTH} (sides multiples of {multiple})")?;
+    writeln!(w, "base_width = {BASE_WIDTH}")?;
+    writeln!(w, "depth = {DEPTH}")?;
+    writeln!(w, "prior = 0.01")?;
+    writeln!(w)?;
+    // batch and budget
+    let batch = ((8.0 * (128.0 * 128.0) / (batch_side * batch_side) as f64).round() as usize)
+        .clamp(2, 8);
+    let train_images = fp.images - if fp.fixed_split { 0 } else { fp.images / 5 };
+    let updates_per_pass = train_images.max(1).div_ceil(batch);
+    let steps_per_epoch = updates_per_pass.clamp(if patch_mode { 25 } else { 1 }, 50);
+    let step_seconds = match opts.step_seconds {
+        Some(s) if s > 0.0 && s.is_finite() => s,
+        Some(s) => bail!("--step-seconds: must be > 0, got {s}"),
+        None => time_step(fp.channels, batch, model_side)?,
+    };
+    let val_images = if fp.fixed_split {
+        data::scan_pairs(&root.join("val"))?.len()
+    } else {
+        fp.images / 5
+    };
+    // validation: a forward pass per image (a third of a training update's work per image),
+    // windows overlapping by half in patch mode
+    let val_seconds = val_images as f64 * step_seconds / (3.0 * batch as f64)
+        * if patch_mode { 4.0 * scale.max(1.0) } else { 1.0 };
+    let epoch_seconds = steps_per_epoch as f64 * step_seconds + val_seconds;
+    let budget = opts.budget_minutes * 60.0;
+    let epochs = ((0.85 * budget / epoch_seconds).floor() as usize).clamp(5, 500);
+    writeln!(w, "[train]")?;
+    writeln!(
+        w,
+        "# budget {:.1} min: an update of {batch} × {model_side}² takes {step_seconds:.2} s here, an epoch ≈ {epoch_seconds:.1} s with validation; {epochs} epochs fill 85 % of it (5..500)",
+        opts.budget_minutes
+    )?;
+    writeln!(w, "epochs = {epochs}")?;
+    writeln!(w, "# {batch} images of {batch_side}² per update (8 × 128² worth of pixels, 2..8)")?;
+    writeln!(w, "batch_size = {batch}")?;
+    if steps_per_epoch != updates_per_pass {
+        writeln!(
+            w,
+            "# {steps_per_epoch} updates per epoch, batches drawn with replacement (one pass would be {updates_per_pass})"
+        )?;
+        writeln!(w, "steps_per_epoch = {steps_per_epoch}")?;
+    }
+    writeln!(w, "# AdamW with cosine decay after a one-epoch warm-up, clipped gradients")?;
+    writeln!(w, "lr = 1e-3")?;
+    writeln!(w, "schedule = \"cosine\"")?;
+    writeln!(w, "warmup_epochs = 1")?;
+    writeln!(w, "grad_clip = 5.0")?;
+    writeln!(w)?;
+    writeln!(w, "# Dice + focal (γ = 2): the region term counts the rare lesion pixels as much as the background,")?;
+    writeln!(w, "# the pixel term keeps gradients on hard pixels")?;
+    writeln!(w, "[[loss]]")?;
+    writeln!(w, "kind = \"dice\"")?;
+    writeln!(w)?;
+    writeln!(w, "[[loss]]")?;
+    writeln!(w, "kind = \"focal\"")?;
+    writeln!(w, "gamma = 2.0")?;
+    if patch_mode {
+        writeln!(w, "# divided by the running average of the lesion pixels per batch: patches hold few")?;
+        writeln!(w, "normalize = \"positives\"")?;
+        writeln!(w, "alpha = 0.25")?;
+    }
+    Config::from_toml(&text, &[]).context("the planned config does not validate (a bug)")?;
+    Ok(text)
+}
+
+/// Median seconds of a training update (forward, Dice + focal, backward, AdamW) of the planned
+/// U-Net on random data.
+fn time_step(channels: usize, batch: usize, side: usize) -> Result<f64> {
+    let result = bench::train_step(&BenchOptions {
+        batch,
+        size: side,
+        channels,
+        base_width: BASE_WIDTH,
+        depth: DEPTH,
+        steps: 3,
+        warmup: 1,
+        kernels: Kernels::for_device(&candle_core::Device::Cpu),
+        profile: false,
+    })?;
+    Ok(result.ms_median / 1e3)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::component_areas;
+
+    #[test]
+    fn components_are_8_connected() {
+        #[rustfmt::skip]
+        let mask = [
+            1, 1, 0, 0, 0,
+            0, 0, 1, 0, 0,
+            0, 0, 0, 0, 1,
+            1, 0, 0, 0, 1,
+        ].map(|v| v == 1);
+        let mut areas = component_areas(&mask, 4, 5);
+        areas.sort_by(f64::total_cmp);
+        assert_eq!(areas, vec![1.0, 2.0, 3.0]);
+        assert!(component_areas(&[false; 6], 2, 3).is_empty());
+    }
+}
