@@ -207,10 +207,7 @@ pub fn fingerprint(root: &Path) -> Result<Fingerprint> {
     if pairs.is_empty() {
         bail!("{}: no image/mask pairs", folder.display());
     }
-    let stats = pairs
-        .par_iter()
-        .map(measure)
-        .collect::<Result<Vec<_>>>()?;
+    let stats = pairs.par_iter().map(measure).collect::<Result<Vec<_>>>()?;
     let channels = if stats.iter().all(|s| s.grey) { 1 } else { 3 };
     let intensity = (0..channels)
         .map(|c| {
@@ -308,13 +305,23 @@ pub fn plan(root: &Path, opts: &PlanOptions) -> Result<String> {
     let mut text = String::new();
     let w = &mut text;
     writeln!(w, "# Planned by `segtrain plan {}`", root.display())?;
-    writeln!(w, "# Fingerprint of {} ({} training images):", fp.folder.display(), fp.images)?;
+    writeln!(
+        w,
+        "# Fingerprint of {} ({} training images):",
+        fp.folder.display(),
+        fp.images
+    )?;
     writeln!(
         w,
         "#   sizes: height median {:.0} (min {:.0}, max {:.0}), width median {:.0} (min {:.0}, max {:.0})",
         fp.heights.median, fp.heights.min, fp.heights.max, fp.widths.median, fp.widths.min, fp.widths.max
     )?;
-    writeln!(w, "#   looks like {}; {:.0} % of the pixels are black", fp.modality(), 100.0 * fp.dark_share)?;
+    writeln!(
+        w,
+        "#   looks like {}; {:.0} % of the pixels are black",
+        fp.modality(),
+        100.0 * fp.dark_share
+    )?;
     for (c, i) in fp.intensity.iter().enumerate() {
         writeln!(
             w,
@@ -335,23 +342,29 @@ pub fn plan(root: &Path, opts: &PlanOptions) -> Result<String> {
                 l.median, l.max, fp.lesion_area_median, fp.lesion_area_p5
             )?;
         }
-        _ => writeln!(w, "#   no image has foreground: the model can only learn background")?,
+        _ => writeln!(
+            w,
+            "#   no image has foreground: the model can only learn background"
+        )?,
     }
     writeln!(w)?;
     writeln!(w, "name = \"{}\"", name.replace(['"', '\\', '/'], "_"))?;
     writeln!(w, "seed = 0")?;
     writeln!(w)?;
     writeln!(w, "[data]")?;
-    writeln!(w, "root = {}", toml::Value::String(root_abs.display().to_string()))?;
+    writeln!(
+        w,
+        "root = {}",
+        toml::Value::String(root_abs.display().to_string())
+    )?;
     // whole image or patches
     let whole = round_to(side, multiple).clamp(MIN_SIDE, MAX_WHOLE_SIDE);
     let scale = (whole * whole) as f64 / (fp.heights.median * fp.widths.median);
     let kept = fp.lesion_area_p5 * scale.min(1.0);
     // patches only when the resize is what makes lesions too small: a lesion small already
     // at native resolution loses nothing to a near-native whole image
-    let patch_mode = fp.lesion_area_p5 > 0.0
-        && kept < MIN_LESION_PIXELS
-        && fp.lesion_area_p5 >= 2.0 * kept;
+    let patch_mode =
+        fp.lesion_area_p5 > 0.0 && kept < MIN_LESION_PIXELS && fp.lesion_area_p5 >= 2.0 * kept;
     let (model_side, batch_side) = if patch_mode {
         let patch = PATCH_SIDE.min(round_to(side, multiple).max(MIN_SIDE));
         writeln!(
@@ -387,7 +400,10 @@ pub fn plan(root: &Path, opts: &PlanOptions) -> Result<String> {
     }
     writeln!(w, "classes = {}", fp.classes)?;
     if !fp.fixed_split {
-        writeln!(w, "# no train/ + val/ folders: 20 % of the pairs are held out (seeded)")?;
+        writeln!(
+            w,
+            "# no train/ + val/ folders: 20 % of the pairs are held out (seeded)"
+        )?;
         writeln!(w, "val_fraction = 0.2")?;
     }
     writeln!(w, "# normalisation: the training images' per-channel mean and std (computed at the start of training)")?;
@@ -399,8 +415,8 @@ pub fn plan(root: &Path, opts: &PlanOptions) -> Result<String> {
     writeln!(w, "prior = 0.01")?;
     writeln!(w)?;
     // batch and budget
-    let batch = ((8.0 * (128.0 * 128.0) / (batch_side * batch_side) as f64).round() as usize)
-        .clamp(2, 8);
+    let batch =
+        ((8.0 * (128.0 * 128.0) / (batch_side * batch_side) as f64).round() as usize).clamp(2, 8);
     let train_images = fp.images - if fp.fixed_split { 0 } else { fp.images / 5 };
     let updates_per_pass = train_images.max(1).div_ceil(batch);
     let steps_per_epoch = updates_per_pass.clamp(if patch_mode { 25 } else { 1 }, 50);
@@ -417,7 +433,11 @@ pub fn plan(root: &Path, opts: &PlanOptions) -> Result<String> {
     // validation: a forward pass per image (a third of a training update's work per image),
     // windows overlapping by half in patch mode
     let val_seconds = val_images as f64 * step_seconds / (3.0 * batch as f64)
-        * if patch_mode { 4.0 * scale.max(1.0) } else { 1.0 };
+        * if patch_mode {
+            4.0 * scale.max(1.0)
+        } else {
+            1.0
+        };
     let epoch_seconds = steps_per_epoch as f64 * step_seconds + val_seconds;
     let budget = opts.budget_minutes * 60.0;
     let epochs = ((0.85 * budget / epoch_seconds).floor() as usize).clamp(5, 500);
@@ -428,7 +448,10 @@ pub fn plan(root: &Path, opts: &PlanOptions) -> Result<String> {
         opts.budget_minutes
     )?;
     writeln!(w, "epochs = {epochs}")?;
-    writeln!(w, "# {batch} images of {batch_side}² per update (8 × 128² worth of pixels, 2..8)")?;
+    writeln!(
+        w,
+        "# {batch} images of {batch_side}² per update (8 × 128² worth of pixels, 2..8)"
+    )?;
     writeln!(w, "batch_size = {batch}")?;
     if steps_per_epoch != updates_per_pass {
         writeln!(
@@ -437,7 +460,10 @@ pub fn plan(root: &Path, opts: &PlanOptions) -> Result<String> {
         )?;
         writeln!(w, "steps_per_epoch = {steps_per_epoch}")?;
     }
-    writeln!(w, "# AdamW with cosine decay after a one-epoch warm-up, clipped gradients")?;
+    writeln!(
+        w,
+        "# AdamW with cosine decay after a one-epoch warm-up, clipped gradients"
+    )?;
     writeln!(w, "lr = 1e-3")?;
     writeln!(w, "schedule = \"cosine\"")?;
     writeln!(w, "warmup_epochs = 1")?;
@@ -452,7 +478,10 @@ pub fn plan(root: &Path, opts: &PlanOptions) -> Result<String> {
     writeln!(w, "kind = \"focal\"")?;
     writeln!(w, "gamma = 2.0")?;
     if patch_mode {
-        writeln!(w, "# divided by the running average of the lesion pixels per batch: patches hold few")?;
+        writeln!(
+            w,
+            "# divided by the running average of the lesion pixels per batch: patches hold few"
+        )?;
         writeln!(w, "normalize = \"positives\"")?;
         writeln!(w, "alpha = 0.25")?;
     }
