@@ -9,7 +9,7 @@
 
 use candle_core::{Device, Result, Tensor};
 
-use crate::config::Blend;
+use crate::config::{rules, Blend};
 use crate::data::{normalize, resize_planar, Sample};
 use crate::loss::Activation;
 use crate::metrics::{Evaluation, Target};
@@ -79,10 +79,17 @@ pub struct Predictor<'a> {
     pub device: &'a Device,
 }
 
-/// Window origins along an axis of length `len` (≥ patch): step `patch·(1 − overlap)`, the
-/// last window flush with the end.
+/// Window origins along an axis of length `len` (≥ patch; shorter axes get one window at 0):
+/// step `patch·(1 − overlap)`, at least 1, the last window flush with the end. An overlap
+/// outside the valid [0, MAX_OVERLAP) (callers check it with [`rules::overlap`]) counts as
+/// the largest, so that the windows stay few.
 pub fn window_starts(len: usize, patch: usize, overlap: f64) -> Vec<usize> {
-    let last = len - patch;
+    let overlap = if rules::overlap(overlap).is_ok() {
+        overlap
+    } else {
+        rules::MAX_OVERLAP
+    };
+    let last = len.saturating_sub(patch);
     let step = ((patch as f64 * (1.0 - overlap)).round() as usize).max(1);
     let mut starts: Vec<usize> = (0..last).step_by(step).collect();
     starts.push(last);
@@ -121,10 +128,16 @@ impl Predictor<'_> {
         let c = self.model.config.in_channels;
         let x = Tensor::from_vec(batch, (n, c, h, w), self.device)?;
         let logits = self.model.forward(&x, false)?;
-        probabilities(&logits, self.activation, self.temperature)?
+        let probs: Vec<f32> = probabilities(&logits, self.activation, self.temperature)?
             .flatten_all()?
             .to_device(&Device::Cpu)?
-            .to_vec1()
+            .to_vec1()?;
+        if probs.iter().any(|p| !p.is_finite()) {
+            candle_core::bail!(
+                "the model gives non-finite probabilities (NaN or infinite) on this image: its weights or normalisation overflow"
+            );
+        }
+        Ok(probs)
     }
 
     /// Class probabilities (`K × h × w`, native resolution) of several raw images (planar
