@@ -327,8 +327,30 @@ pub fn read(path: &Path, device: &Device) -> Result<(HashMap<String, Tensor>, Mo
 }
 
 /// Loads a model file for inference (f32 weights on `device`).
+/// Refuses a model whose inference on one image (its `image_size` or `patch_size`) needs more
+/// memory than is available (on the CPU).
 pub fn load(path: &Path, device: &Device) -> Result<(UNet, ModelMeta)> {
     let (tensors, meta) = read(path, device)?;
+    let (key, side) = match meta.window {
+        Window::Whole { size } => ("image_size", size),
+        Window::Sliding { patch, .. } => ("patch_size", patch),
+    };
+    let need = meta.unet.inference_bytes(1, side);
+    // on a GPU the activations live in its memory, whose free size is not known
+    let available = device
+        .is_cpu()
+        .then(crate::config::available_memory)
+        .flatten();
+    if let Some(available) = available {
+        if need > available as f64 {
+            bail!(
+                "{}: metadata `{key}` = {side}: predicting one {side}×{side} image with this model needs about {}, more than the {} available",
+                path.display(),
+                crate::config::gib(need),
+                crate::config::gib(available as f64)
+            );
+        }
+    }
     let weights: HashMap<String, Tensor> = tensors
         .into_iter()
         .filter(|(_, t)| t.dtype().is_float())

@@ -123,6 +123,22 @@ impl Predictor<'_> {
         self.model.config.classes
     }
 
+    /// Images or windows of `side²` per forward pass: `batch`, fewer where the memory available
+    /// holds fewer (at least 1; the model loader checks that one fits).
+    fn batch_for(&self, side: usize) -> usize {
+        let per_item = self.model.config.inference_bytes(1, side);
+        let available = self
+            .device
+            .is_cpu()
+            .then(crate::config::available_memory)
+            .flatten();
+        match available {
+            Some(available) => self.batch.min((available as f64 / per_item) as usize),
+            None => self.batch,
+        }
+        .max(1)
+    }
+
     /// Probabilities `(N, K, H, W)` on the host of a batch of normalised images.
     fn forward(&self, batch: Vec<f32>, n: usize, (h, w): (usize, usize)) -> Result<Vec<f32>> {
         let c = self.model.config.in_channels;
@@ -147,7 +163,7 @@ impl Predictor<'_> {
         match self.window {
             Window::Whole { size } => {
                 let mut out = Vec::with_capacity(images.len());
-                for chunk in images.chunks(self.batch.max(1)) {
+                for chunk in images.chunks(self.batch_for(size)) {
                     let mut batch = Vec::with_capacity(chunk.len() * c * size * size);
                     for &(img, h, w) in chunk {
                         let mut x = resize_planar(img, c, (h, w), (size, size));
@@ -203,7 +219,7 @@ impl Predictor<'_> {
             .collect();
         let mut acc = vec![0f32; k * ph * pw];
         let mut norm = vec![0f32; ph * pw];
-        for chunk in origins.chunks(self.batch.max(1)) {
+        for chunk in origins.chunks(self.batch_for(patch)) {
             let mut batch = Vec::with_capacity(chunk.len() * c * patch * patch);
             for &(y0, x0) in chunk {
                 for ch in 0..c {

@@ -518,6 +518,27 @@ fn predict_and_calibrate_refuse_hostile_models_and_leave_them_unchanged() {
         },
     );
     ok(&["calibrate", "--model", &s(&patch), "--data", &s(&data)]);
+    // sizes the rules allow but this machine's (capped) memory cannot predict at
+    let big = relabel(
+        &src,
+        &dir.join("big.safetensors"),
+        "window",
+        Some(r#"{"whole":{"size":16384}}"#),
+    );
+    let big = relabel(&big, &big, "image_size", Some("16384"));
+    fails_bounded(
+        &[
+            "predict",
+            "--model",
+            &s(&big),
+            "--out",
+            &s(&out),
+            &s(&image),
+        ],
+        2048,
+        60,
+        &["big.safetensors", "`image_size` = 16384", "needs about"],
+    );
     // a checkpoint is not a model
     let ckpt = relabel(
         &src,
