@@ -518,6 +518,35 @@ fn predict_and_calibrate_refuse_hostile_models_and_leave_them_unchanged() {
         },
     );
     ok(&["calibrate", "--model", &s(&patch), "--data", &s(&data)]);
+    // an empty and a one-pixel data set: nothing to fit, or a fit on the edge of the range
+    let empty = dir.join("empty");
+    let one = dir.join("one");
+    for d in [&empty, &one] {
+        std::fs::create_dir_all(d.join("images")).unwrap();
+        std::fs::create_dir_all(d.join("masks")).unwrap();
+    }
+    image::RgbImage::from_pixel(1, 1, image::Rgb([10, 200, 30]))
+        .save(one.join("images/a.png"))
+        .unwrap();
+    image::GrayImage::from_pixel(1, 1, image::Luma([255]))
+        .save(one.join("masks/a.png"))
+        .unwrap();
+    for model in [&src, &patch] {
+        let before = std::fs::read(model).unwrap();
+        fails_bounded(
+            &["calibrate", "--model", &s(model), "--data", &s(&empty)],
+            2048,
+            60,
+            &["empty", "no labelled pixel", "left unchanged"],
+        );
+        fails_bounded(
+            &["calibrate", "--model", &s(model), "--data", &s(&one)],
+            2048,
+            60,
+            &["one", "edge of the search range", "left unchanged"],
+        );
+        assert_eq!(std::fs::read(model).unwrap(), before);
+    }
     // sizes the rules allow but this machine's (capped) memory cannot predict at
     let big = relabel(
         &src,
@@ -657,6 +686,35 @@ fn training_memory_is_estimated_before_any_data_is_read() {
     )
     .unwrap();
     assert!(widest.training_memory(&Device::Cpu).0.is_finite());
+}
+
+/// Needs `crate::config::check_training_memory(config, &device)?` at the start of
+/// `train::train` (right after the device is opened), which the lead owns.
+#[test]
+#[ignore = "enable once train::train calls config::check_training_memory"]
+fn training_that_cannot_fit_is_refused_before_reading_data() {
+    let dir = temp_dir("hostile-memory");
+    let data = tiny_dataset(&dir, "data", "lesion", 4, 32);
+    // patches far larger than the 32² images: padded, 4096² activations
+    let cfg = tiny_config(&dir, &data, "");
+    let runs = dir.join("runs");
+    let args = common::train_args(
+        &cfg,
+        &runs,
+        &[
+            "--set",
+            "data.patch_size=4096",
+            "--set",
+            "model.base_width=16",
+        ],
+    );
+    fails_bounded(
+        &args,
+        2048,
+        60,
+        &["needs about", "GiB", "data.patch_size = 4096", "available"],
+    );
+    assert!(!runs.join("tiny").join("model.safetensors").exists());
 }
 
 #[test]
