@@ -527,6 +527,12 @@ impl Config {
         }
         crate::device::DeviceChoice::parse(&t.device).map_err(|e| anyhow!("train.device: {e}"))?;
         self.loss()?;
+        // the resolved config is stored in the model file's bounded metadata
+        let resolved = self.to_toml()?.len();
+        let max = crate::export::MAX_METADATA_BYTES / 2;
+        if resolved > max {
+            bail!("the resolved config takes {resolved} bytes; it must be ≤ {max} to be stored in the model file");
+        }
         Ok(())
     }
 }

@@ -673,6 +673,10 @@ fn training_memory_is_estimated_before_any_data_is_read() {
     ] {
         assert!(e.contains(x), "`{x}` not in {e}");
     }
+    // a config too large for the model file's metadata is refused before training
+    let huge_root = text("image_size = 32").replace("nowhere", &"r".repeat(600_000));
+    let e = Config::from_toml(&huge_root, &[]).unwrap_err().to_string();
+    assert!(e.contains("resolved config"), "{e}");
     // unknown available memory: no check
     assert!(segtrain::config::check_memory_budget(&huge, &Device::Cpu, None).is_ok());
     // the bound of every size keeps the estimate finite
