@@ -4,12 +4,13 @@
 use std::collections::BTreeMap;
 use std::time::Instant;
 
-use anyhow::Result;
+use anyhow::{anyhow, bail, Result};
 use candle_core::{DType, Device, Tensor, Var};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::Serialize;
 
+use crate::config::rules;
 use crate::kernels::profile::time;
 use crate::kernels::Kernels;
 use crate::loss::Loss;
@@ -29,6 +30,68 @@ pub struct BenchOptions {
     pub kernels: Kernels,
     /// Collect per-kernel times ([`crate::kernels::profile`]).
     pub profile: bool,
+}
+
+/// Most timed repetitions of a benchmark.
+pub const MAX_BENCH_STEPS: usize = 100_000;
+
+impl BenchOptions {
+    /// Checks the options with the rules a config obeys ([`crate::config::rules`]) and the
+    /// estimated memory of the benchmark against the memory available; errors name the
+    /// argument.
+    pub fn validate(&self, what: Bench) -> Result<()> {
+        let arg = |name: &str, check: rules::Check| check.map_err(|m| anyhow!("--{name}: {m}"));
+        arg("batch", rules::count(self.batch, rules::MAX_BATCH_SIZE))?;
+        arg("steps", rules::count(self.steps, MAX_BENCH_STEPS))?;
+        if self.warmup > MAX_BENCH_STEPS {
+            bail!("warmup: must be ≤ {MAX_BENCH_STEPS}, got {}", self.warmup);
+        }
+        let bytes = if what == Bench::Loss {
+            arg("size", rules::count(self.size, rules::MAX_SIDE))?;
+            // logits, target, gradient and the loss's per-pixel temporaries
+            16.0 * 4.0 * (self.batch * self.size * self.size) as f64
+        } else {
+            arg("depth", rules::depth(self.depth))?;
+            arg("base-width", rules::base_width(self.base_width))?;
+            arg("channels", rules::channels(self.channels))?;
+            arg("size", rules::side(self.size, self.depth, "--depth"))?;
+            let unet = self.unet();
+            let input = 4.0 * (self.batch * self.channels * self.size * self.size) as f64;
+            input
+                + if what == Bench::Inference {
+                    unet.inference_bytes(self.batch, self.size)
+                } else {
+                    unet.training_bytes(self.batch, self.size, 4)
+                }
+        };
+        if let Some(available) = crate::config::available_memory() {
+            if bytes > available as f64 {
+                bail!(
+                    "the benchmark needs about {} of memory, but only {} is available: lower --batch, --size or --base-width",
+                    crate::config::gib(bytes),
+                    crate::config::gib(available as f64)
+                );
+            }
+        }
+        Ok(())
+    }
+
+    fn unet(&self) -> UNetConfig {
+        UNetConfig {
+            in_channels: self.channels,
+            classes: 1,
+            base_width: self.base_width,
+            depth: self.depth,
+        }
+    }
+}
+
+/// Which benchmark.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Bench {
+    TrainStep,
+    Inference,
+    Loss,
 }
 
 /// One benchmark's result.
@@ -131,12 +194,8 @@ fn result(what: &str, o: &BenchOptions, times: Timings, flops_per_image: f64) ->
 
 /// Forward + DiceFocal loss + backward + AdamW, `steps` times.
 pub fn train_step(o: &BenchOptions) -> Result<BenchResult> {
-    let cfg = UNetConfig {
-        in_channels: o.channels,
-        classes: 1,
-        base_width: o.base_width,
-        depth: o.depth,
-    };
+    o.validate(Bench::TrainStep)?;
+    let cfg = o.unet();
     let (model, vars) = model::init(cfg, Some(0.01), 0, &Device::Cpu)?;
     let params: Vec<(String, Var)> = {
         let data = vars.data().lock().expect("variable map lock");
@@ -174,12 +233,8 @@ pub fn train_step(o: &BenchOptions) -> Result<BenchResult> {
 
 /// Forward in evaluation mode.
 pub fn inference(o: &BenchOptions) -> Result<BenchResult> {
-    let cfg = UNetConfig {
-        in_channels: o.channels,
-        classes: 1,
-        base_width: o.base_width,
-        depth: o.depth,
-    };
+    o.validate(Bench::Inference)?;
+    let cfg = o.unet();
     let (_, vars) = model::init(cfg, Some(0.01), 0, &Device::Cpu)?;
     let eval = crate::train::detached_model(&vars, cfg, &Device::Cpu)?;
     let x = Tensor::randn(
@@ -198,6 +253,7 @@ pub fn inference(o: &BenchOptions) -> Result<BenchResult> {
 /// Loss forward + backward on `(batch, 1, size, size)` logits with ≈ 2 % positives: focal
 /// alone and DiceFocal.
 pub fn loss(o: &BenchOptions) -> Result<Vec<BenchResult>> {
+    o.validate(Bench::Loss)?;
     let x = Var::from_tensor(&Tensor::randn(
         0f32,
         2.0,

@@ -30,8 +30,13 @@ pub struct Calibrated {
     pub pixels: usize,
 }
 
-/// Logits and targets of every kept pixel, at the model's working resolution: the resized
-/// image (whole-image models) or non-overlapping windows (patch models).
+/// Most logit values (pixels × classes) a calibration keeps: beyond, every n-th pixel is kept
+/// (256 MiB of f32).
+pub const MAX_CALIBRATION_VALUES: usize = 1 << 26;
+
+/// Logits and targets of the kept pixels, at the model's working resolution: the resized image
+/// (whole-image models) or non-overlapping windows, padded past the image's edges (patch
+/// models); every n-th pixel where there are more than [`MAX_CALIBRATION_VALUES`] / classes.
 struct Pixels {
     /// `classes` values per pixel.
     logits: Vec<f32>,
@@ -42,21 +47,38 @@ struct Pixels {
 fn collect(model: &UNet, meta: &ModelMeta, samples: &[Sample], device: &Device) -> Result<Pixels> {
     let (c, k) = (meta.unet.in_channels, meta.unet.classes);
     let ignore = meta.ignore_index.and_then(|i| u8::try_from(i).ok());
+    let total: usize = samples
+        .iter()
+        .map(|s| match meta.window {
+            Window::Whole { size } => size * size,
+            Window::Sliding { .. } => s.h * s.w,
+        })
+        .sum();
+    let stride = (total.saturating_mul(k))
+        .div_ceil(MAX_CALIBRATION_VALUES)
+        .max(1);
     let mut out = Pixels {
         logits: vec![],
         targets: vec![],
         classes: k,
     };
-    let mut run = |img: Vec<f32>, mask: Vec<u8>, side: usize| -> Result<()> {
+    let mut seen = 0usize;
+    // `mask`: the target of each pixel of the `side²` input, None outside the image
+    let mut run = |img: Vec<f32>, mask: Vec<Option<u8>>, side: usize| -> Result<()> {
         let x = Tensor::from_vec(img, (1, c, side, side), device)?;
         let logits: Vec<f32> = model
             .forward(&x, false)?
             .flatten_all()?
             .to_device(&Device::Cpu)?
             .to_vec1()?;
+        if logits.iter().any(|v| !v.is_finite()) {
+            bail!("the model gives non-finite logits (NaN or infinite): it cannot be calibrated");
+        }
         let n = side * side;
         for (i, &t) in mask.iter().enumerate() {
-            if Some(t) == ignore {
+            let Some(t) = t else { continue };
+            seen += 1;
+            if Some(t) == ignore || !seen.is_multiple_of(stride) {
                 continue;
             }
             out.targets.push(t);
@@ -65,30 +87,32 @@ fn collect(model: &UNet, meta: &ModelMeta, samples: &[Sample], device: &Device) 
         Ok(())
     };
     for s in samples {
-        let mut img = s.image.clone();
         match meta.window {
             Window::Whole { size } => {
-                let mut x = resize_planar(&img, c, (s.h, s.w), (size, size));
+                let mut x = resize_planar(&s.image, c, (s.h, s.w), (size, size));
                 normalize(&mut x, &meta.mean, &meta.std);
-                run(x, resize_nearest(&s.mask, (s.h, s.w), (size, size)), size)?;
+                let mask = resize_nearest(&s.mask, (s.h, s.w), (size, size));
+                run(x, mask.into_iter().map(Some).collect(), size)?;
             }
             Window::Sliding { patch, .. } => {
+                let mut img = s.image.clone();
                 normalize(&mut img, &meta.mean, &meta.std);
-                // whole windows inside the image (images smaller than a patch are skipped)
-                for y0 in (0..s.h.saturating_sub(patch - 1)).step_by(patch) {
-                    for x0 in (0..s.w.saturating_sub(patch - 1)).step_by(patch) {
-                        let mut win = Vec::with_capacity(c * patch * patch);
-                        for ch in 0..c {
-                            for y in 0..patch {
-                                let row = (ch * s.h + y0 + y) * s.w + x0;
-                                win.extend_from_slice(&img[row..row + patch]);
+                // windows tiling the image, padded with zeros (the mean) past its edges
+                for y0 in (0..s.h).step_by(patch) {
+                    for x0 in (0..s.w).step_by(patch) {
+                        let (hh, ww) = (patch.min(s.h - y0), patch.min(s.w - x0));
+                        let mut win = vec![0f32; c * patch * patch];
+                        let mut mask = vec![None; patch * patch];
+                        for y in 0..hh {
+                            for ch in 0..c {
+                                let from = (ch * s.h + y0 + y) * s.w + x0;
+                                let to = (ch * patch + y) * patch;
+                                win[to..to + ww].copy_from_slice(&img[from..from + ww]);
+                            }
+                            for x in 0..ww {
+                                mask[y * patch + x] = Some(s.mask[(y0 + y) * s.w + x0 + x]);
                             }
                         }
-                        let mask: Vec<u8> = (0..patch)
-                            .flat_map(|y| {
-                                s.mask[(y0 + y) * s.w + x0..(y0 + y) * s.w + x0 + patch].to_vec()
-                            })
-                            .collect();
                         run(win, mask, patch)?;
                     }
                 }
@@ -96,7 +120,7 @@ fn collect(model: &UNet, meta: &ModelMeta, samples: &[Sample], device: &Device) 
         }
     }
     if out.targets.is_empty() {
-        bail!("no labelled pixel to calibrate on");
+        bail!("no labelled pixel to calibrate on (every pixel is ignore_index, or no image)");
     }
     Ok(out)
 }
@@ -137,10 +161,23 @@ fn nll(p: &Pixels, activation: Activation, t: f64) -> f64 {
     total / p.targets.len() as f64
 }
 
-/// The temperature minimising the NLL, by golden-section search on log T in [1/20, 20].
-fn fit(p: &Pixels, activation: Activation) -> f64 {
+/// Bounds of the temperature search.
+pub const T_MIN: f64 = 0.05;
+pub const T_MAX: f64 = 20.0;
+
+/// The temperature minimising the NLL, by golden-section search on log T in
+/// [`T_MIN`, `T_MAX`]. Refuses a non-finite NLL, and a minimum on the edge of the range (the
+/// NLL still falls beyond it, or does not depend on T: the logits carry no usable confidence).
+fn fit(p: &Pixels, activation: Activation) -> Result<f64> {
     let f = |log_t: f64| nll(p, activation, log_t.exp());
-    let (mut a, mut b) = ((0.05f64).ln(), (20f64).ln());
+    let (lo, hi) = (T_MIN.ln(), T_MAX.ln());
+    for t in [T_MIN, 1.0, T_MAX] {
+        let v = nll(p, activation, t);
+        if !v.is_finite() {
+            bail!("the negative log-likelihood at T = {t} is {v}: the model cannot be calibrated");
+        }
+    }
+    let (mut a, mut b) = (lo, hi);
     let r = (5f64.sqrt() - 1.0) / 2.0;
     let (mut c, mut d) = (b - r * (b - a), a + r * (b - a));
     let (mut fc, mut fd) = (f(c), f(d));
@@ -159,7 +196,18 @@ fn fit(p: &Pixels, activation: Activation) -> f64 {
             fd = f(d);
         }
     }
-    ((a + b) / 2.0).exp()
+    let log_t = (a + b) / 2.0;
+    // within 1 % of an end of the range
+    if log_t - lo < 0.01 || hi - log_t < 0.01 {
+        bail!(
+            "the fitted temperature hits the edge of the search range [{T_MIN}, {T_MAX}] (T = {:.3}; NLL {:.6} at T = {T_MIN}, {:.6} at T = 1, {:.6} at T = {T_MAX}): the model's logits carry no usable confidence on these images",
+            log_t.exp(),
+            nll(p, activation, T_MIN),
+            nll(p, activation, 1.0),
+            nll(p, activation, T_MAX)
+        );
+    }
+    Ok(log_t.exp())
 }
 
 /// Fits the temperature of `model_path` on the labelled images of `data_dir` (`images/` +
@@ -168,9 +216,16 @@ fn fit(p: &Pixels, activation: Activation) -> f64 {
 pub fn calibrate(model_path: &Path, data_dir: &Path, device: &Device) -> Result<Calibrated> {
     let (model, mut meta) = export::load(model_path, device)?;
     let (samples, format) = crate::predict::labelled_images(data_dir, &meta)?;
-    let pixels = collect(&model, &meta, &samples, device)?;
+    let context = || {
+        format!(
+            "cannot calibrate {} on {} (the model file is left unchanged)",
+            model_path.display(),
+            data_dir.display()
+        )
+    };
+    let pixels = collect(&model, &meta, &samples, device).with_context(context)?;
     let previous = meta.temperature;
-    let temperature = fit(&pixels, meta.activation);
+    let temperature = fit(&pixels, meta.activation).with_context(context)?;
     let report = |t: f64| -> Result<(f64, f64)> {
         let m = ModelMeta {
             temperature: t,
@@ -181,8 +236,8 @@ pub fn calibrate(model_path: &Path, data_dir: &Path, device: &Device) -> Result<
             .report();
         Ok((r.ece, r.brier))
     };
-    let (ece_before, brier_before) = report(previous)?;
-    let (ece_after, brier_after) = report(temperature)?;
+    let (ece_before, brier_before) = report(previous).with_context(context)?;
+    let (ece_after, brier_after) = report(temperature).with_context(context)?;
     let out = Calibrated {
         temperature,
         previous_temperature: previous,

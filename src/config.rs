@@ -11,6 +11,7 @@ use serde::{de::DeserializeOwned, Deserialize, Serialize};
 
 use crate::data::synth::SynthConfig;
 use crate::loss::{Activation, Loss, TermDefaults};
+use crate::model::UNetConfig;
 
 /// One experiment: data, model, schedule and loss.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -343,27 +344,66 @@ impl Config {
         toml::to_string(self).context("cannot encode the config as TOML")
     }
 
+    /// The U-Net this config trains.
+    pub fn unet(&self) -> UNetConfig {
+        UNetConfig {
+            in_channels: self.data.channels,
+            classes: self.data.classes,
+            base_width: self.model.base_width,
+            depth: self.model.depth,
+        }
+    }
+
+    /// Side of the square items a training step sees: the patch, or the resized image.
+    pub fn item_size(&self) -> usize {
+        self.data
+            .patch_size
+            .or(self.data.image_size)
+            .expect("a validated config has a patch or image size")
+    }
+
+    /// An estimate of the memory training needs besides the data set: one training step of
+    /// `train.batch_size` items of `item_size()²` (weights, AdamW state, activations forward
+    /// and backward), on `device`'s memory, and the batches the data workers prepare ahead, on
+    /// the host. Returns (host bytes, device bytes) with device bytes 0 on the CPU, where they
+    /// are counted in the host's.
+    pub fn training_memory(&self, device: &candle_core::Device) -> (f64, f64) {
+        let (b, s) = (self.train.batch_size, self.item_size());
+        let step = self
+            .unet()
+            .training_bytes(b, s, self.train.precision.dtype().size_in_bytes());
+        // each worker holds one batch in the making, the channel 2 per worker more: f32
+        // images and u8 masks
+        let item = (s * s) as f64 * (4 * self.data.channels + 1) as f64;
+        let loader = (3 * self.data.workers * b) as f64 * item;
+        if device.is_cpu() {
+            (step + loader, 0.0)
+        } else {
+            (loader, step)
+        }
+    }
+
     fn validate(&self) -> Result<()> {
         let bad = |key: &str, msg: String| Err(anyhow!("{key}: {msg}"));
         if self.name.is_empty()
-            || self.name.contains(['/', '\\'])
+            || self.name.len() > 200
+            || self.name.contains(['/', '\\', '\0'])
             || self.name == "."
             || self.name == ".."
         {
             return bad(
                 "name",
-                format!("`{}` is not usable as a folder name", self.name),
+                format!(
+                    "`{}` is not usable as a folder name (1 to 200 bytes, no / or \\)",
+                    self.name.chars().take(200).collect::<String>()
+                ),
             );
         }
         let d = &self.data;
         let m = &self.model;
         let t = &self.train;
-        if !(1..=6).contains(&m.depth) {
-            return bad("model.depth", format!("must be 1..=6, got {}", m.depth));
-        }
-        if m.base_width == 0 {
-            return bad("model.base_width", "must be >= 1".into());
-        }
+        rule("model.depth", rules::depth(m.depth))?;
+        rule("model.base_width", rules::base_width(m.base_width))?;
         if !(m.prior == 0.0 || (m.prior > 0.0 && m.prior < 1.0)) {
             return bad(
                 "model.prior",
@@ -373,20 +413,7 @@ impl Config {
                 ),
             );
         }
-        let multiple = 1usize << m.depth;
-        let divisible = |key: &str, v: usize| {
-            if v == 0 || !v.is_multiple_of(multiple) {
-                bad(
-                    key,
-                    format!(
-                        "{v} is not a positive multiple of 2^depth = {multiple} (model.depth = {})",
-                        m.depth
-                    ),
-                )
-            } else {
-                Ok(())
-            }
-        };
+        let side = |key: &str, v: usize| rule(key, rules::side(v, m.depth, "model.depth"));
         match (d.patch_size, d.image_size) {
             (None, None) => {
                 return bad(
@@ -394,11 +421,11 @@ impl Config {
                     "is required (or set data.patch_size for patch training)".into(),
                 )
             }
-            (None, Some(size)) => divisible("data.image_size", size)?,
+            (None, Some(size)) => side("data.image_size", size)?,
             (Some(patch), size) => {
-                divisible("data.patch_size", patch)?;
-                if size == Some(0) {
-                    return bad("data.image_size", "must be > 0".into());
+                side("data.patch_size", patch)?;
+                if let Some(size) = size {
+                    rule("data.image_size", rules::count(size, rules::MAX_SIDE))?;
                 }
             }
         }
@@ -408,23 +435,15 @@ impl Config {
                 format!("must lie in [0, 1], got {}", d.foreground_fraction),
             );
         }
-        if !(0.0..0.95).contains(&d.overlap) {
-            return bad(
-                "data.overlap",
-                format!("must lie in [0, 0.95), got {}", d.overlap),
-            );
-        }
-        if t.steps_per_epoch == Some(0) {
-            return bad("train.steps_per_epoch", "must be >= 1".into());
-        }
-        if ![1, 3].contains(&d.channels) {
-            return bad(
-                "data.channels",
-                format!("must be 1 or 3, got {}", d.channels),
-            );
-        }
-        if d.classes == 0 {
-            return bad("data.classes", "must be >= 1".into());
+        rule("data.overlap", rules::overlap(d.overlap))?;
+        rule("data.channels", rules::channels(d.channels))?;
+        rule("data.classes", rules::classes(d.classes))?;
+        rule(
+            "model.activation",
+            rules::activation(self.activation(), d.classes),
+        )?;
+        if let Some(i) = d.ignore_index {
+            rule("data.ignore_index", rules::ignore_index(i, d.classes))?;
         }
         if !(d.val_fraction > 0.0 && d.val_fraction < 1.0) {
             return bad(
@@ -432,23 +451,11 @@ impl Config {
                 format!("must lie in (0, 1), got {}", d.val_fraction),
             );
         }
-        for (key, values) in [("data.mean", &d.mean), ("data.std", &d.std)] {
-            if let Some(v) = values {
-                if v.len() != d.channels {
-                    return bad(
-                        key,
-                        format!("has {} entries for {} channels", v.len(), d.channels),
-                    );
-                }
-                if v.iter().any(|x| !x.is_finite()) {
-                    return bad(key, "must hold finite numbers".into());
-                }
-            }
+        if let Some(mean) = &d.mean {
+            rule("data.mean", rules::mean(mean, d.channels))?;
         }
         if let Some(std) = &d.std {
-            if std.iter().any(|s| *s <= 0.0) {
-                return bad("data.std", "must be > 0".into());
-            }
+            rule("data.std", rules::std(std, d.channels))?;
         }
         let a = &d.augment;
         if !(0.0..=2.0).contains(&a.brightness) {
@@ -469,17 +476,31 @@ impl Config {
                 format!("must lie in (0, 1], got {}", a.min_crop),
             );
         }
-        if d.workers == 0 {
-            return bad("data.workers", "must be >= 1".into());
-        }
+        rule("data.workers", rules::count(d.workers, rules::MAX_WORKERS))?;
         if let Some(s) = &d.synth {
             s.validate().map_err(|e| anyhow!("data.synth.{e}"))?;
         }
-        if t.epochs == 0 {
-            return bad("train.epochs", "must be >= 1".into());
-        }
-        if t.batch_size == 0 {
-            return bad("train.batch_size", "must be >= 1".into());
+        rule("train.epochs", rules::count(t.epochs, rules::MAX_EPOCHS))?;
+        rule(
+            "train.batch_size",
+            rules::count(t.batch_size, rules::MAX_BATCH_SIZE),
+        )?;
+        if let Some(steps) = t.steps_per_epoch {
+            rule(
+                "train.steps_per_epoch",
+                rules::count(steps, rules::MAX_STEPS_PER_EPOCH),
+            )?;
+            if steps * t.batch_size > rules::MAX_ITEMS_PER_EPOCH {
+                return bad(
+                    "train.steps_per_epoch",
+                    format!(
+                        "{steps} steps × batch_size {} = {} items per epoch; must be ≤ {} (an epoch's batches are drawn up front)",
+                        t.batch_size,
+                        steps * t.batch_size,
+                        rules::MAX_ITEMS_PER_EPOCH
+                    ),
+                );
+            }
         }
         if !(t.lr > 0.0 && t.lr.is_finite()) {
             return bad("train.lr", format!("must be > 0, got {}", t.lr));
@@ -506,7 +527,268 @@ impl Config {
         }
         crate::device::DeviceChoice::parse(&t.device).map_err(|e| anyhow!("train.device: {e}"))?;
         self.loss()?;
+        // the resolved config is stored in the model file's bounded metadata
+        let resolved = self.to_toml()?.len();
+        let max = crate::export::MAX_METADATA_BYTES / 2;
+        if resolved > max {
+            bail!("the resolved config takes {resolved} bytes; it must be ≤ {max} to be stored in the model file");
+        }
         Ok(())
+    }
+}
+
+/// `key: message` of a failed rule.
+fn rule(key: &str, check: rules::Check) -> Result<()> {
+    check.map_err(|msg| anyhow!("{key}: {msg}"))
+}
+
+/// Refuses a training run whose estimated memory ([`Config::training_memory`]) exceeds the
+/// memory available to this process ([`available_memory`]; skipped where unknown, as is the
+/// device part on a GPU, whose free memory is not known). Call it before reading any data.
+pub fn check_training_memory(config: &Config, device: &candle_core::Device) -> Result<()> {
+    check_memory_budget(config, device, available_memory())
+}
+
+/// [`check_training_memory`] with the memory `available` given (None: unknown, no check).
+pub fn check_memory_budget(
+    config: &Config,
+    device: &candle_core::Device,
+    available: Option<u64>,
+) -> Result<()> {
+    let (host, _device_bytes) = config.training_memory(device);
+    let Some(available) = available else {
+        return Ok(());
+    };
+    if host > available as f64 {
+        let (d, m, t) = (&config.data, &config.model, &config.train);
+        let what = match d.patch_size {
+            Some(p) => format!("data.patch_size = {p}"),
+            None => format!("data.image_size = {}", config.item_size()),
+        };
+        bail!(
+            "training needs about {} of memory ({what}, train.batch_size = {}, model.base_width = {}, model.depth = {}, data.workers = {}), but only {} is available: lower the batch size, the image or patch size or the model's width",
+            gib(host),
+            t.batch_size,
+            m.base_width,
+            m.depth,
+            d.workers,
+            gib(available as f64)
+        );
+    }
+    Ok(())
+}
+
+/// `"1.5 GiB"`, `"120 MiB"`, `"3.2e6 GiB"`.
+pub fn gib(bytes: f64) -> String {
+    let g = bytes / (1u64 << 30) as f64;
+    if g >= 1e5 {
+        format!("{g:.1e} GiB")
+    } else if g >= 1.0 {
+        format!("{g:.1} GiB")
+    } else {
+        format!("{:.0} MiB", bytes / (1u64 << 20) as f64)
+    }
+}
+
+/// The memory this process can still allocate, in bytes: the least of the system's available
+/// memory (`MemAvailable` of /proc/meminfo), the cgroup's limit less its usage (cgroup v2) and
+/// the address-space limit (RLIMIT_AS) less the current size. None where none is known.
+pub fn available_memory() -> Option<u64> {
+    let read = |p: &str| std::fs::read_to_string(p).ok();
+    let meminfo_kib = |text: &str, key: &str| -> Option<u64> {
+        text.lines()
+            .find_map(|l| l.strip_prefix(key))?
+            .split_whitespace()
+            .next()?
+            .parse::<u64>()
+            .ok()
+    };
+    let mut limits = vec![];
+    if let Some(kib) = read("/proc/meminfo").and_then(|t| meminfo_kib(&t, "MemAvailable:")) {
+        limits.push(kib.saturating_mul(1024));
+    }
+    if let (Some(max), Some(current)) = (
+        read("/sys/fs/cgroup/memory.max").and_then(|t| t.trim().parse::<u64>().ok()),
+        read("/sys/fs/cgroup/memory.current").and_then(|t| t.trim().parse::<u64>().ok()),
+    ) {
+        limits.push(max.saturating_sub(current));
+    }
+    #[cfg(unix)]
+    {
+        let mut rl = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: getrlimit writes into the struct it is given
+        if unsafe { libc::getrlimit(libc::RLIMIT_AS, &mut rl) } == 0
+            && rl.rlim_cur != libc::RLIM_INFINITY
+        {
+            let size = read("/proc/self/status")
+                .and_then(|t| meminfo_kib(&t, "VmSize:"))
+                .unwrap_or(0);
+            limits.push(rl.rlim_cur.saturating_sub(size.saturating_mul(1024)));
+        }
+    }
+    limits.into_iter().min()
+}
+
+/// The rules of the values a config and a model file's metadata share (one description of
+/// each, used by [`Config`]'s validation, the model loader and `bench`). Each returns what is
+/// wrong, without the key: the caller names the key (and the file).
+pub mod rules {
+    use crate::loss::Activation;
+
+    pub type Check = std::result::Result<(), String>;
+
+    /// Deepest U-Net (2^6 = 64: the images are halved 6 times).
+    pub const MAX_DEPTH: usize = 6;
+    /// Widest first level (the deepest has `base_width · 2^depth` channels).
+    pub const MAX_BASE_WIDTH: usize = 1024;
+    /// Largest image or patch side.
+    pub const MAX_SIDE: usize = 16384;
+    /// Masks hold one byte per pixel.
+    pub const MAX_CLASSES: usize = 256;
+    pub const MAX_WORKERS: usize = 64;
+    pub const MAX_BATCH_SIZE: usize = 4096;
+    pub const MAX_EPOCHS: usize = 1_000_000;
+    pub const MAX_STEPS_PER_EPOCH: usize = 1_000_000;
+    /// steps_per_epoch × batch_size: the sample indices of an epoch are drawn up front.
+    pub const MAX_ITEMS_PER_EPOCH: usize = 1 << 24;
+    /// Sliding-window overlap: at most 0.95, so that a window moves ≥ 5 % of its side.
+    pub const MAX_OVERLAP: f64 = 0.95;
+    /// Bounds of a model's softmax/sigmoid temperature (calibration searches [1/20, 20]).
+    pub const MIN_TEMPERATURE: f64 = 0.01;
+    pub const MAX_TEMPERATURE: f64 = 100.0;
+    /// Bounds of normalisation statistics (images hold values in [0, 1]).
+    pub const MAX_ABS_MEAN: f64 = 1e6;
+    pub const MIN_STD: f64 = 1e-6;
+    pub const MAX_STD: f64 = 1e6;
+
+    /// A count in `1..=max`.
+    pub fn count(v: usize, max: usize) -> Check {
+        if v == 0 {
+            Err("must be >= 1, got 0".into())
+        } else if v > max {
+            Err(format!("must be ≤ {max}, got {v}"))
+        } else {
+            Ok(())
+        }
+    }
+
+    pub fn depth(d: usize) -> Check {
+        count(d, MAX_DEPTH)
+    }
+
+    pub fn base_width(f: usize) -> Check {
+        count(f, MAX_BASE_WIDTH)
+    }
+
+    /// An image or patch side the U-Net of depth `depth` (named `depth_key`) can take.
+    pub fn side(v: usize, depth: usize, depth_key: &str) -> Check {
+        depth_in_range(depth, depth_key)?;
+        let multiple = 1usize << depth;
+        if v == 0 || !v.is_multiple_of(multiple) {
+            return Err(format!(
+                "{v} is not a positive multiple of 2^depth = {multiple} ({depth_key} = {depth})"
+            ));
+        }
+        if v > MAX_SIDE {
+            return Err(format!("must be ≤ {MAX_SIDE}, got {v}"));
+        }
+        Ok(())
+    }
+
+    fn depth_in_range(depth: usize, depth_key: &str) -> Check {
+        depth
+            .le(&MAX_DEPTH)
+            .then_some(())
+            .ok_or_else(|| format!("{depth_key} = {depth} is out of range"))
+    }
+
+    pub fn overlap(o: f64) -> Check {
+        if (0.0..MAX_OVERLAP).contains(&o) {
+            Ok(())
+        } else {
+            Err(format!("must lie in [0, {MAX_OVERLAP}), got {o}"))
+        }
+    }
+
+    pub fn channels(c: usize) -> Check {
+        if [1, 3].contains(&c) {
+            Ok(())
+        } else {
+            Err(format!("must be 1 or 3, got {c}"))
+        }
+    }
+
+    pub fn classes(k: usize) -> Check {
+        count(k, MAX_CLASSES)
+    }
+
+    pub fn activation(a: Activation, classes: usize) -> Check {
+        if a == Activation::Softmax && classes < 2 {
+            Err(format!(
+                "softmax needs at least 2 classes, the model has {classes}"
+            ))
+        } else {
+            Ok(())
+        }
+    }
+
+    /// A mask value excluded from the loss and metrics: stored in a mask byte, not a class.
+    pub fn ignore_index(i: i64, classes: usize) -> Check {
+        if (classes as i64..=255).contains(&i) {
+            Ok(())
+        } else {
+            Err(format!(
+                "{i} must lie in classes..=255 = {classes}..=255 to be stored in a mask"
+            ))
+        }
+    }
+
+    fn per_channel(values: &[f64], channels: usize) -> Check {
+        if values.len() != channels {
+            return Err(format!(
+                "has {} entries for {channels} channels",
+                values.len()
+            ));
+        }
+        Ok(())
+    }
+
+    /// Per-channel means: finite, |m| ≤ MAX_ABS_MEAN.
+    pub fn mean(values: &[f64], channels: usize) -> Check {
+        per_channel(values, channels)?;
+        match values
+            .iter()
+            .find(|m| !(m.is_finite() && m.abs() <= MAX_ABS_MEAN))
+        {
+            Some(m) => Err(format!(
+                "must hold finite numbers in [-{MAX_ABS_MEAN:e}, {MAX_ABS_MEAN:e}], got {m}"
+            )),
+            None => Ok(()),
+        }
+    }
+
+    /// Per-channel standard deviations: > 0, in [MIN_STD, MAX_STD].
+    pub fn std(values: &[f64], channels: usize) -> Check {
+        per_channel(values, channels)?;
+        match values.iter().find(|s| !(MIN_STD..=MAX_STD).contains(*s)) {
+            Some(s) => Err(format!(
+                "must be > 0, finite and lie in [{MIN_STD:e}, {MAX_STD:e}], got {s}"
+            )),
+            None => Ok(()),
+        }
+    }
+
+    pub fn temperature(t: f64) -> Check {
+        if (MIN_TEMPERATURE..=MAX_TEMPERATURE).contains(&t) {
+            Ok(())
+        } else {
+            Err(format!(
+                "must be > 0, finite and lie in [{MIN_TEMPERATURE}, {MAX_TEMPERATURE}], got {t}"
+            ))
+        }
     }
 }
 

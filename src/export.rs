@@ -10,6 +10,7 @@ use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 use serde::{Deserialize, Serialize};
 
+use crate::config::rules;
 use crate::fsutil::{read_safetensors, write_safetensors};
 use crate::inference::Window;
 use crate::loss::Activation;
@@ -62,76 +63,162 @@ impl ModelMeta {
         ]))
     }
 
+    /// The metadata of the model file `path`, every field checked with the rules a config's
+    /// own values obey ([`crate::config::rules`]); errors name the file and the field.
     fn from_map(path: &Path, m: &HashMap<String, String>) -> Result<Self> {
+        let file = path.display();
+        let bytes: usize = m.iter().map(|(k, v)| k.len() + v.len()).sum();
+        if bytes > MAX_METADATA_BYTES {
+            bail!("{file}: model metadata of {bytes} bytes, more than the {MAX_METADATA_BYTES} bytes a model's can hold");
+        }
         let get = |k: &str| {
-            m.get(k).ok_or_else(|| {
-                anyhow!(
-                    "{}: not a segtrain model (metadata lacks `{k}`)",
-                    path.display()
+            m.get(k)
+                .ok_or_else(|| anyhow!("{file}: not a segtrain model (metadata lacks `{k}`)"))
+        };
+        let field = |k: &str, msg: &dyn std::fmt::Display| anyhow!("{file}: metadata `{k}`: {msg}");
+        let checked = |k: &str, check: rules::Check| check.map_err(|msg| field(k, &msg));
+        let format = get("format")?;
+        if format != FORMAT {
+            if format.starts_with("segtrain-checkpoint") {
+                bail!("{file}: a training checkpoint, not a model file (use the run's model.safetensors)");
+            }
+            bail!(
+                "{file}: unsupported model format `{}` (expected {FORMAT})",
+                format.chars().take(80).collect::<String>()
+            );
+        }
+        let number = |k: &str| -> Result<usize> {
+            get(k)?.parse().map_err(|_| {
+                field(
+                    k,
+                    &format!(
+                        "`{}` is not a whole number",
+                        get(k)
+                            .map(|v| v.chars().take(40).collect::<String>())
+                            .unwrap_or_default()
+                    ),
                 )
             })
         };
-        let number = |k: &str| -> Result<usize> {
-            get(k)?
-                .parse()
-                .map_err(|_| anyhow!("{}: metadata `{k}` is not a number", path.display()))
-        };
-        let format = get("format")?;
-        if format != FORMAT {
-            bail!(
-                "{}: unsupported model format `{format}` (expected {FORMAT})",
-                path.display()
-            );
-        }
         let parse_json = |k: &str| -> Result<serde_json::Value> {
-            serde_json::from_str(get(k)?)
-                .with_context(|| format!("{}: metadata `{k}`", path.display()))
+            serde_json::from_str(get(k)?).map_err(|e| field(k, &e))
         };
+        fn typed<T: serde::de::DeserializeOwned>(
+            k: &str,
+            v: serde_json::Value,
+            field: impl Fn(&str, &dyn std::fmt::Display) -> anyhow::Error,
+        ) -> Result<T> {
+            serde_json::from_value(v).map_err(|e| field(k, &e))
+        }
+        let in_channels = number("in_channels")?;
+        checked("in_channels", rules::channels(in_channels))?;
+        let classes = number("classes")?;
+        checked("classes", rules::classes(classes))?;
+        let base_width = number("base_width")?;
+        checked("base_width", rules::base_width(base_width))?;
+        let depth = number("depth")?;
+        checked("depth", rules::depth(depth))?;
         let unet = UNetConfig {
-            in_channels: number("in_channels")?,
-            classes: number("classes")?,
-            base_width: number("base_width")?,
-            depth: number("depth")?,
+            in_channels,
+            classes,
+            base_width,
+            depth,
         };
+        // files written before patch training name only their image size
+        let window = match m.get("window") {
+            Some(_) => typed("window", parse_json("window")?, field)?,
+            None => Window::Whole {
+                size: number("image_size")?,
+            },
+        };
+        let (size_key, size, other_key) = match window {
+            Window::Whole { size } => ("image_size", size, "patch_size"),
+            Window::Sliding { patch, .. } => ("patch_size", patch, "image_size"),
+        };
+        checked(size_key, rules::side(size, depth, "depth"))?;
+        if let Window::Sliding { overlap, .. } = window {
+            checked("window", rules::overlap(overlap))?;
+        }
+        if m.contains_key(size_key) && number(size_key)? != size {
+            return Err(field(
+                size_key,
+                &format!("disagrees with `window` ({size})"),
+            ));
+        }
+        if m.contains_key(other_key) {
+            return Err(field(
+                other_key,
+                &format!("contradicts `window`, which names a {size_key}"),
+            ));
+        }
         let activation = match get("activation")?.as_str() {
             "sigmoid" => Activation::Sigmoid,
             "softmax" => Activation::Softmax,
-            other => bail!(
-                "{}: unknown activation `{other}` in metadata",
-                path.display()
-            ),
+            other => {
+                return Err(field(
+                    "activation",
+                    &format!(
+                        "unknown activation `{}` (sigmoid or softmax)",
+                        other.chars().take(40).collect::<String>()
+                    ),
+                ))
+            }
         };
-        let meta = Self {
+        checked("activation", rules::activation(activation, classes))?;
+        let mean: Vec<f64> = typed("mean", parse_json("mean")?, field)?;
+        checked("mean", rules::mean(&mean, in_channels))?;
+        let std: Vec<f64> = typed("std", parse_json("std")?, field)?;
+        checked("std", rules::std(&std, in_channels))?;
+        let ignore_index: Option<i64> = typed("ignore_index", parse_json("ignore_index")?, field)?;
+        if let Some(i) = ignore_index {
+            checked("ignore_index", rules::ignore_index(i, classes))?;
+        }
+        let temperature: f64 = get("temperature")?
+            .parse()
+            .map_err(|_| field("temperature", &"not a number"))?;
+        checked("temperature", rules::temperature(temperature))?;
+        let metrics = parse_json("val_metrics")?;
+        if !metrics.is_object() {
+            return Err(field("val_metrics", &"not a JSON object"));
+        }
+        Ok(Self {
             unet,
-            // files written before patch training name only their image size
-            window: match m.get("window") {
-                Some(_) => serde_json::from_value(parse_json("window")?)?,
-                None => Window::Whole {
-                    size: number("image_size")?,
-                },
-            },
+            window,
             activation,
-            mean: serde_json::from_value(parse_json("mean")?)?,
-            std: serde_json::from_value(parse_json("std")?)?,
-            ignore_index: serde_json::from_value(parse_json("ignore_index")?)?,
-            temperature: get("temperature")?.parse().map_err(|_| {
-                anyhow!("{}: metadata `temperature` is not a number", path.display())
-            })?,
+            mean: mean.iter().map(|&v| v as f32).collect(),
+            std: std.iter().map(|&v| v as f32).collect(),
+            ignore_index,
+            temperature,
             config: get("config")?.clone(),
-            metrics: parse_json("val_metrics")?,
-        };
-        if meta.mean.len() != unet.in_channels || meta.std.len() != unet.in_channels {
+            metrics,
+        })
+    }
+}
+
+/// Largest metadata of a model file (keys and values): a model's holds its resolved config and
+/// validation metrics, a few KiB.
+pub const MAX_METADATA_BYTES: usize = 1 << 20;
+
+/// Largest safetensors header (tensor table and metadata, JSON) of a model file read.
+pub const MAX_HEADER_BYTES: u64 = 8 << 20;
+
+/// Refuses a file whose safetensors header is larger than a model's can be, before reading it.
+fn check_header_size(path: &Path) -> Result<()> {
+    use std::io::Read;
+    crate::fsutil::ensure_regular_file(path)?;
+    let mut prefix = [0u8; 8];
+    let mut file =
+        std::fs::File::open(path).with_context(|| format!("cannot read {}", path.display()))?;
+    if file.read_exact(&mut prefix).is_ok() {
+        let n = u64::from_le_bytes(prefix);
+        if n > MAX_HEADER_BYTES {
             bail!(
-                "{}: mean/std do not match in_channels = {}",
-                path.display(),
-                unet.in_channels
+                "{}: not a valid safetensors file for a model (a header of {n} bytes; a model's is at most {MAX_HEADER_BYTES})",
+                path.display()
             );
         }
-        if !(meta.temperature > 0.0 && meta.temperature.is_finite()) {
-            bail!("{}: temperature must be > 0", path.display());
-        }
-        Ok(meta)
     }
+    Ok(())
 }
 
 fn json<T: Serialize>(value: &T) -> Result<String> {
@@ -168,12 +255,22 @@ pub fn state_dict(
 
 /// Writes a model file (atomically).
 pub fn save(path: &Path, tensors: &[(String, Tensor)], meta: &ModelMeta) -> Result<()> {
-    write_safetensors(path, tensors, Some(meta.to_map()?))
+    let map = meta.to_map()?;
+    let bytes: usize = map.iter().map(|(k, v)| k.len() + v.len()).sum();
+    if bytes > MAX_METADATA_BYTES {
+        bail!(
+            "{}: the model's metadata (config and metrics) takes {bytes} bytes, more than {MAX_METADATA_BYTES}",
+            path.display()
+        );
+    }
+    write_safetensors(path, tensors, Some(map))
 }
 
 /// A model file's tensors and metadata, checked against the architecture its metadata names:
 /// every entry of the PyTorch `state_dict`, with the right shape, and nothing else.
+/// Every float value is finite and every BatchNorm running variance ≥ 0.
 pub fn read(path: &Path, device: &Device) -> Result<(HashMap<String, Tensor>, ModelMeta)> {
+    check_header_size(path)?;
     let (tensors, meta) = read_safetensors(path, device)?;
     let meta = ModelMeta::from_map(path, &meta)?;
     let spec = meta.unet.state_dict_spec();
@@ -200,6 +297,21 @@ pub fn read(path: &Path, device: &Device) -> Result<(HashMap<String, Tensor>, Mo
         if !ok {
             bail!("{}: `{name}` has dtype {:?}", path.display(), t.dtype());
         }
+        if t.dtype().is_float() {
+            let values: Vec<f32> = t.flatten_all()?.to_dtype(DType::F32)?.to_vec1()?;
+            if let Some(v) = values.iter().find(|v| !v.is_finite()) {
+                bail!(
+                    "{}: `{name}` holds a non-finite weight ({v}): the model is unusable",
+                    path.display()
+                );
+            }
+            if name.ends_with(".running_var") && values.iter().any(|v| *v < 0.0) {
+                bail!(
+                    "{}: `{name}` holds a negative variance: the model is unusable",
+                    path.display()
+                );
+            }
+        }
     }
     if let Some(extra) = tensors
         .keys()
@@ -215,8 +327,30 @@ pub fn read(path: &Path, device: &Device) -> Result<(HashMap<String, Tensor>, Mo
 }
 
 /// Loads a model file for inference (f32 weights on `device`).
+/// Refuses a model whose inference on one image (its `image_size` or `patch_size`) needs more
+/// memory than is available (on the CPU).
 pub fn load(path: &Path, device: &Device) -> Result<(UNet, ModelMeta)> {
     let (tensors, meta) = read(path, device)?;
+    let (key, side) = match meta.window {
+        Window::Whole { size } => ("image_size", size),
+        Window::Sliding { patch, .. } => ("patch_size", patch),
+    };
+    let need = meta.unet.inference_bytes(1, side);
+    // on a GPU the activations live in its memory, whose free size is not known
+    let available = device
+        .is_cpu()
+        .then(crate::config::available_memory)
+        .flatten();
+    if let Some(available) = available {
+        if need > available as f64 {
+            bail!(
+                "{}: metadata `{key}` = {side}: predicting one {side}×{side} image with this model needs about {}, more than the {} available",
+                path.display(),
+                crate::config::gib(need),
+                crate::config::gib(available as f64)
+            );
+        }
+    }
     let weights: HashMap<String, Tensor> = tensors
         .into_iter()
         .filter(|(_, t)| t.dtype().is_float())
@@ -224,7 +358,26 @@ pub fn load(path: &Path, device: &Device) -> Result<(UNet, ModelMeta)> {
         .collect::<candle_core::Result<_>>()?;
     let vb = VarBuilder::from_tensors(weights, DType::F32, device);
     let model = UNet::new(meta.unet, None, vb).with_context(|| path.display().to_string())?;
+    probe(&model, &meta, device).with_context(|| path.display().to_string())?;
     Ok((model, meta))
+}
+
+/// Refuses a model whose outputs on a mid-grey image of the smallest size it takes are not
+/// finite (weights that overflow), rather than letting it predict masks from NaN.
+fn probe(model: &UNet, meta: &ModelMeta, device: &Device) -> Result<()> {
+    let (c, side) = (meta.unet.in_channels, 1usize << meta.unet.depth);
+    let mut x = vec![0.5f32; c * side * side];
+    crate::data::normalize(&mut x, &meta.mean, &meta.std);
+    let x = Tensor::from_vec(x, (1, c, side, side), device)?;
+    let logits: Vec<f32> = model
+        .forward(&x, false)?
+        .flatten_all()?
+        .to_device(&Device::Cpu)?
+        .to_vec1()?;
+    if logits.iter().any(|v| !v.is_finite()) {
+        bail!("the weights give non-finite outputs (NaN or infinite) on a grey test image: the model is unusable");
+    }
+    Ok(())
 }
 
 /// Rewrites a model file with its float tensors cast to `dtype` (f32, f16 or bf16).

@@ -9,7 +9,7 @@
 
 use candle_core::{Device, Result, Tensor};
 
-use crate::config::Blend;
+use crate::config::{rules, Blend};
 use crate::data::{normalize, resize_planar, Sample};
 use crate::loss::Activation;
 use crate::metrics::{Evaluation, Target};
@@ -79,10 +79,17 @@ pub struct Predictor<'a> {
     pub device: &'a Device,
 }
 
-/// Window origins along an axis of length `len` (≥ patch): step `patch·(1 − overlap)`, the
-/// last window flush with the end.
+/// Window origins along an axis of length `len` (≥ patch; shorter axes get one window at 0):
+/// step `patch·(1 − overlap)`, at least 1, the last window flush with the end. An overlap
+/// outside the valid [0, MAX_OVERLAP) (callers check it with [`rules::overlap`]) counts as
+/// the largest, so that the windows stay few.
 pub fn window_starts(len: usize, patch: usize, overlap: f64) -> Vec<usize> {
-    let last = len - patch;
+    let overlap = if rules::overlap(overlap).is_ok() {
+        overlap
+    } else {
+        rules::MAX_OVERLAP
+    };
+    let last = len.saturating_sub(patch);
     let step = ((patch as f64 * (1.0 - overlap)).round() as usize).max(1);
     let mut starts: Vec<usize> = (0..last).step_by(step).collect();
     starts.push(last);
@@ -116,15 +123,37 @@ impl Predictor<'_> {
         self.model.config.classes
     }
 
+    /// Images or windows of `side²` per forward pass: `batch`, fewer where the memory available
+    /// holds fewer (at least 1; the model loader checks that one fits).
+    fn batch_for(&self, side: usize) -> usize {
+        let per_item = self.model.config.inference_bytes(1, side);
+        let available = self
+            .device
+            .is_cpu()
+            .then(crate::config::available_memory)
+            .flatten();
+        match available {
+            Some(available) => self.batch.min((available as f64 / per_item) as usize),
+            None => self.batch,
+        }
+        .max(1)
+    }
+
     /// Probabilities `(N, K, H, W)` on the host of a batch of normalised images.
     fn forward(&self, batch: Vec<f32>, n: usize, (h, w): (usize, usize)) -> Result<Vec<f32>> {
         let c = self.model.config.in_channels;
         let x = Tensor::from_vec(batch, (n, c, h, w), self.device)?;
         let logits = self.model.forward(&x, false)?;
-        probabilities(&logits, self.activation, self.temperature)?
+        let probs: Vec<f32> = probabilities(&logits, self.activation, self.temperature)?
             .flatten_all()?
             .to_device(&Device::Cpu)?
-            .to_vec1()
+            .to_vec1()?;
+        if probs.iter().any(|p| !p.is_finite()) {
+            candle_core::bail!(
+                "the model gives non-finite probabilities (NaN or infinite) on this image: its weights or normalisation overflow"
+            );
+        }
+        Ok(probs)
     }
 
     /// Class probabilities (`K × h × w`, native resolution) of several raw images (planar
@@ -134,7 +163,7 @@ impl Predictor<'_> {
         match self.window {
             Window::Whole { size } => {
                 let mut out = Vec::with_capacity(images.len());
-                for chunk in images.chunks(self.batch.max(1)) {
+                for chunk in images.chunks(self.batch_for(size)) {
                     let mut batch = Vec::with_capacity(chunk.len() * c * size * size);
                     for &(img, h, w) in chunk {
                         let mut x = resize_planar(img, c, (h, w), (size, size));
@@ -190,7 +219,7 @@ impl Predictor<'_> {
             .collect();
         let mut acc = vec![0f32; k * ph * pw];
         let mut norm = vec![0f32; ph * pw];
-        for chunk in origins.chunks(self.batch.max(1)) {
+        for chunk in origins.chunks(self.batch_for(patch)) {
             let mut batch = Vec::with_capacity(chunk.len() * c * patch * patch);
             for &(y0, x0) in chunk {
                 for ch in 0..c {

@@ -320,12 +320,10 @@ fn open_device(name: &str) -> anyhow::Result<candle_core::Device> {
 }
 
 fn check_overlap(overlap: Option<f64>) -> anyhow::Result<Option<f64>> {
-    match overlap {
-        Some(o) if !(0.0..0.95).contains(&o) => {
-            anyhow::bail!("--overlap must lie in [0, 0.95), got {o}")
-        }
-        o => Ok(o),
+    if let Some(o) = overlap {
+        segtrain::config::rules::overlap(o).map_err(|m| anyhow::anyhow!("--overlap: {m}"))?;
     }
+    Ok(overlap)
 }
 
 /// Ctrl-C finishes the current update, writes a checkpoint and stops; a second one stops at once.
@@ -546,7 +544,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 channels: a.channels,
                 base_width: a.base_width,
                 depth: a.depth,
-                steps: a.steps.max(1),
+                steps: a.steps,
                 warmup: 2,
                 kernels: match a.kernels {
                     KernelChoice::Fast => segtrain::kernels::Kernels::FastCpu,

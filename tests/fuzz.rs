@@ -1,8 +1,10 @@
 //! Property-based fuzzing of the three parsers that read untrusted files: configs, image and
-//! mask files, model files. Random and mutated inputs must give `Ok` or a clean `Err`, never a
-//! panic. CI runs a few hundred cases per target; `PROPTEST_CASES=100000 cargo test --release
+//! mask files, model files (bytes and metadata fields). Random and mutated inputs must give `Ok`
+//! or a clean `Err`, never a panic; a model file loads as a consistent model or gives an error
+//! naming the file. CI runs a few hundred cases per target; `PROPTEST_CASES=100000 cargo test --release
 //! --test fuzz` runs a longer campaign.
 
+use std::collections::HashMap;
 use std::io::Write;
 
 use proptest::prelude::*;
@@ -82,6 +84,170 @@ fn temp_file(name: &str, bytes: &[u8]) -> std::path::PathBuf {
     path
 }
 
+/// The metadata keys of a model file.
+const META_KEYS: [&str; 16] = [
+    "format",
+    "segtrain_version",
+    "in_channels",
+    "classes",
+    "base_width",
+    "depth",
+    "image_size",
+    "patch_size",
+    "window",
+    "activation",
+    "mean",
+    "std",
+    "ignore_index",
+    "temperature",
+    "config",
+    "val_metrics",
+];
+
+/// A hostile metadata value: removed (None), a number that is huge, zero, negative or not
+/// finite, something that is no number, a huge string, or JSON of the fields' shapes with such
+/// values.
+fn meta_value() -> impl Strategy<Value = Option<String>> {
+    let number = prop_oneof![
+        prop::sample::select(vec![
+            "0",
+            "1",
+            "2",
+            "3",
+            "4",
+            "-1",
+            "0.5",
+            "1.0",
+            "0.95",
+            "1e-300",
+            "1e308",
+            "1e39",
+            "NaN",
+            "inf",
+            "-inf",
+            "100000000",
+            "1073741824",
+            "9223372036854775807",
+            "18446744073709551615",
+            "18446744073709551616",
+        ])
+        .prop_map(String::from),
+        (0u32..80).prop_map(|v| v.to_string()),
+        any::<i64>().prop_map(|v| v.to_string()),
+        any::<f64>().prop_map(|v| v.to_string()),
+    ];
+    let json_number = prop_oneof![
+        (0u32..80).prop_map(|v| v.to_string()),
+        prop::sample::select(vec![
+            "0", "-1", "0.5", "1.0", "1e39", "1e308", "\"x\"", "null"
+        ])
+        .prop_map(String::from),
+        any::<u32>().prop_map(|v| v.to_string()),
+    ];
+    let window = (
+        prop::bool::ANY,
+        json_number.clone(),
+        json_number.clone(),
+        prop::sample::select(vec!["gaussian", "linear", "uniform", "cubic"]),
+    )
+        .prop_map(|(whole, a, b, blend)| {
+            if whole {
+                format!(r#"{{"whole":{{"size":{a}}}}}"#)
+            } else {
+                format!(r#"{{"sliding":{{"patch":{a},"overlap":{b},"blend":"{blend}"}}}}"#)
+            }
+        });
+    let array = prop::collection::vec(json_number, 0..5).prop_map(|v| format!("[{}]", v.join(",")));
+    prop_oneof![
+        Just(None),
+        number.prop_map(Some),
+        window.prop_map(Some),
+        array.prop_map(Some),
+        "[ -~]{0,24}".prop_map(Some),
+        prop::sample::select(vec![
+            "",
+            "null",
+            "[]",
+            "{}",
+            "true",
+            "sigmoid",
+            "softmax",
+            "segtrain-unet/1",
+            "segtrain-checkpoint/1"
+        ])
+        .prop_map(|v| Some(v.to_string())),
+        (1usize..300_000).prop_map(|n| Some("x".repeat(n))),
+        (1usize..300).prop_map(|n| Some(format!("{}{}", "[".repeat(n), "]".repeat(n)))),
+    ]
+}
+
+/// The fixture model's tensors and metadata.
+fn model_parts() -> (Vec<(String, candle_core::Tensor)>, HashMap<String, String>) {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/pytorch_unet_model.safetensors");
+    let (tensors, meta) =
+        segtrain::fsutil::read_safetensors(&path, &candle_core::Device::Cpu).unwrap();
+    (tensors.into_iter().collect(), meta)
+}
+
+/// Checks what loading a model file with fuzzed metadata gave: a model whose metadata obeys
+/// the rules and which predicts finite probabilities, or an error naming the file.
+fn check_loaded(
+    path: &std::path::Path,
+    loaded: anyhow::Result<(segtrain::model::UNet, segtrain::export::ModelMeta)>,
+) -> Result<(), TestCaseError> {
+    use segtrain::config::rules;
+    use segtrain::inference::Window;
+    let (model, meta) = match loaded {
+        Err(e) => {
+            let msg = format!("{e:#}");
+            let name = path.file_name().unwrap().to_str().unwrap();
+            prop_assert!(
+                msg.contains(name),
+                "the error does not name the file: {}",
+                msg
+            );
+            return Ok(());
+        }
+        Ok(m) => m,
+    };
+    let u = meta.unet;
+    prop_assert_eq!(model.config, u);
+    prop_assert!(rules::depth(u.depth).is_ok());
+    prop_assert!(rules::base_width(u.base_width).is_ok());
+    prop_assert!(rules::channels(u.in_channels).is_ok());
+    prop_assert!(rules::classes(u.classes).is_ok());
+    prop_assert!(rules::activation(meta.activation, u.classes).is_ok());
+    prop_assert!(rules::temperature(meta.temperature).is_ok());
+    let f64s = |v: &[f32]| v.iter().map(|&x| x as f64).collect::<Vec<_>>();
+    prop_assert!(rules::mean(&f64s(&meta.mean), u.in_channels).is_ok());
+    prop_assert!(rules::std(&f64s(&meta.std), u.in_channels).is_ok());
+    let side = match meta.window {
+        Window::Whole { size } => size,
+        Window::Sliding { patch, overlap, .. } => {
+            prop_assert!(rules::overlap(overlap).is_ok());
+            patch
+        }
+    };
+    prop_assert!(rules::side(side, u.depth, "depth").is_ok());
+    if side <= 64 {
+        let predictor = segtrain::inference::Predictor {
+            model: &model,
+            activation: meta.activation,
+            temperature: meta.temperature,
+            window: meta.window,
+            mean: &meta.mean,
+            std: &meta.std,
+            batch: 2,
+            device: &candle_core::Device::Cpu,
+        };
+        let image = vec![0.25f32; u.in_channels * 20 * 27];
+        let probs = predictor.probabilities(&[(&image, 20, 27)]);
+        prop_assert!(probs.is_ok(), "{:?}", probs.err());
+    }
+    Ok(())
+}
+
 /// Cases per target: `PROPTEST_CASES`, 256 by default.
 fn cases() -> u32 {
     std::env::var("PROPTEST_CASES")
@@ -113,6 +279,27 @@ proptest! {
         let format = segtrain::data::Format { channels: 1, classes: 3, ignore_index: Some(255), resize: Some(8) };
         let _ = segtrain::data::load_mask(&path, &format);
         let _ = segtrain::data::load_mask(&path, &segtrain::data::Format { classes: 1, ignore_index: None, ..format });
+    }
+
+    #[test]
+    fn model_metadata_gives_a_consistent_model_or_names_the_file(
+        edits in prop::collection::vec((0..META_KEYS.len(), meta_value()), 1..4)
+    ) {
+        let (tensors, mut meta) = model_parts();
+        for (k, v) in edits {
+            match v {
+                Some(v) => meta.insert(META_KEYS[k].to_string(), v),
+                None => meta.remove(META_KEYS[k]),
+            };
+        }
+        let path = temp_file("meta.safetensors", b"");
+        segtrain::fsutil::write_safetensors(&path, &tensors, Some(meta)).unwrap();
+        let loaded = segtrain::export::load(&path, &candle_core::Device::Cpu);
+        check_loaded(&path, loaded)?;
+        let read = segtrain::export::read(&path, &candle_core::Device::Cpu);
+        if let Err(e) = read {
+            prop_assert!(format!("{e:#}").contains("meta.safetensors"), "{:#}", e);
+        }
     }
 
     #[test]

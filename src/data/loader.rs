@@ -216,11 +216,14 @@ pub struct TrainLoader {
     next: usize,
     end: usize,
     workers: Vec<JoinHandle<()>>,
+    /// A worker that could not be started: the first item is this error.
+    failed: Option<String>,
 }
 
 impl TrainLoader {
     /// Starts the workers on `batches[start..]`; batch b's randomness is seeded by
-    /// (`seed`, b).
+    /// (`seed`, b). A worker thread the system refuses to start makes the first item an error
+    /// (the workers already started stop).
     pub fn new(
         recipe: BatchRecipe,
         batches: Vec<Vec<usize>>,
@@ -232,25 +235,38 @@ impl TrainLoader {
         let (tx, rx) = sync_channel(2 * workers);
         let batches = Arc::new(batches);
         let end = batches.len();
-        let handles = (0..workers)
-            .map(|w| {
-                let (tx, recipe, batches) = (tx.clone(), recipe.clone(), batches.clone());
-                std::thread::spawn(move || {
+        let mut handles = Vec::with_capacity(workers);
+        let mut failed = None;
+        for w in 0..workers {
+            let (tx, recipe, batches) = (tx.clone(), recipe.clone(), batches.clone());
+            let spawned = std::thread::Builder::new()
+                .name(format!("data-worker-{w}"))
+                .spawn(move || {
                     for b in (start + w..batches.len()).step_by(workers) {
                         let batch = recipe.make(&batches[b], mix_seed(seed, b as u64));
                         if tx.send((b, batch)).is_err() {
                             return; // the consumer stopped early
                         }
                     }
-                })
-            })
-            .collect();
+                });
+            match spawned {
+                Ok(h) => handles.push(h),
+                Err(e) => {
+                    failed = Some(format!(
+                        "cannot start data worker thread {} of {workers} ({e}): lower data.workers",
+                        w + 1
+                    ));
+                    break;
+                }
+            }
+        }
         Self {
             rx,
             pending: BTreeMap::new(),
             next: start,
             end,
             workers: handles,
+            failed,
         }
     }
 }
@@ -259,6 +275,10 @@ impl Iterator for TrainLoader {
     type Item = candle_core::Result<(Tensor, Tensor)>;
 
     fn next(&mut self) -> Option<Self::Item> {
+        if let Some(e) = self.failed.take() {
+            self.next = self.end;
+            return Some(Err(candle_core::Error::Msg(e)));
+        }
         if self.next >= self.end {
             return None;
         }

@@ -26,46 +26,93 @@ pub struct UNetConfig {
     pub depth: usize,
 }
 
+/// One `[Conv3×3 → BN → ReLU] × 2` block of the network: the one description of the topology
+/// that the module, its `state_dict`, its FLOPs and its memory are derived from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Block {
+    /// `inc`, `down{i}` or `up{i}` (the `state_dict` prefix).
+    pub name: String,
+    /// Input channels; of an `up` block, those of `cat([skip, up])`, also the channels its
+    /// transposed convolution takes (to `cin / 2`).
+    pub cin: usize,
+    pub cout: usize,
+    /// The block works on maps of side `size >> level`.
+    pub level: usize,
+    /// Preceded by the 2×2 max-pooling (`down` blocks) or by `ConvTranspose2d(cin, cin/2, 2,
+    /// stride 2)` from level + 1 (`up` blocks).
+    pub kind: BlockKind,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BlockKind {
+    Inc,
+    Down,
+    Up,
+}
+
 impl UNetConfig {
+    /// The blocks in network order: `inc`, `down1..down{d}`, `up1` (deepest) `..up{d}`; the
+    /// 1×1 `head` (`base_width` → `classes`) follows the last.
+    pub fn blocks(&self) -> Vec<Block> {
+        let (f, d) = (self.base_width, self.depth);
+        let block = |name: String, cin, cout, level, kind| Block {
+            name,
+            cin,
+            cout,
+            level,
+            kind,
+        };
+        let mut blocks = vec![block("inc".into(), self.in_channels, f, 0, BlockKind::Inc)];
+        for i in 1..=d {
+            blocks.push(block(
+                format!("down{i}"),
+                f << (i - 1),
+                f << i,
+                i,
+                BlockKind::Down,
+            ));
+        }
+        for i in 1..=d {
+            let a = f << (d - i + 1);
+            blocks.push(block(format!("up{i}"), a, a / 2, d - i, BlockKind::Up));
+        }
+        blocks
+    }
+
     /// Every entry of the PyTorch module's `state_dict`: name, shape and whether it is a
     /// trainable parameter (BatchNorm running statistics and `num_batches_tracked` are buffers).
     pub fn state_dict_spec(&self) -> Vec<(String, Vec<usize>, DType)> {
         let mut spec = vec![];
-        let mut double_conv = |prefix: &str, a: usize, b: usize| {
-            for (i, cin) in [(1, a), (2, b)] {
+        let blocks = self.blocks();
+        for b in &blocks {
+            for (i, cin) in [(1, b.cin), (2, b.cout)] {
                 spec.push((
-                    format!("{prefix}.conv{i}.weight"),
-                    vec![b, cin, 3, 3],
+                    format!("{}.conv{i}.weight", b.name),
+                    vec![b.cout, cin, 3, 3],
                     DType::F32,
                 ));
                 for stat in ["weight", "bias", "running_mean", "running_var"] {
-                    spec.push((format!("{prefix}.bn{i}.{stat}"), vec![b], DType::F32));
+                    spec.push((format!("{}.bn{i}.{stat}", b.name), vec![b.cout], DType::F32));
                 }
                 spec.push((
-                    format!("{prefix}.bn{i}.num_batches_tracked"),
+                    format!("{}.bn{i}.num_batches_tracked", b.name),
                     vec![],
                     DType::I64,
                 ));
             }
-        };
-        let f = self.base_width;
-        double_conv("inc", self.in_channels, f);
-        for i in 1..=self.depth {
-            double_conv(&format!("down{i}"), f << (i - 1), f << i);
         }
-        let mut ups = vec![];
-        for i in 1..=self.depth {
-            let a = f << (self.depth - i + 1);
-            double_conv(&format!("up{i}"), a, a / 2);
-            ups.push((i, a));
-        }
-        for (i, a) in ups {
-            spec.push((format!("up{i}.up.weight"), vec![a, a / 2, 2, 2], DType::F32));
-            spec.push((format!("up{i}.up.bias"), vec![a / 2], DType::F32));
+        for b in blocks.iter().filter(|b| b.kind == BlockKind::Up) {
+            let a = b.cin;
+            spec.push((
+                format!("{}.up.weight", b.name),
+                vec![a, a / 2, 2, 2],
+                DType::F32,
+            ));
+            spec.push((format!("{}.up.bias", b.name), vec![a / 2], DType::F32));
         }
         spec.push((
             "head.weight".into(),
-            vec![self.classes, f, 1, 1],
+            vec![self.classes, self.base_width, 1, 1],
             DType::F32,
         ));
         spec.push(("head.bias".into(), vec![self.classes], DType::F32));
@@ -74,30 +121,69 @@ impl UNetConfig {
 
     /// Forward FLOPs of one image of `size × size` (multiply-adds count as 2).
     pub fn forward_flops(&self, size: usize) -> f64 {
-        let conv = |cin: usize, cout: usize, k: usize, pixels: usize| {
-            2.0 * (cin * cout * k * k * pixels) as f64
+        let conv = |cin: usize, cout: usize, k: usize, pixels: f64| {
+            2.0 * (cin * cout * k * k) as f64 * pixels
         };
-        let f = self.base_width;
-        let mut flops = 0.0;
-        let mut double = |a: usize, b: usize, side: usize| {
-            flops += conv(a, b, 3, side * side) + conv(b, b, 3, side * side);
-        };
-        double(self.in_channels, f, size);
-        for i in 1..=self.depth {
-            double(f << (i - 1), f << i, size >> i);
+        let pixels = |level: usize| ((size >> level) as f64).powi(2);
+        let mut flops = conv(self.base_width, self.classes, 1, pixels(0));
+        for b in self.blocks() {
+            flops +=
+                conv(b.cin, b.cout, 3, pixels(b.level)) + conv(b.cout, b.cout, 3, pixels(b.level));
+            if b.kind == BlockKind::Up {
+                flops += conv(b.cin, b.cin / 2, 2, pixels(b.level + 1));
+            }
         }
-        for i in 1..=self.depth {
-            let a = f << (self.depth - i + 1);
-            let side = size >> (self.depth - i);
-            double(a, a / 2, side);
+        flops
+    }
+
+    /// Number of values in the `state_dict` (parameters and buffers).
+    pub fn parameter_count(&self) -> f64 {
+        self.state_dict_spec()
+            .iter()
+            .map(|(_, shape, _)| shape.iter().map(|&d| d as f64).product::<f64>())
+            .sum()
+    }
+
+    /// Values of the maps one image of `size × size` flows through in a forward pass: the
+    /// input, every convolution's output (BatchNorm + ReLU keep its shape), the pooled and the
+    /// up-sampled maps, and the logits.
+    pub fn activation_values(&self, size: usize) -> f64 {
+        let pixels = |level: usize| ((size >> level) as f64).powi(2);
+        let mut values = (self.in_channels + self.classes) as f64 * pixels(0);
+        for b in self.blocks() {
+            let extra = match b.kind {
+                BlockKind::Inc => 0,
+                // the pooled input, and the up-sampled half of the concatenation
+                BlockKind::Down => b.cin,
+                BlockKind::Up => b.cin / 2,
+            };
+            values += (2 * b.cout + extra) as f64 * pixels(b.level);
         }
-        let mut up = 0.0;
-        for i in 1..=self.depth {
-            let a = f << (self.depth - i + 1);
-            let side_in = size >> (self.depth - i + 1);
-            up += conv(a, a / 2, 2, side_in * side_in);
-        }
-        flops + up + conv(f, self.classes, 1, size * size)
+        values
+    }
+
+    /// An estimate of the bytes one training step (forward, loss, backward, AdamW update) of
+    /// `batch` images of `size × size` needs: the f32 weights, their gradients and AdamW's two
+    /// moments, and the activations and their gradients at `activation_bytes` per value (4:
+    /// f32, 2: bf16 or f16), with what the implementation keeps besides (pre-BatchNorm
+    /// values, the loss's per-pixel terms).
+    pub fn training_bytes(&self, batch: usize, size: usize, activation_bytes: usize) -> f64 {
+        /// Live copies of each activation value at the peak of a step: the map and its
+        /// pre-BatchNorm value kept for the backward pass, the gradient flowing back, and
+        /// temporaries (measured with `segtrain bench`).
+        const LIVE_COPIES: f64 = 4.0;
+        let weights = 4.0 * 4.0 * self.parameter_count();
+        let activations = batch as f64
+            * self.activation_values(size)
+            * (activation_bytes as f64).max(4.0)
+            * LIVE_COPIES;
+        weights + activations
+    }
+
+    /// An estimate of the bytes an evaluation-mode forward pass of `batch` images of
+    /// `size × size` needs (weights, and the maps alive at once).
+    pub fn inference_bytes(&self, batch: usize, size: usize) -> f64 {
+        4.0 * self.parameter_count() + 4.0 * batch as f64 * self.activation_values(size)
     }
 }
 
@@ -288,16 +374,16 @@ impl UNet {
     /// bias takes PyTorch's default init.
     pub fn new(config: UNetConfig, prior: Option<f64>, vb: VarBuilder) -> Result<Self> {
         let f = config.base_width;
-        let d = config.depth;
-        let inc = DoubleConv::new(config.in_channels, f, vb.pp("inc"))?;
-        let downs = (1..=d)
-            .map(|i| DoubleConv::new(f << (i - 1), f << i, vb.pp(format!("down{i}"))))
+        let mut blocks = config.blocks().into_iter();
+        let double = |b: Block| DoubleConv::new(b.cin, b.cout, vb.pp(&b.name));
+        let inc = double(blocks.next().expect("the inc block"))?;
+        let downs = blocks
+            .by_ref()
+            .take(config.depth)
+            .map(&double)
             .collect::<Result<_>>()?;
-        let ups = (1..=d)
-            .map(|i| {
-                let a = f << (d - i + 1);
-                Up::new(a, a / 2, vb.pp(format!("up{i}")))
-            })
+        let ups = blocks
+            .map(|b| Up::new(b.cin, b.cout, vb.pp(&b.name)))
             .collect::<Result<_>>()?;
         let head = vb.pp("head");
         let bias_init = match prior {
