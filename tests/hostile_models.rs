@@ -695,7 +695,6 @@ fn training_memory_is_estimated_before_any_data_is_read() {
 /// Needs `crate::config::check_training_memory(config, &device)?` at the start of
 /// `train::train` (right after the device is opened), which the lead owns.
 #[test]
-#[ignore = "enable once train::train calls config::check_training_memory"]
 fn training_that_cannot_fit_is_refused_before_reading_data() {
     let dir = temp_dir("hostile-memory");
     let data = tiny_dataset(&dir, "data", "lesion", 4, 32);

@@ -183,6 +183,7 @@ pub fn train(config: &Config, opts: &TrainOptions) -> Result<Summary> {
     let loss = config.loss()?;
     let choice = DeviceChoice::parse(opts.device.as_deref().unwrap_or(&config.train.device))?;
     let (device, device_name) = choice.open()?;
+    crate::config::check_training_memory(config, &device)?;
     let run_dir = opts.runs_dir.join(&config.name);
     let resolved = config.to_toml()?;
     // held until training returns: a second writer of this folder is refused, not mixed in
@@ -191,12 +192,7 @@ pub fn train(config: &Config, opts: &TrainOptions) -> Result<Summary> {
     opts.suspend(|| eprintln!("device: {device_name}"));
 
     let dataset = Dataset::open(&config.data, config.seed)?;
-    let unet = UNetConfig {
-        in_channels: config.data.channels,
-        classes: config.data.classes,
-        base_width: config.model.base_width,
-        depth: config.model.depth,
-    };
+    let unet = config.unet();
     let prior = (config.model.prior > 0.0).then_some(config.model.prior);
     let (model, vars) = model::init(unet, prior, config.seed, &device)?;
     let params = trainable(&vars);
