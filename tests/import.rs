@@ -1777,3 +1777,136 @@ fn a_killed_reimport_never_leaves_a_mix_of_windows() {
     }
     eprintln!("kill outcomes: {}", outcomes.iter().collect::<String>());
 }
+
+/// A `.nrrd` of `sizes` voxels of NRRD type `type_name` (raw little-endian `bytes`), on a
+/// 1 mm LPS grid.
+fn raw_nrrd(path: &Path, sizes: [usize; 3], type_name: &str, bytes: &[u8]) {
+    let mut file = format!(
+        "NRRD0004\ntype: {type_name}\ndimension: 3\nsizes: {} {} {}\nendian: little\n\
+         encoding: raw\nspace: LPS\nspace directions: (1,0,0) (0,1,0) (0,0,1)\n\n",
+        sizes[0], sizes[1], sizes[2]
+    )
+    .into_bytes();
+    file.extend(bytes);
+    std::fs::write(path, file).unwrap();
+}
+
+#[test]
+fn thin_volumes_and_a_huge_every() {
+    let dir = temp_dir("import-thin");
+    for (name, sizes) in [("one", [1, 1, 1]), ("line", [1, 5, 1]), ("flat", [4, 3, 1])] {
+        let n: usize = sizes.iter().product();
+        let (s, l) = (
+            dir.join(format!("{name}.nrrd")),
+            dir.join(format!("{name}_l.nrrd")),
+        );
+        let values: Vec<u8> = (0..n as i16).flat_map(|v| (v * 10).to_le_bytes()).collect();
+        raw_nrrd(&s, sizes, "short", &values);
+        raw_nrrd(&l, sizes, "uchar", &vec![1; n]);
+        for axis in [Axis::X, Axis::Y, Axis::Z] {
+            let out = dir.join(format!("{name}-{axis:?}"));
+            let count = run(&s, &l, &out, &opts(axis)).unwrap();
+            let all = slices(&out);
+            assert_eq!(all.len(), count);
+            for (w, h, img, mask) in all.values() {
+                assert_eq!(img.len(), (*w * *h) as usize);
+                assert!(mask.iter().all(|&m| m == 1));
+            }
+        }
+    }
+    let (s, l) = identity_pair(&dir, "e.nii", "e_l.nii");
+    let o = ImportOptions {
+        every: usize::MAX,
+        ..opts(Axis::Z)
+    };
+    assert_eq!(run(&s, &l, &dir.join("every"), &o).unwrap(), 1);
+}
+
+#[test]
+fn labels_of_every_voxel_type_must_hold_class_indices() {
+    let dir = temp_dir("import-label-types");
+    let sizes = [4, 3, 2];
+    let s = dir.join("s.nrrd");
+    raw_nrrd(&s, sizes, "uchar", &(0..24).collect::<Vec<u8>>());
+    type Bytes = fn(usize) -> Vec<u8>;
+    let cases: [(&str, Bytes, Option<&str>); 8] = [
+        ("uchar", |i| vec![if i == 5 { 255 } else { 0 }], None),
+        (
+            "ushort",
+            |i| (if i == 5 { 255u16 } else { 2 }).to_le_bytes().to_vec(),
+            None,
+        ),
+        (
+            "ushort",
+            |i| (if i == 5 { 256u16 } else { 2 }).to_le_bytes().to_vec(),
+            Some("label value 256 at voxel (1, 1, 0)"),
+        ),
+        (
+            "int8",
+            |i| (if i == 5 { -1i8 } else { 2 }).to_le_bytes().to_vec(),
+            Some("label value -1 at voxel (1, 1, 0)"),
+        ),
+        (
+            "int64",
+            |i| (if i == 5 { 1i64 << 40 } else { 2 }).to_le_bytes().to_vec(),
+            Some("at voxel (1, 1, 0)"),
+        ),
+        (
+            "uint64",
+            |i| (if i == 5 { u64::MAX } else { 2 }).to_le_bytes().to_vec(),
+            Some("at voxel (1, 1, 0)"),
+        ),
+        (
+            "double",
+            |i| {
+                (if i == 5 { 2.000001f64 } else { 2.0 })
+                    .to_le_bytes()
+                    .to_vec()
+            },
+            Some("at voxel (1, 1, 0)"),
+        ),
+        (
+            "float",
+            |i| {
+                (if i == 5 { f32::INFINITY } else { 2.0 })
+                    .to_le_bytes()
+                    .to_vec()
+            },
+            Some("label value inf at voxel (1, 1, 0)"),
+        ),
+    ];
+    for (i, (type_name, value, error)) in cases.into_iter().enumerate() {
+        let l = dir.join(format!("l{i}_{type_name}.nrrd"));
+        let bytes: Vec<u8> = (0..24).flat_map(value).collect();
+        raw_nrrd(&l, sizes, type_name, &bytes);
+        let result = run(&s, &l, &dir.join(format!("out{i}")), &opts(Axis::Z));
+        match error {
+            None => assert_eq!(result.unwrap(), 2, "{type_name}"),
+            Some(says) => {
+                let e = err_text(result);
+                assert!(
+                    e.contains(&l.display().to_string()) && e.contains(says),
+                    "{type_name}: {e}"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn a_symlink_loop_in_a_folder_is_an_error_naming_it() {
+    let dir = temp_dir("import-loop");
+    let (images, labels) = folders(&dir);
+    write_nifti(&images.join("a.nii"), &scan(IDENTITY));
+    write_nifti(&labels.join("a.nii"), &label(IDENTITY));
+    std::os::unix::fs::symlink("b.nii", images.join("b.nii")).unwrap();
+    write_nifti(&labels.join("b.nii"), &label(IDENTITY));
+    let out = dir.join("out");
+    let stderr = cli(fails, [&images, &labels], &out, &[]);
+    assert!(
+        stderr.contains(&images.join("b.nii").display().to_string()),
+        "{stderr}"
+    );
+    // nothing was written: the check comes before the first volume
+    assert!(!out.join("images").exists() || names(&out, "images").is_empty());
+}

@@ -426,10 +426,10 @@ fn parse_header(source: &mut dyn BufRead) -> Result<(HashMap<String, String>, u6
         if got == 0 {
             break;
         }
-        let line = std::str::from_utf8(&bytes)
-            .map_err(|_| anyhow!("header line {number} is not text"))?
-            .trim_end_matches('\n')
-            .trim_end_matches('\r');
+        // lossy: a comment in another encoding (Latin-1) is no reason to refuse the file, and
+        // a field value with a stray byte fails on its own field
+        let line = String::from_utf8_lossy(&bytes);
+        let line = line.trim_end_matches('\n').trim_end_matches('\r');
         if line.is_empty() {
             break;
         }
