@@ -1065,6 +1065,14 @@ fn nifti_hostile_header_fields_are_errors_naming_the_field() {
         ("zerodim", |b| set_i16(b, field::DIM + 6, 0), "dim[3] = 0"),
         ("rank", |b| set_i16(b, field::DIM, 2), "dim[0] = 2"),
         (
+            "negseries",
+            |b| {
+                set_i16(b, field::DIM, 4);
+                set_i16(b, field::DIM + 8, -1);
+            },
+            "dim[4] = -1",
+        ),
+        (
             "datatype",
             |b| set_i16(b, field::DATATYPE, 1234),
             "field `datatype`",
@@ -1125,6 +1133,17 @@ fn nifti_hostile_header_fields_are_errors_naming_the_field() {
         refused_both_ways(&dir, &format!("{name}.nii"), &b, says);
         refused_both_ways(&dir, &format!("{name}.nii.gz"), &gzip(&b), says);
     }
+    // a 4-D header whose 4th size is 0 reads as 3-D (as nifti1_io: 1)
+    let mut b = nii.clone();
+    set_i16(&mut b, field::DIM, 4);
+    set_i16(&mut b, field::DIM + 8, 0);
+    let p = dir.join("zero4.nii");
+    std::fs::write(&p, &b).unwrap();
+    let l = dir.join("good_l.nii");
+    assert_eq!(
+        run(&p, &l, &dir.join("zero4"), &opts(Axis::Z)).unwrap(),
+        DIMS[2]
+    );
 }
 
 #[test]

@@ -387,7 +387,7 @@ fn import_pair(
     }
     let slices = scan_view.slices(axis);
     let kept: Vec<usize> = (0..slices).step_by(opts.every).collect();
-    let written = kept
+    let written: Result<BTreeSet<String>> = kept
         .par_iter()
         .map(|&k| -> Result<Option<String>> {
             let (w, h, mask) = label_view.slice(&classes, axis, k, |c| c);
@@ -401,7 +401,15 @@ fn import_pair(
             Ok(Some(file))
         })
         .filter_map(Result::transpose)
-        .collect::<Result<BTreeSet<String>>>()?;
+        .collect();
+    let written = match written {
+        Ok(written) => written,
+        Err(e) => {
+            // not committed: the earlier slices are untouched; drop the partial new set
+            let _ = finish(out, &stage);
+            return Err(e);
+        }
+    };
     let removed = commit(out, &prefix, &written)?;
     Ok(VolumeReport {
         name,

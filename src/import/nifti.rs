@@ -191,7 +191,8 @@ impl Header {
                 dim[d]
             );
         }
-        if let Some(d) = (4..=rank as usize).find(|&d| dim[d] != 1) {
+        // a 0 beyond the three spatial sizes reads as 1 (as nifti1_io)
+        if let Some(d) = (4..=rank as usize).find(|&d| !matches!(dim[d], 0 | 1)) {
             bail!(
                 "dim[{d}] = {} (field `dim`; a {rank}-D series); only 3-D volumes can be imported",
                 dim[d]
