@@ -13,7 +13,7 @@
 //!
 //! A re-import of a volume replaces its slices as a whole: the new slices are written to
 //! `OUT/.import-staging/<volume>_<axis>/`, a commit record is written there, and only then are
-//! the old slices replaced (see [`commit`]). A kill before the commit record leaves the old
+//! the old slices replaced (`commit`, `apply`). A kill before the commit record leaves the old
 //! slices untouched; a kill after it leaves a state the data-set reader refuses (images
 //! without masks), which the next `import` into OUT completes before anything else.
 
