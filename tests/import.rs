@@ -5,7 +5,7 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::io::Write;
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 
 use common::{fails, ok, temp_dir};
@@ -913,4 +913,1019 @@ fn command_line() {
         stderr.contains("mr.nii") && stderr.contains("truncated"),
         "{stderr}"
     );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Hostile and unusual inputs: data offsets, bombs, non-finite values, interrupted imports.
+
+/// Byte offsets of NIfTI-1 header fields.
+mod field {
+    pub const SIZEOF_HDR: usize = 0;
+    pub const DIM: usize = 40;
+    pub const DATATYPE: usize = 70;
+    pub const BITPIX: usize = 72;
+    pub const PIXDIM: usize = 76;
+    pub const VOX_OFFSET: usize = 108;
+    pub const SCL_SLOPE: usize = 112;
+    pub const SCL_INTER: usize = 116;
+    pub const QFORM_CODE: usize = 252;
+    pub const SFORM_CODE: usize = 254;
+    pub const QUATERN_B: usize = 256;
+    pub const SROW_X: usize = 280;
+    pub const MAGIC: usize = 344;
+}
+
+/// The bytes of `v` written as a `.nii` (little-endian, vox_offset 352).
+fn nii_bytes(dir: &Path, v: &Stored) -> Vec<u8> {
+    let path = dir.join("tmp-bytes.nii");
+    write_nifti(&path, v);
+    let bytes = std::fs::read(&path).unwrap();
+    std::fs::remove_file(path).unwrap();
+    assert_eq!(f32_at(&bytes, field::VOX_OFFSET), 352.0);
+    bytes
+}
+
+fn f32_at(b: &[u8], at: usize) -> f32 {
+    f32::from_le_bytes(b[at..at + 4].try_into().unwrap())
+}
+
+fn set_f32(b: &mut [u8], at: usize, v: f32) {
+    b[at..at + 4].copy_from_slice(&v.to_le_bytes());
+}
+
+fn set_i16(b: &mut [u8], at: usize, v: i16) {
+    b[at..at + 2].copy_from_slice(&v.to_le_bytes());
+}
+
+/// Non-zero filler bytes, so that data read from the wrong offset shows.
+fn garbage(n: usize) -> Vec<u8> {
+    (0..n).map(|i| (i * 37 % 251 + 1) as u8).collect()
+}
+
+/// `nii` with its voxels moved to `offset` (`vox_offset` set, garbage in between).
+fn padded(nii: &[u8], offset: usize) -> Vec<u8> {
+    let mut out = nii[..352].to_vec();
+    set_f32(&mut out, field::VOX_OFFSET, offset as f32);
+    out.extend(garbage(offset - 352));
+    out.extend(&nii[352..]);
+    out
+}
+
+#[test]
+fn nifti_voxels_are_read_from_vox_offset() {
+    let dir = temp_dir("import-vox-offset");
+    let (s, l) = identity_pair(&dir, "ref.nii", "ref_l.nii");
+    let reference = dir.join("ref");
+    run(&s, &l, &reference, &opts(Axis::Z)).unwrap();
+    let expected: Vec<_> = slices(&reference).into_values().collect();
+    let (scan_nii, label_nii) = (
+        nii_bytes(&dir, &scan(IDENTITY)),
+        nii_bytes(&dir, &label(IDENTITY)),
+    );
+    for (offset, gz) in [(1024, false), (1024, true), (368, false), (4096, true)] {
+        let ext = if gz { "nii.gz" } else { "nii" };
+        let (ps, pl) = (
+            dir.join(format!("p{offset}.{ext}")),
+            dir.join(format!("p{offset}_l.{ext}")),
+        );
+        for (path, bytes) in [(&ps, &scan_nii), (&pl, &label_nii)] {
+            let bytes = padded(bytes, offset);
+            std::fs::write(path, if gz { gzip(&bytes) } else { bytes }).unwrap();
+        }
+        let out = dir.join(format!("out{offset}{gz}"));
+        run(&ps, &pl, &out, &opts(Axis::Z)).unwrap();
+        let got: Vec<_> = slices(&out).into_values().collect();
+        assert!(
+            got == expected,
+            "vox_offset {offset}, gzip {gz}: shifted slices"
+        );
+    }
+}
+
+/// Imports `bytes` written as `name` (as the scan, with a good label, and as the label, with
+/// a good scan) and asserts both fail naming the file and saying `says`.
+fn refused_both_ways(dir: &Path, name: &str, bytes: &[u8], says: &str) {
+    let (good_scan, good_label) = (dir.join("good.nii"), dir.join("good_l.nii"));
+    if !good_scan.exists() {
+        write_nifti(&good_scan, &scan(IDENTITY));
+        write_nifti(&good_label, &label(IDENTITY));
+    }
+    let bad = dir.join(name);
+    std::fs::write(&bad, bytes).unwrap();
+    for (s, l) in [(&bad, &good_label), (&good_scan, &bad)] {
+        let e = err_text(run(s, l, &dir.join("out"), &opts(Axis::Z)));
+        assert!(
+            e.contains(&bad.display().to_string()) && e.contains(says),
+            "{name}: `{says}` not in: {e}"
+        );
+    }
+}
+
+#[test]
+fn nifti_bad_vox_offsets_are_errors_naming_the_field() {
+    let dir = temp_dir("import-vox-offset-bad");
+    let nii = nii_bytes(&dir, &scan(IDENTITY));
+    for (i, v) in [
+        0.0,
+        100.0,
+        351.0,
+        352.5,
+        -352.0,
+        f32::NAN,
+        f32::INFINITY,
+        1e9,
+        1e30,
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let mut b = nii.clone();
+        set_f32(&mut b, field::VOX_OFFSET, v);
+        refused_both_ways(&dir, &format!("off{i}.nii"), &b, "vox_offset");
+        refused_both_ways(&dir, &format!("off{i}.nii.gz"), &gzip(&b), "vox_offset");
+    }
+    // voxels start past 352 but the file ends before the header's voxel count
+    let mut b = padded(&nii, 1024);
+    b.truncate(b.len() - 1);
+    refused_both_ways(&dir, "short.nii", &b, "truncated");
+    refused_both_ways(&dir, "short.nii.gz", &gzip(&b), "truncated");
+}
+
+#[test]
+fn nifti_hostile_header_fields_are_errors_naming_the_field() {
+    let dir = temp_dir("import-nifti-fields");
+    let nii = nii_bytes(&dir, &scan(IDENTITY));
+    type Edit = fn(&mut Vec<u8>);
+    let cases: Vec<(&str, Edit, &str)> = vec![
+        (
+            "negdim",
+            |b| set_i16(b, field::DIM + 4, -16),
+            "dim[2] = -16",
+        ),
+        ("zerodim", |b| set_i16(b, field::DIM + 6, 0), "dim[3] = 0"),
+        ("rank", |b| set_i16(b, field::DIM, 2), "dim[0] = 2"),
+        (
+            "negseries",
+            |b| {
+                set_i16(b, field::DIM, 4);
+                set_i16(b, field::DIM + 8, -1);
+            },
+            "dim[4] = -1",
+        ),
+        (
+            "datatype",
+            |b| set_i16(b, field::DATATYPE, 1234),
+            "field `datatype`",
+        ),
+        (
+            "complex",
+            |b| set_i16(b, field::DATATYPE, 32),
+            "field `datatype`",
+        ),
+        (
+            "bitpix",
+            |b| set_i16(b, field::BITPIX, 16),
+            "field `bitpix`",
+        ),
+        (
+            "sizeof",
+            |b| b[field::SIZEOF_HDR..4].copy_from_slice(&540i32.to_le_bytes()),
+            "sizeof_hdr",
+        ),
+        (
+            "magic",
+            |b| b[field::MAGIC..field::MAGIC + 4].copy_from_slice(b"ni1\0"),
+            "field `magic`",
+        ),
+        (
+            "pixdim",
+            |b| set_f32(b, field::PIXDIM + 8, f32::NAN),
+            "pixdim[2]",
+        ),
+        (
+            "srow",
+            |b| set_f32(b, field::SROW_X + 4, f32::INFINITY),
+            "srow_x",
+        ),
+        (
+            "quatern",
+            |b| {
+                set_i16(b, field::SFORM_CODE, 0);
+                set_i16(b, field::QFORM_CODE, 1);
+                set_f32(b, field::QUATERN_B, f32::NAN);
+            },
+            "quatern_b",
+        ),
+        (
+            "singular",
+            |b| {
+                // the first two voxel axes both along x
+                let row_x = f32_at(b, field::SROW_X);
+                set_f32(b, field::SROW_X + 4, row_x);
+                set_f32(b, field::SROW_X + 16 + 4, 0.0);
+            },
+            "not independent",
+        ),
+    ];
+    for (name, edit, says) in cases {
+        let mut b = nii.clone();
+        edit(&mut b);
+        refused_both_ways(&dir, &format!("{name}.nii"), &b, says);
+        refused_both_ways(&dir, &format!("{name}.nii.gz"), &gzip(&b), says);
+    }
+    // a 4-D header whose 4th size is 0 reads as 3-D (as nifti1_io: 1)
+    let mut b = nii.clone();
+    set_i16(&mut b, field::DIM, 4);
+    set_i16(&mut b, field::DIM + 8, 0);
+    let p = dir.join("zero4.nii");
+    std::fs::write(&p, &b).unwrap();
+    let l = dir.join("good_l.nii");
+    assert_eq!(
+        run(&p, &l, &dir.join("zero4"), &opts(Axis::Z)).unwrap(),
+        DIMS[2]
+    );
+}
+
+#[test]
+fn non_finite_scaling_reads_as_nifti1_io() {
+    let dir = temp_dir("import-scaling");
+    let (s, l) = identity_pair(&dir, "ref.nii", "ref_l.nii");
+    let window = ImportOptions {
+        intensity: Intensity::Window(-50.0, 150.0),
+        ..opts(Axis::Z)
+    };
+    let reference = dir.join("ref");
+    run(&s, &l, &reference, &window).unwrap();
+    let expected: Vec<_> = slices(&reference).into_values().collect();
+    let nii = nii_bytes(&dir, &scan(IDENTITY));
+    // a non-finite or zero slope: no scaling (whatever the intercept)
+    for (i, (slope, inter)) in [
+        (f32::NAN, 0.0),
+        (f32::INFINITY, 7.0),
+        (0.0, 100.0),
+        (f32::NEG_INFINITY, f32::NAN),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let mut b = nii.clone();
+        set_f32(&mut b, field::SCL_SLOPE, slope);
+        set_f32(&mut b, field::SCL_INTER, inter);
+        let p = dir.join(format!("s{i}.nii"));
+        std::fs::write(&p, &b).unwrap();
+        let out = dir.join(format!("s{i}"));
+        run(&p, &l, &out, &window).unwrap();
+        let got: Vec<_> = slices(&out).into_values().collect();
+        assert!(got == expected, "slope {slope}, inter {inter}");
+    }
+    // a slope of 2 with a NaN intercept: v·2 (the intercept reads as 0)
+    let mut b = nii.clone();
+    set_f32(&mut b, field::SCL_SLOPE, 2.0);
+    set_f32(&mut b, field::SCL_INTER, f32::NAN);
+    let p = dir.join("twice.nii");
+    std::fs::write(&p, &b).unwrap();
+    let out = dir.join("twice");
+    let doubled = ImportOptions {
+        intensity: Intensity::Window(-100.0, 300.0),
+        ..opts(Axis::Z)
+    };
+    run(&p, &l, &out, &doubled).unwrap();
+    assert!(slices(&out).into_values().collect::<Vec<_>>() == expected);
+}
+
+#[test]
+fn all_nan_scans_and_nan_labels_are_errors() {
+    let dir = temp_dir("import-nan");
+    let l = dir.join("l.nii");
+    write_nifti(&l, &label(IDENTITY));
+    for (name, value) in [
+        ("nan.nii", f32::NAN),
+        ("inf.nii.gz", f32::INFINITY),
+        ("ninf.nrrd", f32::NEG_INFINITY),
+    ] {
+        let mut v = scan(IDENTITY);
+        v.data.iter_mut().for_each(|x| *x = value);
+        v.data[5] = f32::NAN;
+        let s = dir.join(name);
+        if name.ends_with(".nrrd") {
+            let style = NrrdStyle {
+                type_name: "float",
+                ..RAW_SHORT
+            };
+            write_nrrd(&s, &v, style);
+        } else {
+            write_nifti(&s, &v);
+        }
+        for intensity in [
+            Intensity::Percentile(0.5, 99.5),
+            Intensity::Window(0.0, 1.0),
+        ] {
+            let o = ImportOptions {
+                intensity,
+                ..opts(Axis::Z)
+            };
+            let e = err_text(run(&s, &l, &dir.join("out"), &o));
+            assert!(
+                e.contains(&s.display().to_string()) && e.contains("no finite voxel"),
+                "{e}"
+            );
+        }
+    }
+    // a label with a NaN voxel: not class 0
+    let s = dir.join("s.nii");
+    write_nifti(&s, &scan(IDENTITY));
+    let mut v = label(IDENTITY);
+    v.data[DIMS[0] * 2 + 4] = f32::NAN;
+    let bad = dir.join("nan_l.nii.gz");
+    write_nifti(&bad, &v);
+    let e = err_text(run(&s, &bad, &dir.join("out"), &opts(Axis::Z)));
+    assert!(
+        e.contains("nan_l.nii.gz") && e.contains("label value NaN at voxel (4, 2, 0)"),
+        "{e}"
+    );
+}
+
+#[test]
+fn a_nearly_constant_scan_is_not_windowed_to_black() {
+    // a single bright voxel in a zero volume: the 0.5 and 99.5 percentiles are both 0
+    let dir = temp_dir("import-constant");
+    let mut v = scan(IDENTITY);
+    v.data.iter_mut().for_each(|x| *x = 0.0);
+    v.data[3] = 1000.0;
+    let (s, l) = (dir.join("c.nii"), dir.join("c_l.nii"));
+    write_nifti(&s, &v);
+    write_nifti(&l, &label(IDENTITY));
+    let out = dir.join("out");
+    run(&s, &l, &out, &opts(Axis::Z)).unwrap();
+    let first = &slices(&out)["c_z0000.png"].2;
+    assert!(first.contains(&255), "the bright voxel is lost");
+}
+
+/// (x, y, z) of a `.nrrd` written with `extra` header lines and `pre` bytes before the voxels.
+fn nrrd_with(path: &Path, v: &Stored, style: NrrdStyle, extra: &str, pre: &[u8]) {
+    write_nrrd(path, v, style);
+    let bytes = std::fs::read(path).unwrap();
+    let (data_path, bytes, header_end) = if style.detached {
+        let text = String::from_utf8(bytes).unwrap();
+        let name = text
+            .lines()
+            .find_map(|l| l.strip_prefix("data file: "))
+            .unwrap();
+        let data_path = path.with_file_name(name);
+        let mut header = text.into_bytes();
+        header.extend(extra.as_bytes());
+        std::fs::write(path, header).unwrap();
+        let data = std::fs::read(&data_path).unwrap();
+        (data_path, data, 0)
+    } else {
+        let end = bytes.windows(2).position(|w| w == b"\n\n").unwrap() + 1;
+        (path.to_path_buf(), bytes, end)
+    };
+    let mut out = bytes[..header_end].to_vec();
+    if !style.detached {
+        out.extend(extra.as_bytes());
+    }
+    out.extend(&bytes[header_end..header_end + usize::from(!style.detached)]);
+    out.extend(pre);
+    out.extend(&bytes[header_end + usize::from(!style.detached)..]);
+    std::fs::write(data_path, out).unwrap();
+}
+
+#[test]
+fn nrrd_byte_skip_and_line_skip_are_honoured() {
+    let dir = temp_dir("import-nrrd-skip");
+    let (s, l) = (dir.join("r.nrrd"), dir.join("r_l.nrrd"));
+    write_nrrd(&s, &scan(IDENTITY), RAW_SHORT);
+    write_nrrd(&l, &label(IDENTITY), RAW_UCHAR);
+    let reference = dir.join("ref");
+    run(&s, &l, &reference, &opts(Axis::Z)).unwrap();
+    let expected: Vec<_> = slices(&reference).into_values().collect();
+    let gz = |s: NrrdStyle| NrrdStyle {
+        encoding: "gzip",
+        ..s
+    };
+    let hex = NrrdStyle {
+        encoding: "hex",
+        ..RAW_SHORT
+    };
+    let detached = NrrdStyle {
+        detached: true,
+        ..RAW_SHORT
+    };
+    let lines = b"line one\nline two: 1 2 3\n\n".to_vec();
+    let variants: Vec<(&str, NrrdStyle, String, Vec<u8>)> = vec![
+        ("skip", RAW_SHORT, "byte skip: 301\n".into(), garbage(301)),
+        ("skipend", RAW_SHORT, "byte skip: -1\n".into(), garbage(77)),
+        ("lines", RAW_SHORT, "line skip: 3\n".into(), lines.clone()),
+        (
+            "both",
+            RAW_SHORT,
+            "line skip: 3\nbyte skip: 5\n".into(),
+            [lines.clone(), garbage(5)].concat(),
+        ),
+        ("hexlines", hex, "line skip: 3\n".into(), lines.clone()),
+        ("det", detached, "byte skip: 64\n".into(), garbage(64)),
+        ("detend", detached, "byte skip: -1\n".into(), garbage(3)),
+        ("detlines", detached, "lineskip: 3\n".into(), lines.clone()),
+    ];
+    for (what, style, extra, pre) in variants {
+        let ext = if style.detached { "nhdr" } else { "nrrd" };
+        let p = dir.join(format!("{what}.{ext}"));
+        nrrd_with(&p, &scan(IDENTITY), style, &extra, &pre);
+        let out = dir.join(what);
+        run(&p, &l, &out, &opts(Axis::Z)).unwrap();
+        let got: Vec<_> = slices(&out).into_values().collect();
+        assert!(got == expected, "{what}: shifted slices");
+    }
+    // gzip: the skip counts inflated bytes
+    let p = dir.join("gz.nrrd");
+    write_nrrd(&p, &scan(IDENTITY), gz(RAW_SHORT));
+    let bytes = std::fs::read(&p).unwrap();
+    let end = bytes.windows(2).position(|w| w == b"\n\n").unwrap() + 1;
+    let raw_data = {
+        let mut d = Vec::new();
+        flate2::read::GzDecoder::new(&bytes[end + 1..])
+            .read_to_end(&mut d)
+            .unwrap();
+        d
+    };
+    let mut file = bytes[..end].to_vec();
+    file.extend(b"byte skip: 99\n\n");
+    file.extend(gzip(&[garbage(99), raw_data].concat()));
+    std::fs::write(&p, file).unwrap();
+    let out = dir.join("gz");
+    run(&p, &l, &out, &opts(Axis::Z)).unwrap();
+    assert!(
+        slices(&out).into_values().collect::<Vec<_>>() == expected,
+        "gzip byte skip"
+    );
+
+    // skips past the data are errors naming the field
+    for (what, style, extra, says) in [
+        ("far", RAW_SHORT, "byte skip: 100000\n", "field `byte skip`"),
+        (
+            "farlines",
+            RAW_SHORT,
+            "line skip: 100000\n",
+            "field `line skip`",
+        ),
+        (
+            "fargz",
+            gz(RAW_SHORT),
+            "byte skip: 100000\n",
+            "field `byte skip`",
+        ),
+        ("badskip", RAW_SHORT, "byte skip: -2\n", "field `byte skip`"),
+        (
+            "hugegz",
+            gz(RAW_SHORT),
+            "byte skip: 99999999999999\n",
+            "field `byte skip`",
+        ),
+    ] {
+        let p = dir.join(format!("{what}.nrrd"));
+        nrrd_with(&p, &scan(IDENTITY), style, extra, b"");
+        refused_both_ways(
+            &dir,
+            &format!("{what}.nrrd"),
+            &std::fs::read(&p).unwrap(),
+            says,
+        );
+    }
+}
+
+#[test]
+fn nrrd_hostile_fields_are_errors_naming_the_field() {
+    let dir = temp_dir("import-nrrd-fields");
+    let p = dir.join("ok.nrrd");
+    write_nrrd(&p, &scan(IDENTITY), RAW_SHORT);
+    let nrrd = std::fs::read(&p).unwrap();
+    let edit = |from: &str, to: &str| {
+        let data = nrrd.len() - DIMS.iter().product::<usize>() * 2;
+        let header = String::from_utf8(nrrd[..data].to_vec()).unwrap();
+        assert!(header.contains(from), "{from}");
+        let mut out = header.replace(from, to).into_bytes();
+        out.extend(&nrrd[data..]);
+        out
+    };
+    let cases = [
+        (
+            "sizes0",
+            edit("sizes: 20 16 6", "sizes: 20 0 6"),
+            "field `sizes`",
+        ),
+        (
+            "sizesneg",
+            edit("sizes: 20 16 6", "sizes: 20 -16 6"),
+            "field `sizes`",
+        ),
+        (
+            "sizeshuge",
+            edit("sizes: 20 16 6", "sizes: 4294967296 4294967296 4294967296"),
+            "--max-voxels",
+        ),
+        (
+            "sizesbig",
+            edit("sizes: 20 16 6", "sizes: 1024 1024 1024"),
+            "--max-voxels",
+        ),
+        (
+            "dirnan",
+            edit("space directions: (-0.8,", "space directions: (nan,"),
+            "space directions",
+        ),
+        (
+            "origininf",
+            edit("space origin: (10,", "space origin: (inf,"),
+            "space origin",
+        ),
+        (
+            "list",
+            edit("endian: little", "endian: little\ndata file: LIST"),
+            "field `data file`",
+        ),
+    ];
+    for (name, bytes, says) in &cases {
+        refused_both_ways(&dir, &format!("{name}.nrrd"), bytes, says);
+    }
+    // detached data files: a pattern, a path out of the header's folder, an absolute path, a
+    // symlink loop
+    let (sub, outside) = (dir.join("sub"), dir.join("outside.raw"));
+    std::fs::create_dir_all(&sub).unwrap();
+    std::fs::write(
+        &outside,
+        &nrrd[nrrd.len() - DIMS.iter().product::<usize>() * 2..],
+    )
+    .unwrap();
+    std::os::unix::fs::symlink("loop2.raw", sub.join("loop1.raw")).unwrap();
+    std::os::unix::fs::symlink("loop1.raw", sub.join("loop2.raw")).unwrap();
+    let header = |data_file: &str| {
+        format!(
+            "NRRD0004\ntype: short\ndimension: 3\nsizes: 20 16 6\nendian: little\nencoding: \
+             raw\ndata file: {data_file}\n"
+        )
+        .into_bytes()
+    };
+    let abs = format!("{}", outside.display());
+    for (i, (data_file, says)) in [
+        ("img%03d.raw 1 6 1", "field `data file`"),
+        ("../outside.raw", "field `data file`"),
+        (abs.as_str(), "field `data file`"),
+        ("loop1.raw", "loop1.raw"),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let name = format!("sub/d{i}.nhdr");
+        refused_both_ways(&dir, &name, &header(data_file), says);
+    }
+}
+
+/// A sparse file of `len` bytes starting with `head` (the rest zeros, no disk used).
+fn sparse(path: &Path, head: &[u8], len: u64) {
+    let mut f = std::fs::File::create(path).unwrap();
+    f.write_all(head).unwrap();
+    f.set_len(len).unwrap();
+}
+
+/// `segtrain import` of a bad scan under a memory cap of 1 GiB and 60 s: a clean error that
+/// names the file and says `says`.
+fn bounded_import_fails(dir: &Path, scan: &Path, label: &Path, says: &str) {
+    let out = dir.join("out");
+    let scan_s = scan.display().to_string();
+    let args = [
+        "import",
+        "--image",
+        scan.to_str().unwrap(),
+        "--label",
+        label.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ];
+    common::fails_bounded(&args, 1024, 60, &[scan_s.as_str(), says]);
+}
+
+#[test]
+fn decompression_and_allocation_bombs_fail_within_bounds() {
+    let dir = temp_dir("import-bombs");
+    let l = dir.join("l.nii");
+    write_nifti(&l, &label(IDENTITY));
+    // a header of 1024×1024×512 uint8 (2 GiB as f32) over 512 MiB of zeros, gzipped (~0.5 MB)
+    let mut nii = nii_bytes(&dir, &label(IDENTITY))[..352].to_vec();
+    for (d, n) in [(1, 1024), (2, 1024), (3, 512)] {
+        set_i16(&mut nii, field::DIM + 2 * d, n);
+    }
+    set_i16(&mut nii, field::DATATYPE, 2);
+    set_i16(&mut nii, field::BITPIX, 8);
+    let bomb = dir.join("bomb.nii.gz");
+    {
+        let f = std::fs::File::create(&bomb).unwrap();
+        let mut gz = flate2::write::GzEncoder::new(f, flate2::Compression::fast());
+        gz.write_all(&nii).unwrap();
+        let zeros = vec![0u8; 1 << 20];
+        for _ in 0..512 {
+            gz.write_all(&zeros).unwrap();
+        }
+        gz.finish().unwrap();
+    }
+    assert!(std::fs::metadata(&bomb).unwrap().len() < 16 << 20);
+    bounded_import_fails(&dir, &bomb, &l, "--max-voxels");
+    // the same uncompressed, as a sparse file
+    let sparse_nii = dir.join("sparse.nii");
+    sparse(&sparse_nii, &nii, 352 + (512 << 20));
+    bounded_import_fails(&dir, &sparse_nii, &l, "--max-voxels");
+    // a header under the limit (2^28 float64 voxels) over a few bytes: fails as truncated
+    // before the 1 GiB buffer is filled
+    let mut small = nii.clone();
+    for (d, n) in [(1, 1024), (2, 1024), (3, 256)] {
+        set_i16(&mut small, field::DIM + 2 * d, n);
+    }
+    set_i16(&mut small, field::DATATYPE, 64);
+    set_i16(&mut small, field::BITPIX, 64);
+    let short = dir.join("short.nii.gz");
+    std::fs::write(&short, gzip(&[small, vec![0; 1000]].concat())).unwrap();
+    bounded_import_fails(&dir, &short, &l, "truncated");
+
+    // NRRD: gzip bomb, a header of 1.5 GB without an end, a line without a newline
+    let header = "NRRD0004\ntype: uchar\ndimension: 3\nsizes: 1024 1024 1024\nencoding: gzip\n\n";
+    let mut nrrd = header.as_bytes().to_vec();
+    // 16 gzip members of 64 MiB of zeros: 1 GiB inflated
+    nrrd.extend(gzip(&vec![0u8; 64 << 20]).repeat(16));
+    let nrrd_bomb = dir.join("bomb.nrrd");
+    std::fs::write(&nrrd_bomb, nrrd).unwrap();
+    bounded_import_fails(&dir, &nrrd_bomb, &l, "--max-voxels");
+    let endless = dir.join("endless.nrrd");
+    sparse(
+        &endless,
+        b"NRRD0004\ntype: uchar\ndimension: 3\n# ",
+        3 << 29,
+    );
+    bounded_import_fails(&dir, &endless, &l, "longer than");
+    let lines = dir.join("lines.nrrd");
+    let mut many = b"NRRD0004\n".to_vec();
+    many.extend(b"# comment\n".repeat(200_000));
+    std::fs::write(&lines, many).unwrap();
+    bounded_import_fails(&dir, &lines, &l, "longer than");
+    // a detached header whose data file is huge (sparse) but the sizes ask for little: reads
+    // only what the sizes need
+    let big_data = dir.join("big.raw");
+    sparse(&big_data, b"", 3 << 30);
+    let nhdr = dir.join("big.nhdr");
+    std::fs::write(
+        &nhdr,
+        "NRRD0004\ntype: uchar\ndimension: 3\nsizes: 20 16 6\nencoding: raw\nspace: RAS\n\
+         space directions: (0.8,0,0) (0,1.2,0) (0,0,2.5)\nspace origin: (-10,20,5)\n\
+         data file: big.raw\n",
+    )
+    .unwrap();
+    let out = dir.join("big-out");
+    let args = [
+        "import",
+        "--image",
+        nhdr.to_str().unwrap(),
+        "--label",
+        l.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ];
+    let run = common::segtrain_bounded(&args, 1024, 60);
+    // an all-zero scan imports (as black slices)
+    assert!(!run.timed_out && run.code == Some(0), "{}", run.stderr);
+}
+
+#[test]
+fn non_regular_files_are_refused() {
+    let dir = temp_dir("import-fifo");
+    let (s, l) = identity_pair(&dir, "s.nii", "s_l.nii");
+    let fifo = dir.join("fifo.nii");
+    let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+    // SAFETY: mkfifo on a NUL-terminated path
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    let zero = dir.join("zero.nrrd");
+    std::os::unix::fs::symlink("/dev/zero", &zero).unwrap();
+    let folder = dir.join("folder.nii.gz");
+    std::fs::create_dir_all(&folder).unwrap();
+    for bad in [&fifo, &zero, &folder] {
+        bounded_import_fails(&dir, bad, &l, "");
+        let out = dir.join("o");
+        let args = [
+            "import",
+            "--image",
+            s.to_str().unwrap(),
+            "--label",
+            bad.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ];
+        common::fails_bounded(&args, 1024, 60, &[bad.to_str().unwrap()]);
+    }
+    // in folders, and as a detached data file
+    let (images, labels) = folders(&dir);
+    std::fs::copy(&s, images.join("a.nii")).unwrap();
+    std::os::unix::fs::symlink(&fifo, labels.join("a.nii")).unwrap();
+    let out = dir.join("f");
+    let args = [
+        "import",
+        "--images",
+        images.to_str().unwrap(),
+        "--labels",
+        labels.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ];
+    common::fails_bounded(&args, 1024, 60, &["a.nii", "not a regular file"]);
+    let nhdr = dir.join("z.nhdr");
+    std::os::unix::fs::symlink("/dev/zero", dir.join("z.raw")).unwrap();
+    std::fs::write(
+        &nhdr,
+        "NRRD0004\ntype: uchar\ndimension: 3\nsizes: 20 16 6\nencoding: raw\ndata file: z.raw\n",
+    )
+    .unwrap();
+    bounded_import_fails(&dir, &nhdr, &l, "z.raw");
+}
+
+#[test]
+fn stale_temporaries_of_dead_writers_are_removed() {
+    let dir = temp_dir("import-tmp");
+    let (s, l) = identity_pair(&dir, "t.nii", "t_l.nii");
+    let out = dir.join("out");
+    run(&s, &l, &out, &opts(Axis::Z)).unwrap();
+    let mut child = std::process::Command::new("true").spawn().unwrap();
+    let dead = child.id();
+    child.wait().unwrap();
+    let live = std::process::id();
+    let planted = [
+        (out.join(format!("images/.t_z0000.png.tmp-{dead}")), false),
+        (out.join(format!("masks/.t_z0001.png.tmp-{dead}")), false),
+        (out.join(format!("images/.t_z0002.png.tmp-{live}")), true),
+    ];
+    for (p, _) in &planted {
+        std::fs::write(p, vec![7u8; 1000]).unwrap();
+    }
+    let o = ImportOptions {
+        every: 2,
+        ..opts(Axis::Z)
+    };
+    run(&s, &l, &out, &o).unwrap();
+    for (p, kept) in &planted {
+        assert_eq!(p.exists(), *kept, "{}", p.display());
+    }
+}
+
+/// A larger scan and label (128×128×48, identity grid) for the kill test.
+fn write_large_pair(dir: &Path) -> (PathBuf, PathBuf) {
+    let shape = (128, 128, 48);
+    let scan = Array::from_shape_fn(shape.f(), |(x, y, z)| {
+        ((x * 7 + y * 13 + z * 29) % 200) as i16 - 50
+    });
+    let label = Array::from_shape_fn(shape.f(), |(x, y, z)| u8::from((x + y + z) % 17 == 0));
+    let (s, l) = (dir.join("big.nii"), dir.join("big_l.nii"));
+    WriterOptions::new(&s).write_nifti(&scan).unwrap();
+    WriterOptions::new(&l).write_nifti(&label).unwrap();
+    (s, l)
+}
+
+/// The slice files of a folder, by name, with their bytes.
+fn files(dir: &Path) -> BTreeMap<String, Vec<u8>> {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap())
+        .filter(|e| e.file_name().to_string_lossy().ends_with(".png"))
+        .map(|e| {
+            (
+                e.file_name().to_string_lossy().to_string(),
+                std::fs::read(e.path()).unwrap(),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn a_killed_reimport_never_leaves_a_mix_of_windows() {
+    let dir = temp_dir("import-kill");
+    let (s, l) = write_large_pair(&dir);
+    let (other_s, other_l) = identity_pair(&dir, "other.nii", "other_l.nii");
+    let args = |out: &Path, window: &'static str| -> Vec<String> {
+        [
+            "import",
+            "--image",
+            s.to_str().unwrap(),
+            "--label",
+            l.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "--window",
+            window,
+        ]
+        .map(String::from)
+        .to_vec()
+    };
+    let (a, b) = ("-50,150", "0,100");
+    let (ref_a, ref_b) = (dir.join("ref-a"), dir.join("ref-b"));
+    let imports = |out: &Path, window| {
+        let args = args(out, window);
+        ok(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    };
+    imports(&ref_a, a);
+    let started = std::time::Instant::now();
+    imports(&ref_b, b);
+    let full = started.elapsed();
+    let (images_a, images_b) = (files(&ref_a.join("images")), files(&ref_b.join("images")));
+    let masks = files(&ref_a.join("masks"));
+    assert_eq!(images_a.len(), 48);
+    assert!(
+        images_a.iter().all(|(k, v)| images_b[k] != *v),
+        "windows give different slices"
+    );
+    let whole = |images: &BTreeMap<String, Vec<u8>>| {
+        if *images == images_a {
+            Some('a')
+        } else if *images == images_b {
+            Some('b')
+        } else {
+            None
+        }
+    };
+    let mut outcomes = Vec::new();
+    for step in 0..8 {
+        let out = dir.join(format!("out{step}"));
+        imports(&out, a);
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_segtrain"))
+            .args(args(&out, b))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(full.mul_f64(step as f64 / 7.0));
+        child.kill().unwrap();
+        child.wait().unwrap();
+        let (images, got_masks) = (files(&out.join("images")), files(&out.join("masks")));
+        let consistent = images.keys().eq(got_masks.keys());
+        if consistent {
+            // a complete set, of one window
+            assert!(got_masks == masks, "step {step}: masks");
+            outcomes
+                .push(whole(&images).unwrap_or_else(|| panic!("step {step}: a mix of windows")));
+        } else {
+            // mid-swap: the data-set reader refuses the folder, and the next import completes it
+            assert!(segtrain::data::scan_pairs(&out).is_err(), "step {step}");
+            outcomes.push('-');
+        }
+        let o = ImportOptions {
+            intensity: Intensity::Window(-50.0, 150.0),
+            ..opts(Axis::Z)
+        };
+        import(&[(other_s.clone(), other_l.clone())], &out, &o).unwrap();
+        let images: BTreeMap<_, _> = files(&out.join("images"))
+            .into_iter()
+            .filter(|(k, _)| k.starts_with("big_"))
+            .collect();
+        let repaired: BTreeMap<_, _> = files(&out.join("masks"))
+            .into_iter()
+            .filter(|(k, _)| k.starts_with("big_"))
+            .collect();
+        assert!(
+            repaired == masks,
+            "step {step}: masks after the next import"
+        );
+        assert!(
+            whole(&images).is_some(),
+            "step {step}: a mix of windows after the next import"
+        );
+        assert!(!out.join(".import-staging").exists(), "step {step}");
+    }
+    eprintln!("kill outcomes: {}", outcomes.iter().collect::<String>());
+}
+
+/// A `.nrrd` of `sizes` voxels of NRRD type `type_name` (raw little-endian `bytes`), on a
+/// 1 mm LPS grid.
+fn raw_nrrd(path: &Path, sizes: [usize; 3], type_name: &str, bytes: &[u8]) {
+    let mut file = format!(
+        "NRRD0004\ntype: {type_name}\ndimension: 3\nsizes: {} {} {}\nendian: little\n\
+         encoding: raw\nspace: LPS\nspace directions: (1,0,0) (0,1,0) (0,0,1)\n\n",
+        sizes[0], sizes[1], sizes[2]
+    )
+    .into_bytes();
+    file.extend(bytes);
+    std::fs::write(path, file).unwrap();
+}
+
+#[test]
+fn thin_volumes_and_a_huge_every() {
+    let dir = temp_dir("import-thin");
+    for (name, sizes) in [("one", [1, 1, 1]), ("line", [1, 5, 1]), ("flat", [4, 3, 1])] {
+        let n: usize = sizes.iter().product();
+        let (s, l) = (
+            dir.join(format!("{name}.nrrd")),
+            dir.join(format!("{name}_l.nrrd")),
+        );
+        let values: Vec<u8> = (0..n as i16).flat_map(|v| (v * 10).to_le_bytes()).collect();
+        raw_nrrd(&s, sizes, "short", &values);
+        raw_nrrd(&l, sizes, "uchar", &vec![1; n]);
+        for axis in [Axis::X, Axis::Y, Axis::Z] {
+            let out = dir.join(format!("{name}-{axis:?}"));
+            let count = run(&s, &l, &out, &opts(axis)).unwrap();
+            let all = slices(&out);
+            assert_eq!(all.len(), count);
+            for (w, h, img, mask) in all.values() {
+                assert_eq!(img.len(), (*w * *h) as usize);
+                assert!(mask.iter().all(|&m| m == 1));
+            }
+        }
+    }
+    let (s, l) = identity_pair(&dir, "e.nii", "e_l.nii");
+    let o = ImportOptions {
+        every: usize::MAX,
+        ..opts(Axis::Z)
+    };
+    assert_eq!(run(&s, &l, &dir.join("every"), &o).unwrap(), 1);
+}
+
+#[test]
+fn labels_of_every_voxel_type_must_hold_class_indices() {
+    let dir = temp_dir("import-label-types");
+    let sizes = [4, 3, 2];
+    let s = dir.join("s.nrrd");
+    raw_nrrd(&s, sizes, "uchar", &(0..24).collect::<Vec<u8>>());
+    type Bytes = fn(usize) -> Vec<u8>;
+    let cases: [(&str, Bytes, Option<&str>); 8] = [
+        ("uchar", |i| vec![if i == 5 { 255 } else { 0 }], None),
+        (
+            "ushort",
+            |i| (if i == 5 { 255u16 } else { 2 }).to_le_bytes().to_vec(),
+            None,
+        ),
+        (
+            "ushort",
+            |i| (if i == 5 { 256u16 } else { 2 }).to_le_bytes().to_vec(),
+            Some("label value 256 at voxel (1, 1, 0)"),
+        ),
+        (
+            "int8",
+            |i| (if i == 5 { -1i8 } else { 2 }).to_le_bytes().to_vec(),
+            Some("label value -1 at voxel (1, 1, 0)"),
+        ),
+        (
+            "int64",
+            |i| (if i == 5 { 1i64 << 40 } else { 2 }).to_le_bytes().to_vec(),
+            Some("at voxel (1, 1, 0)"),
+        ),
+        (
+            "uint64",
+            |i| (if i == 5 { u64::MAX } else { 2 }).to_le_bytes().to_vec(),
+            Some("at voxel (1, 1, 0)"),
+        ),
+        (
+            "double",
+            |i| {
+                (if i == 5 { 2.000001f64 } else { 2.0 })
+                    .to_le_bytes()
+                    .to_vec()
+            },
+            Some("at voxel (1, 1, 0)"),
+        ),
+        (
+            "float",
+            |i| {
+                (if i == 5 { f32::INFINITY } else { 2.0 })
+                    .to_le_bytes()
+                    .to_vec()
+            },
+            Some("label value inf at voxel (1, 1, 0)"),
+        ),
+    ];
+    for (i, (type_name, value, error)) in cases.into_iter().enumerate() {
+        let l = dir.join(format!("l{i}_{type_name}.nrrd"));
+        let bytes: Vec<u8> = (0..24).flat_map(value).collect();
+        raw_nrrd(&l, sizes, type_name, &bytes);
+        let result = run(&s, &l, &dir.join(format!("out{i}")), &opts(Axis::Z));
+        match error {
+            None => assert_eq!(result.unwrap(), 2, "{type_name}"),
+            Some(says) => {
+                let e = err_text(result);
+                assert!(
+                    e.contains(&l.display().to_string()) && e.contains(says),
+                    "{type_name}: {e}"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn a_symlink_loop_in_a_folder_is_an_error_naming_it() {
+    let dir = temp_dir("import-loop");
+    let (images, labels) = folders(&dir);
+    write_nifti(&images.join("a.nii"), &scan(IDENTITY));
+    write_nifti(&labels.join("a.nii"), &label(IDENTITY));
+    std::os::unix::fs::symlink("b.nii", images.join("b.nii")).unwrap();
+    write_nifti(&labels.join("b.nii"), &label(IDENTITY));
+    let out = dir.join("out");
+    let stderr = cli(fails, [&images, &labels], &out, &[]);
+    assert!(
+        stderr.contains(&images.join("b.nii").display().to_string()),
+        "{stderr}"
+    );
+    // nothing was written: the check comes before the first volume
+    assert!(!out.join("images").exists() || names(&out, "images").is_empty());
 }

@@ -6,6 +6,16 @@
 //! Scan and label are both seen in the canonical orientation LPS ([`Canonical`]: permutation
 //! and flips of the stored axes, nearest axes for an oblique volume), must lie on the same grid
 //! there, and are sliced alike, so masks stay aligned with images whatever the files' affines.
+//!
+//! Bounds: a volume's size is checked from its header against [`Limits::max_voxels`] before
+//! any voxel is read, compressed data is never inflated past what the header needs, and only
+//! regular files are read.
+//!
+//! A re-import of a volume replaces its slices as a whole: the new slices are written to
+//! `OUT/.import-staging/<volume>_<axis>/`, a commit record is written there, and only then are
+//! the old slices replaced (`commit`, `apply`). A kill before the commit record leaves the old
+//! slices untouched; a kill after it leaves a state the data-set reader refuses (images
+//! without masks), which the next `import` into OUT completes before anything else.
 
 mod nifti;
 mod nrrd;
@@ -14,14 +24,20 @@ mod volume;
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::path::{Path, PathBuf};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 use image::GrayImage;
 use rayon::prelude::*;
 
-use crate::fsutil::write_png;
-pub use volume::{Axis, Canonical, Geometry, Space, Volume};
+use crate::fsutil::{
+    atomic_write, ensure_regular_file, read_text, remove_dead_temporaries, write_png, DirLock,
+    MAX_TEXT_BYTES,
+};
+pub use volume::{
+    Axis, Canonical, Geometry, Limits, Space, Volume, DEFAULT_MAX_VOXELS, MAX_VOXELS_ENV,
+};
+use volume::{Classes, Sink, Values};
 
 /// The volume file extensions, longest first (a volume's name is its file name without it).
 pub const EXTENSIONS: [&str; 4] = [".nii.gz", ".nii", ".nrrd", ".nhdr"];
@@ -49,13 +65,31 @@ fn unknown_format(path: &Path) -> anyhow::Error {
     )
 }
 
-/// Reads a NIfTI or NRRD volume, chosen by the file's extension.
-pub fn read_volume(path: &Path) -> Result<Volume> {
+/// Reads a NIfTI or NRRD volume, chosen by the file's extension, as f32 values, within
+/// `limits`. Errors name the file and the header field at fault.
+pub fn read_volume(path: &Path, limits: &Limits) -> Result<Volume> {
+    let mut values = Values::default();
+    let (dims, geometry) = read_into(path, limits, &mut values)?;
+    Ok(Volume {
+        dims,
+        data: values.data,
+        geometry,
+    })
+}
+
+/// Reads a label volume as class indices (a value that is not an integer in 0..=255, NaN
+/// included, is an error naming the file, the value and its voxel).
+pub fn read_label(path: &Path, limits: &Limits) -> Result<([usize; 3], Geometry, Vec<u8>)> {
+    let mut classes = Classes::default();
+    let (dims, geometry) = read_into(path, limits, &mut classes)?;
+    Ok((dims, geometry, classes.data))
+}
+
+fn read_into(path: &Path, limits: &Limits, sink: &mut dyn Sink) -> Result<([usize; 3], Geometry)> {
     let (_, ext) = split_name(path).ok_or_else(|| unknown_format(path))?;
-    std::fs::metadata(path).with_context(|| format!("cannot read {}", path.display()))?;
     match ext {
-        ".nii.gz" | ".nii" => nifti::read(path),
-        _ => nrrd::read(path),
+        ".nii.gz" | ".nii" => nifti::read(path, limits, sink),
+        _ => nrrd::read(path, limits, sink),
     }
 }
 
@@ -65,7 +99,9 @@ pub enum Intensity {
     /// A fixed window `[lo, hi]` in the scan's units (CT: Hounsfield, e.g. −1000,400 for lung).
     Window(f64, f64),
     /// `lo`, `hi` = the `p_lo`-th and `p_hi`-th percentiles of the volume's finite voxels
-    /// (nearest rank: sorted[round(p/100·(n − 1))]), for MRI.
+    /// (nearest rank: sorted[round(p/100·(n − 1))]), for MRI; where they are equal (a volume
+    /// that is nearly all one value), the least and greatest finite values instead, so that
+    /// what differs from the background stays visible.
     Percentile(f64, f64),
 }
 
@@ -124,10 +160,31 @@ pub struct ImportReport {
     pub out: PathBuf,
     pub volumes: Vec<VolumeReport>,
     pub seconds: f64,
+    /// Interrupted imports found in OUT at the start (`<volume>_<axis>`, and whether it was
+    /// completed or, not yet committed, discarded with the earlier slices kept).
+    pub recovered: Vec<(String, Recovery)>,
+}
+
+/// What became of an interrupted import of one volume.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Recovery {
+    /// Killed after its commit record: its new slices were put in place.
+    Completed,
+    /// Killed before: its staged slices were removed, the earlier ones are unchanged.
+    Discarded,
 }
 
 impl fmt::Display for ImportReport {
     fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        for (what, how) in &self.recovered {
+            match how {
+                Recovery::Completed => writeln!(f, "completed the interrupted import of {what}")?,
+                Recovery::Discarded => writeln!(
+                    f,
+                    "discarded the unfinished import of {what} (its earlier slices are kept)"
+                )?,
+            }
+        }
         for v in &self.volumes {
             write!(f, "{}: {} of {} slices", v.name, v.written, v.slices)?;
             if v.removed > 0 {
@@ -207,12 +264,26 @@ fn volumes_in(dir: &Path) -> Result<BTreeMap<String, PathBuf>> {
 
 /// Writes the slices of each (scan, label) pair into `out` (`images/`, `masks/`, created; files
 /// of the same names are replaced, and slices of an earlier import of the same volume and axis
-/// that this one does not write are removed). Stops at the first bad volume with an error
-/// naming it.
+/// that this one does not write are removed), within the [`Limits`] of [`Limits::from_env`].
+/// Stops at the first bad volume with an error naming it; the volumes before it are imported.
 pub fn import(
     pairs: &[(PathBuf, PathBuf)],
     out: &Path,
     opts: &ImportOptions,
+) -> Result<ImportReport> {
+    import_with(pairs, out, opts, &Limits::from_env()?)
+}
+
+/// [`import`] within the given limits.
+///
+/// Before it writes anything it checks every input is a regular file, takes the lock of `out`
+/// (one import at a time), completes or discards the imports into `out` that a kill
+/// interrupted, and removes the temporaries of killed writers in `images/` and `masks/`.
+pub fn import_with(
+    pairs: &[(PathBuf, PathBuf)],
+    out: &Path,
+    opts: &ImportOptions,
+    limits: &Limits,
 ) -> Result<ImportReport> {
     if opts.every == 0 {
         bail!("--every must be at least 1");
@@ -222,21 +293,53 @@ pub fn import(
             bail!("--percentile {lo},{hi}: need 0 <= LO < HI <= 100");
         }
     }
+    if let Intensity::Window(lo, hi) = opts.intensity {
+        if !(lo.is_finite() && hi.is_finite() && lo < hi) {
+            bail!("--window {lo},{hi}: need finite LO < HI");
+        }
+    }
+    for (scan, label) in pairs {
+        volume_stem(scan).ok_or_else(|| unknown_format(scan))?;
+        volume_stem(label).ok_or_else(|| unknown_format(label))?;
+        ensure_regular_file(scan)?;
+        ensure_regular_file(label)?;
+    }
     let start = Instant::now();
+    let _lock = lock(out)?;
     for sub in ["images", "masks"] {
         let dir = out.join(sub);
         std::fs::create_dir_all(&dir)
             .with_context(|| format!("cannot create {}", dir.display()))?;
+        remove_dead_temporaries(&dir)?;
     }
+    let recovered = recover(out)?;
     let volumes = pairs
         .iter()
-        .map(|(scan, label)| import_pair(scan, label, out, opts))
+        .map(|(scan, label)| import_pair(scan, label, out, opts, limits))
         .collect::<Result<_>>()?;
     Ok(ImportReport {
         out: out.to_path_buf(),
         volumes,
         seconds: start.elapsed().as_secs_f64(),
+        recovered,
     })
+}
+
+/// How long `import` waits for the lock of OUT (another import into it finishing).
+const LOCK_WAIT: Duration = Duration::from_secs(3);
+
+/// Takes the lock of `out`, waiting up to [`LOCK_WAIT`] for its holder. (A short wait also
+/// rides out a lock that outlives its holder's release for an instant: a process forked by
+/// another thread shares the lock's open file until it execs.)
+fn lock(out: &Path) -> Result<DirLock> {
+    let deadline = Instant::now() + LOCK_WAIT;
+    loop {
+        match DirLock::acquire(out) {
+            Ok(lock) => return Ok(lock),
+            Err(e) if Instant::now() >= deadline => return Err(e),
+            Err(_) => std::thread::sleep(Duration::from_millis(20)),
+        }
+    }
 }
 
 fn import_pair(
@@ -244,31 +347,47 @@ fn import_pair(
     label_path: &Path,
     out: &Path,
     opts: &ImportOptions,
+    limits: &Limits,
 ) -> Result<VolumeReport> {
     let name = volume_stem(scan_path)
         .ok_or_else(|| unknown_format(scan_path))?
         .to_string();
-    let (scan, label) = rayon::join(|| read_volume(scan_path), || read_volume(label_path));
-    let (scan, label) = (scan?, label?);
+    let (scan, label) = rayon::join(
+        || read_volume(scan_path, limits),
+        || read_label(label_path, limits),
+    );
+    let (scan, (label_dims, label_geometry, classes)) = (scan?, label?);
     let scan_view = Canonical::new(scan_path, scan.dims, &scan.geometry)?;
-    let label_view = Canonical::new(label_path, label.dims, &label.geometry)?;
+    let label_view = Canonical::new(label_path, label_dims, &label_geometry)?;
     label_view.check_same_grid(&scan_view, label_path, scan_path)?;
-    let classes = class_indices(&label, label_path)?;
-    let (lo, hi) = match opts.intensity {
-        Intensity::Window(lo, hi) => (lo, hi),
-        Intensity::Percentile(p_lo, p_hi) => percentiles(&scan.data, p_lo, p_hi),
-    };
+    let (lo, hi) = window(&scan.data, opts.intensity).ok_or_else(|| {
+        anyhow!(
+            "{}: no finite voxel (every value is NaN or infinite); nothing to window",
+            scan_path.display()
+        )
+    })?;
     // ⌊x + 0.5⌋ rounds x ∈ [0, 255] (no libm call per voxel); NaN ↦ 0 (a NaN cast to u8), and
-    // everything ↦ 0 for an empty window
+    // everything ↦ 0 for an empty window (a constant volume)
     let grey = |v: f32| match hi > lo {
         true => (((f64::from(v) - lo) / (hi - lo)).clamp(0.0, 1.0) * 255.0 + 0.5) as u8,
         false => 0,
     };
 
     let axis = opts.axis;
+    let prefix = format!("{name}_{}", axis.letter());
+    let stage = out.join(STAGING).join(&prefix);
+    if stage.exists() {
+        std::fs::remove_dir_all(&stage)
+            .with_context(|| format!("cannot remove {}", stage.display()))?;
+    }
+    for sub in ["images", "masks"] {
+        let dir = stage.join(sub);
+        std::fs::create_dir_all(&dir)
+            .with_context(|| format!("cannot create {}", dir.display()))?;
+    }
     let slices = scan_view.slices(axis);
     let kept: Vec<usize> = (0..slices).step_by(opts.every).collect();
-    let written = kept
+    let written: Result<BTreeSet<String>> = kept
         .par_iter()
         .map(|&k| -> Result<Option<String>> {
             let (w, h, mask) = label_view.slice(&classes, axis, k, |c| c);
@@ -277,13 +396,21 @@ fn import_pair(
             }
             let (_, _, pixels) = scan_view.slice(&scan.data, axis, k, grey);
             let file = slice_file(&name, axis, k);
-            write_grey(&out.join("images").join(&file), w, h, pixels)?;
-            write_grey(&out.join("masks").join(&file), w, h, mask)?;
+            write_grey(&stage.join("images").join(&file), w, h, pixels)?;
+            write_grey(&stage.join("masks").join(&file), w, h, mask)?;
             Ok(Some(file))
         })
         .filter_map(Result::transpose)
-        .collect::<Result<BTreeSet<String>>>()?;
-    let removed = remove_stale(out, &name, axis, &written)?;
+        .collect();
+    let written = match written {
+        Ok(written) => written,
+        Err(e) => {
+            // not committed: the earlier slices are untouched; drop the partial new set
+            let _ = finish(out, &stage);
+            return Err(e);
+        }
+    };
+    let removed = commit(out, &prefix, &written)?;
     Ok(VolumeReport {
         name,
         slices,
@@ -292,37 +419,157 @@ fn import_pair(
     })
 }
 
+/// The folder of `OUT` where each volume's new slices are staged (`<volume>_<axis>/images`,
+/// `…/masks`, and the commit record).
+pub const STAGING: &str = ".import-staging";
+
+/// The commit record of a staged import: the `<volume>_<axis>` prefix on its first line, then
+/// the file names of the new slice set, one a line.
+const COMMIT: &str = "COMMIT";
+
+/// Replaces the slices of `prefix` (`<volume>_<axis>`) in `out` by the set `names` staged in
+/// `OUT/.import-staging/<prefix>/`: writes the commit record, then [`apply`]s it, then removes
+/// the staging folder. Returns the number of earlier images removed that the new set lacks.
+fn commit(out: &Path, prefix: &str, names: &BTreeSet<String>) -> Result<usize> {
+    let stage = out.join(STAGING).join(prefix);
+    let mut record = format!("{prefix}\n");
+    for name in names {
+        record.push_str(name);
+        record.push('\n');
+    }
+    atomic_write(&stage.join(COMMIT), record.as_bytes())?;
+    let removed = apply(out, &stage, prefix, names)?;
+    finish(out, &stage)?;
+    Ok(removed)
+}
+
+/// Puts a committed staged set in place; safe to repeat after a kill at any point (the
+/// recovery runs it again). The order keeps every intermediate state detectable: first all
+/// masks of the volume go, so that from then until the last new mask is in, some image of the
+/// volume has no mask, and the data-set reader refuses the folder rather than mixing old and
+/// new slices; then the new images replace the old ones (renames), the stale images and masks
+/// go, and the new masks come in last.
+fn apply(out: &Path, stage: &Path, prefix: &str, names: &BTreeSet<String>) -> Result<usize> {
+    let (images, masks) = (out.join("images"), out.join("masks"));
+    let staged = |sub: &str| -> Result<Vec<String>> {
+        let dir = stage.join(sub);
+        let entries =
+            std::fs::read_dir(&dir).with_context(|| format!("cannot list {}", dir.display()))?;
+        let mut files = Vec::new();
+        for entry in entries {
+            let entry = entry.with_context(|| format!("cannot list {}", dir.display()))?;
+            if let Some(file) = entry.file_name().to_str().filter(|f| names.contains(*f)) {
+                files.push(file.to_string());
+            }
+        }
+        Ok(files)
+    };
+    let move_in = |sub: &str, files: &[String]| -> Result<()> {
+        for file in files {
+            let (from, to) = (stage.join(sub).join(file), out.join(sub).join(file));
+            std::fs::rename(&from, &to)
+                .with_context(|| format!("cannot move {} to {}", from.display(), to.display()))?;
+        }
+        Ok(())
+    };
+    let new_images = staged("images")?;
+    if !new_images.is_empty() {
+        // the images are still staged: no new mask is in yet, every mask here is old
+        remove_slices(&masks, prefix, |_| true)?;
+        move_in("images", &new_images)?;
+    }
+    let removed = remove_slices(&images, prefix, |f| !names.contains(f))?;
+    remove_slices(&masks, prefix, |f| !names.contains(f))?;
+    move_in("masks", &staged("masks")?)?;
+    for dir in [&images, &masks] {
+        if let Ok(d) = std::fs::File::open(dir) {
+            let _ = d.sync_all();
+        }
+    }
+    Ok(removed)
+}
+
+/// Removes a staging folder once its set is in place (and `.import-staging` once empty).
+fn finish(out: &Path, stage: &Path) -> Result<()> {
+    std::fs::remove_dir_all(stage).with_context(|| format!("cannot remove {}", stage.display()))?;
+    let _ = std::fs::remove_dir(out.join(STAGING));
+    Ok(())
+}
+
+/// Completes the committed imports that a kill interrupted in `out` and discards the staged
+/// slices of uncommitted ones (their earlier slices were never touched).
+fn recover(out: &Path) -> Result<Vec<(String, Recovery)>> {
+    let staging = out.join(STAGING);
+    let entries = match std::fs::read_dir(&staging) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(vec![]),
+        Err(e) => return Err(e).with_context(|| format!("cannot list {}", staging.display())),
+    };
+    let mut done = Vec::new();
+    for entry in entries {
+        let stage = entry
+            .with_context(|| format!("cannot list {}", staging.display()))?
+            .path();
+        let prefix = stage
+            .file_name()
+            .map(|n| n.to_string_lossy().to_string())
+            .unwrap_or_default();
+        let record = stage.join(COMMIT);
+        if !stage.is_dir() {
+            std::fs::remove_file(&stage)
+                .with_context(|| format!("cannot remove {}", stage.display()))?;
+            continue;
+        }
+        if !record.exists() {
+            finish(out, &stage)?;
+            done.push((prefix, Recovery::Discarded));
+            continue;
+        }
+        let text = read_text(&record, MAX_TEXT_BYTES, "import commit record")?;
+        let mut lines = text.lines();
+        let names: BTreeSet<String> = lines.by_ref().skip(1).map(str::to_string).collect();
+        let valid = text.lines().next() == Some(prefix.as_str())
+            && names.iter().all(|n| is_slice(&prefix, n));
+        if !valid {
+            bail!(
+                "{}: not a commit record of {prefix}; remove {} and import that volume again",
+                record.display(),
+                stage.display()
+            );
+        }
+        apply(out, &stage, &prefix, &names)?;
+        finish(out, &stage)?;
+        done.push((prefix, Recovery::Completed));
+    }
+    Ok(done)
+}
+
 /// The file name of slice `k` of volume `name` along `axis`: `<name>_<axis><k:04>.png`.
 fn slice_file(name: &str, axis: Axis, k: usize) -> String {
     format!("{name}_{}{k:04}.png", axis.letter())
 }
 
-/// Removes the slice files ([`slice_file`]) of volume `name` along `axis` that this import did
-/// not write — left by an earlier import with other `--every` / `--only-labelled` settings or
-/// of a longer volume — so that the data set holds exactly this import's slices. Returns the
-/// number of image files removed.
-fn remove_stale(out: &Path, name: &str, axis: Axis, written: &BTreeSet<String>) -> Result<usize> {
-    let prefix = format!("{name}_{}", axis.letter());
-    let is_slice = |file: &str| {
-        file.strip_prefix(&prefix)
-            .and_then(|rest| rest.strip_suffix(".png"))
-            .is_some_and(|k| k.len() >= 4 && k.bytes().all(|b| b.is_ascii_digit()))
-    };
+/// Whether `file` is a slice file ([`slice_file`]) of the `<volume>_<axis>` `prefix`.
+fn is_slice(prefix: &str, file: &str) -> bool {
+    file.strip_prefix(prefix)
+        .and_then(|rest| rest.strip_suffix(".png"))
+        .is_some_and(|k| k.len() >= 4 && k.bytes().all(|b| b.is_ascii_digit()))
+}
+
+/// Removes the slice files of `prefix` in `dir` that `remove` selects; returns their number.
+fn remove_slices(dir: &Path, prefix: &str, remove: impl Fn(&str) -> bool) -> Result<usize> {
+    let entries =
+        std::fs::read_dir(dir).with_context(|| format!("cannot list {}", dir.display()))?;
     let mut removed = 0;
-    for sub in ["images", "masks"] {
-        let dir = out.join(sub);
-        let entries =
-            std::fs::read_dir(&dir).with_context(|| format!("cannot list {}", dir.display()))?;
-        for entry in entries {
-            let entry = entry.with_context(|| format!("cannot list {}", dir.display()))?;
-            let file = entry.file_name();
-            let Some(file) = file.to_str() else { continue };
-            if is_slice(file) && !written.contains(file) {
-                let path = dir.join(file);
-                std::fs::remove_file(&path)
-                    .with_context(|| format!("cannot remove the stale slice {}", path.display()))?;
-                removed += usize::from(sub == "images");
-            }
+    for entry in entries {
+        let entry = entry.with_context(|| format!("cannot list {}", dir.display()))?;
+        let file = entry.file_name();
+        let Some(file) = file.to_str() else { continue };
+        if is_slice(prefix, file) && remove(file) {
+            let path = dir.join(file);
+            std::fs::remove_file(&path)
+                .with_context(|| format!("cannot remove the slice {}", path.display()))?;
+            removed += 1;
         }
     }
     Ok(removed)
@@ -337,40 +584,98 @@ fn write_grey(path: &Path, w: usize, h: usize, pixels: Vec<u8>) -> Result<()> {
     write_png(path, &img)
 }
 
-/// The label values as class indices; a value that is not an integer in 0..=255 is an error
-/// naming the file, the value and its voxel.
-fn class_indices(label: &Volume, path: &Path) -> Result<Vec<u8>> {
-    let is_class = |v: f32| (0.0..=255.0).contains(&v) && f32::from(v as u8) == v;
-    if let Some(i) = label.data.iter().position(|&v| !is_class(v)) {
-        let [nx, ny, _] = label.dims;
-        bail!(
-            "{}: label value {} at voxel ({}, {}, {}) is not a class index (an integer 0..=255)",
-            path.display(),
-            label.data[i],
-            i % nx,
-            i / nx % ny,
-            i / (nx * ny)
-        );
+/// The window `(lo, hi)` of `intensity` for the scan `data`, or `None` where no voxel is finite.
+fn window(data: &[f32], intensity: Intensity) -> Option<(f64, f64)> {
+    let hist = Histogram::new(data);
+    if hist.count == 0 {
+        return None;
     }
-    Ok(label.data.iter().map(|&v| v as u8).collect())
+    Some(match intensity {
+        Intensity::Window(lo, hi) => (lo, hi),
+        Intensity::Percentile(p_lo, p_hi) => {
+            let rank = |p: f64| (p / 100.0 * (hist.count - 1) as f64).round() as usize;
+            let [lo, hi] = hist.ranks(data, [rank(p_lo), rank(p_hi)]);
+            if lo < hi {
+                (f64::from(lo), f64::from(hi))
+            } else {
+                let [min, max] = hist.ranks(data, [0, hist.count - 1]);
+                (f64::from(min), f64::from(max))
+            }
+        }
+    })
 }
 
-/// The `p_lo`-th and `p_hi`-th percentiles of the finite values (nearest rank); (0, 0) if none.
-fn percentiles(data: &[f32], p_lo: f64, p_hi: f64) -> (f64, f64) {
-    let mut v: Vec<f32> = data.iter().copied().filter(|x| x.is_finite()).collect();
-    if v.is_empty() {
-        return (0.0, 0.0);
-    }
-    let rank = |p: f64| (p / 100.0 * (v.len() - 1) as f64).round() as usize;
-    let (r_lo, r_hi) = (rank(p_lo), rank(p_hi));
-    let (_, lo, above) = v.select_nth_unstable_by(r_lo, f32::total_cmp);
-    let lo = *lo;
-    let hi = if r_hi > r_lo {
-        *above
-            .select_nth_unstable_by(r_hi - r_lo - 1, f32::total_cmp)
-            .1
+/// The finite values of a volume counted by the high 16 bits of their order key: selects
+/// values by rank in two passes over the data, without a copy of it (which would be 4 bytes a
+/// voxel).
+struct Histogram {
+    high: Vec<usize>,
+    count: usize,
+}
+
+/// A key whose unsigned order is the order of `f32::total_cmp`.
+fn order_key(x: f32) -> u32 {
+    let b = x.to_bits();
+    if b >> 31 == 1 {
+        !b
     } else {
-        lo
-    };
-    (f64::from(lo), f64::from(hi))
+        b | 0x8000_0000
+    }
+}
+
+fn from_order_key(k: u32) -> f32 {
+    f32::from_bits(if k >> 31 == 1 { k & 0x7fff_ffff } else { !k })
+}
+
+impl Histogram {
+    fn new(data: &[f32]) -> Self {
+        let high = data
+            .par_chunks(1 << 20)
+            .fold(
+                || vec![0usize; 1 << 16],
+                |mut h, chunk| {
+                    for &x in chunk.iter().filter(|x| x.is_finite()) {
+                        h[(order_key(x) >> 16) as usize] += 1;
+                    }
+                    h
+                },
+            )
+            .reduce(
+                || vec![0usize; 1 << 16],
+                |mut a, b| {
+                    a.iter_mut().zip(b).for_each(|(a, b)| *a += b);
+                    a
+                },
+            );
+        let count = high.iter().sum();
+        Histogram { high, count }
+    }
+
+    /// The finite values of ranks `ranks` (< count) in ascending `total_cmp` order: the bucket
+    /// of each from the histogram, then its low 16 bits from a histogram of that bucket.
+    fn ranks(&self, data: &[f32], ranks: [usize; 2]) -> [f32; 2] {
+        let locate = |counts: &[usize], mut r: usize| {
+            let mut i = 0;
+            while r >= counts[i] {
+                r -= counts[i];
+                i += 1;
+            }
+            (i as u32, r)
+        };
+        let at = ranks.map(|r| locate(&self.high, r));
+        let buckets = [at[0].0, at[1].0];
+        let mut low = [vec![0usize; 1 << 16], vec![0usize; 1 << 16]];
+        for &x in data.iter().filter(|x| x.is_finite()) {
+            let k = order_key(x);
+            for (b, l) in buckets.iter().zip(low.iter_mut()) {
+                if k >> 16 == *b {
+                    l[(k & 0xffff) as usize] += 1;
+                }
+            }
+        }
+        [0, 1].map(|i| {
+            let (bits, _) = locate(&low[i], at[i].1);
+            from_order_key(buckets[i] << 16 | bits)
+        })
+    }
 }

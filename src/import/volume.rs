@@ -1,8 +1,9 @@
 //! The volume model: voxels, their place in space, and the canonical (LPS) view used to slice.
 
+use std::io::Read;
 use std::path::Path;
 
-use anyhow::{bail, Result};
+use anyhow::{anyhow, bail, Result};
 
 /// Voxel axes and origin in patient coordinates, LPS, millimetres: voxel `(i, j, k)` lies at
 /// `origin + i·axes[0] + j·axes[1] + k·axes[2]`. `|axes[a]|` is the spacing of voxel axis `a`,
@@ -48,6 +49,36 @@ impl Geometry {
         Geometry::new(axes, [0.0; 3], space)
     }
 
+    /// Checks that the geometry can orient a volume: finite voxel axes of non-zero length that
+    /// are independent (no two along the same line), and a finite origin. `field` names the
+    /// header field(s) they come from, for the error.
+    pub fn check(&self, field: &str) -> Result<()> {
+        let spacing = self.spacing();
+        if let Some(a) = (0..3).find(|&a| !(spacing[a].is_finite() && spacing[a] > 0.0)) {
+            bail!(
+                "voxel axis {a} has length {} ({field}); cannot orient the volume",
+                spacing[a]
+            );
+        }
+        if !self.origin.iter().all(|o| o.is_finite()) {
+            bail!("the origin {:?} is not finite ({field})", self.origin);
+        }
+        let dir = self.directions();
+        // the unit directions span a box of volume |det| ≤ 1: about 0 where two axes (nearly)
+        // coincide, which no permutation and flips can orient
+        let det = dir[0][0] * (dir[1][1] * dir[2][2] - dir[1][2] * dir[2][1])
+            - dir[0][1] * (dir[1][0] * dir[2][2] - dir[1][2] * dir[2][0])
+            + dir[0][2] * (dir[1][0] * dir[2][1] - dir[1][1] * dir[2][0]);
+        if det.abs() < 1e-6 {
+            bail!(
+                "the voxel axes {} are not independent (two of them point the same way; \
+                 {field}); cannot orient the volume",
+                dir.map(fmt3).join(" ")
+            );
+        }
+        Ok(())
+    }
+
     pub fn spacing(&self) -> [f64; 3] {
         self.axes.map(norm)
     }
@@ -63,6 +94,260 @@ impl Geometry {
 
 fn norm(v: [f64; 3]) -> f64 {
     v.iter().map(|c| c * c).sum::<f64>().sqrt()
+}
+
+/// Bounds on what `import` reads, checked from the header before any voxel is decoded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Largest volume read, in voxels (`--max-voxels`; [`DEFAULT_MAX_VOXELS`]). A volume takes
+    /// 4 bytes a voxel as f32 (the scan) or 1 (the label) once read; import holds one scan and
+    /// its label at a time, so its peak memory is about 5 bytes × this (1.25 GiB at the
+    /// default) plus the slices being encoded.
+    pub max_voxels: u64,
+}
+
+/// The default of [`Limits::max_voxels`]: 2^28 voxels (e.g. 512×512×1024).
+pub const DEFAULT_MAX_VOXELS: u64 = 1 << 28;
+
+/// The environment variable that sets [`Limits::max_voxels`] where no flag does.
+pub const MAX_VOXELS_ENV: &str = "SEGTRAIN_IMPORT_MAX_VOXELS";
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_voxels: DEFAULT_MAX_VOXELS,
+        }
+    }
+}
+
+impl Limits {
+    /// The default limits, with `max_voxels` from [`MAX_VOXELS_ENV`] where it is set.
+    pub fn from_env() -> Result<Self> {
+        match std::env::var(MAX_VOXELS_ENV) {
+            Err(std::env::VarError::NotPresent) => Ok(Limits::default()),
+            Ok(s) => match s.trim().parse::<u64>() {
+                Ok(n) if n > 0 => Ok(Limits { max_voxels: n }),
+                _ => bail!("{MAX_VOXELS_ENV}=`{s}`: need a voxel count > 0"),
+            },
+            Err(e) => bail!("{MAX_VOXELS_ENV}: {e}"),
+        }
+    }
+
+    /// The voxel count of a volume of `dims`, or an error when it is above
+    /// [`Limits::max_voxels`] (or overflows).
+    pub(super) fn voxels(&self, dims: [u64; 3]) -> Result<usize> {
+        let n = dims.iter().try_fold(1u64, |n, &d| n.checked_mul(d));
+        match n.filter(|&n| n <= self.max_voxels) {
+            Some(n) => usize::try_from(n).map_err(|_| anyhow!("{n} voxels: too many to address")),
+            None => bail!(
+                "{}×{}×{} = {} voxels, more than --max-voxels {} (the largest volume import \
+                 reads; raise --max-voxels or {MAX_VOXELS_ENV} for a larger one)",
+                dims[0],
+                dims[1],
+                dims[2],
+                n.map_or("over 2^64".to_string(), |n| n.to_string()),
+                self.max_voxels
+            ),
+        }
+    }
+}
+
+/// Where a reader puts the voxel values it decodes, in file order (x fastest): an f32 buffer
+/// for a scan, class indices for a label.
+pub(super) trait Sink {
+    /// Called once, before any value, with the volume's size; `exact`: the file is known to
+    /// hold all the voxels, so the whole buffer may be allocated at once (else it grows as
+    /// values arrive, and a short file fails before a large allocation).
+    fn start(&mut self, dims: [usize; 3], exact: bool) -> Result<()>;
+    fn push(&mut self, values: &[f32]) -> Result<()>;
+}
+
+/// Room in `v` for `more` values of at most `total`: all at once where `exact`, else doubling
+/// (from 1 Mi values), never past `total`. An allocation failure is an error, not an abort.
+pub(super) fn grow<T>(v: &mut Vec<T>, more: usize, total: usize, exact: bool) -> Result<()> {
+    let need = v.len() + more;
+    if need <= v.capacity() {
+        return Ok(());
+    }
+    let target = match exact {
+        true => total.max(need),
+        false => (v.capacity() * 2).max(1 << 20).clamp(need, total.max(need)),
+    };
+    v.try_reserve_exact(target - v.len()).map_err(|_| {
+        anyhow!(
+            "cannot allocate memory for {target} voxels ({} bytes)",
+            target * std::mem::size_of::<T>()
+        )
+    })
+}
+
+/// A scan's voxels as f32.
+#[derive(Default)]
+pub(super) struct Values {
+    pub data: Vec<f32>,
+    total: usize,
+    exact: bool,
+}
+
+impl Sink for Values {
+    fn start(&mut self, dims: [usize; 3], exact: bool) -> Result<()> {
+        self.total = dims.iter().product();
+        self.exact = exact;
+        grow(&mut self.data, 0, self.total, exact)
+    }
+
+    fn push(&mut self, values: &[f32]) -> Result<()> {
+        grow(&mut self.data, values.len(), self.total, self.exact)?;
+        self.data.extend_from_slice(values);
+        Ok(())
+    }
+}
+
+/// A label's voxels as class indices: a value that is not an integer in 0..=255 (NaN
+/// included) is an error naming the value and its voxel.
+#[derive(Default)]
+pub(super) struct Classes {
+    pub data: Vec<u8>,
+    dims: [usize; 3],
+    exact: bool,
+}
+
+impl Sink for Classes {
+    fn start(&mut self, dims: [usize; 3], exact: bool) -> Result<()> {
+        self.dims = dims;
+        self.exact = exact;
+        grow(&mut self.data, 0, dims.iter().product(), exact)
+    }
+
+    fn push(&mut self, values: &[f32]) -> Result<()> {
+        let total = self.dims.iter().product();
+        grow(&mut self.data, values.len(), total, self.exact)?;
+        for &v in values {
+            if !((0.0..=255.0).contains(&v) && f32::from(v as u8) == v) {
+                let i = self.data.len();
+                let [nx, ny, _] = self.dims;
+                bail!(
+                    "label value {v} at voxel ({}, {}, {}) is not a class index (an integer \
+                     0..=255)",
+                    i % nx,
+                    i / nx % ny,
+                    i / (nx * ny)
+                );
+            }
+            self.data.push(v as u8);
+        }
+        Ok(())
+    }
+}
+
+/// The binary voxel types of NIfTI and NRRD.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Scalar {
+    I8,
+    U8,
+    I16,
+    U16,
+    I32,
+    U32,
+    I64,
+    U64,
+    F32,
+    F64,
+}
+
+/// Bytes decoded per chunk (a multiple of every scalar size).
+const CHUNK_BYTES: usize = 1 << 16;
+
+impl Scalar {
+    pub fn size(self) -> usize {
+        match self {
+            Scalar::I8 | Scalar::U8 => 1,
+            Scalar::I16 | Scalar::U16 => 2,
+            Scalar::I32 | Scalar::U32 | Scalar::F32 => 4,
+            Scalar::I64 | Scalar::U64 | Scalar::F64 => 8,
+        }
+    }
+
+    /// Appends the values of `bytes` (a whole number of voxels) to `out`, as f32.
+    pub fn decode(self, bytes: &[u8], big_endian: bool, out: &mut Vec<f32>) {
+        macro_rules! decode {
+            ($t:ty) => {{
+                const N: usize = std::mem::size_of::<$t>();
+                out.extend(bytes.chunks_exact(N).map(|c| {
+                    let b: [u8; N] = c.try_into().expect("N bytes");
+                    let v = if big_endian {
+                        <$t>::from_be_bytes(b)
+                    } else {
+                        <$t>::from_le_bytes(b)
+                    };
+                    v as f32
+                }))
+            }};
+        }
+        match self {
+            Scalar::I8 => decode!(i8),
+            Scalar::U8 => decode!(u8),
+            Scalar::I16 => decode!(i16),
+            Scalar::U16 => decode!(u16),
+            Scalar::I32 => decode!(i32),
+            Scalar::U32 => decode!(u32),
+            Scalar::I64 => decode!(i64),
+            Scalar::U64 => decode!(u64),
+            Scalar::F32 => decode!(f32),
+            Scalar::F64 => decode!(f64),
+        }
+    }
+}
+
+/// Reads exactly `n` voxels of type `scalar` from `source` in chunks, maps each value through
+/// `map` (e.g. NIfTI scaling) and pushes them to `sink`: memory beyond the sink's buffer is
+/// one chunk, and no byte past the voxels is read (a bounded read of a compressed stream).
+/// Returns the number of bytes read: less than the voxels need where the source ends early
+/// (the caller's "truncated" error); read errors pass through.
+pub(super) fn read_voxels(
+    source: &mut dyn Read,
+    scalar: Scalar,
+    big_endian: bool,
+    n: usize,
+    map: impl Fn(f32) -> f32,
+    sink: &mut dyn Sink,
+) -> std::io::Result<ReadOutcome> {
+    let size = scalar.size();
+    let total = n * size;
+    let mut buf = vec![0u8; CHUNK_BYTES.min(total)];
+    let mut values = Vec::with_capacity(buf.len() / size);
+    let mut done = 0;
+    while done < total {
+        let want = (total - done).min(buf.len());
+        let mut got = 0;
+        while got < want {
+            match source.read(&mut buf[got..want]) {
+                Ok(0) => return Ok(ReadOutcome::Short(done + got)),
+                Ok(k) => got += k,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        values.clear();
+        scalar.decode(&buf[..want], big_endian, &mut values);
+        for v in &mut values {
+            *v = map(*v);
+        }
+        if let Err(e) = sink.push(&values) {
+            return Ok(ReadOutcome::Refused(e));
+        }
+        done += want;
+    }
+    Ok(ReadOutcome::Complete)
+}
+
+/// How [`read_voxels`] ended.
+pub(super) enum ReadOutcome {
+    Complete,
+    /// The source ended after this many bytes.
+    Short(usize),
+    /// The sink refused a value (a label that is not a class index) or memory ran out.
+    Refused(anyhow::Error),
 }
 
 /// A 3-D scalar volume: voxel `(i, j, k)` is `data[i + nx·(j + ny·k)]`.
@@ -124,23 +409,10 @@ impl Axis {
 
 impl Canonical {
     /// The canonical view of a volume of `dims` voxels with geometry `g`. `path` names the file
-    /// in errors (an affine with a zero or non-finite axis).
+    /// in errors (an affine that fails [`Geometry::check`]).
     pub fn new(path: &Path, dims: [usize; 3], g: &Geometry) -> Result<Self> {
-        let spacing = g.spacing();
-        if let Some(a) = (0..3).find(|&a| !(spacing[a].is_finite() && spacing[a] > 0.0)) {
-            bail!(
-                "{}: voxel axis {a} has length {} in the affine; cannot orient the volume",
-                path.display(),
-                spacing[a]
-            );
-        }
-        if !g.origin.iter().all(|o| o.is_finite()) {
-            bail!(
-                "{}: the origin {:?} is not finite",
-                path.display(),
-                g.origin
-            );
-        }
+        g.check("in the affine")
+            .map_err(|e| anyhow!("{}: {e}", path.display()))?;
         let dir = g.directions();
         // greedy: the largest |cosine| among free (voxel axis, canonical axis) pairs first
         let (mut from, mut flip) = ([usize::MAX; 3], [false; 3]);
