@@ -224,7 +224,7 @@ impl DirLock {
                     pid => format!("process {pid}"),
                 };
                 anyhow::bail!(
-                    "{} is in use by {holder} (a running train, compare, calibrate or export); wait for it to finish or stop it",
+                    "{} is in use by {holder} (a running train, compare, calibrate, export or import); wait for it to finish or stop it",
                     dir.display()
                 );
             }

@@ -249,6 +249,13 @@ struct ImportArgs {
     /// Keep every K-th slice (0, K, 2K, …).
     #[arg(long, value_name = "K", default_value_t = 1)]
     every: usize,
+    /// Map label values to classes, e.g. 37=1,38=1 (atlas regions merged into class 1); every
+    /// other value becomes 0; values above 255 are allowed.
+    #[arg(long, value_name = "V=C,...", value_parser = segtrain::import::parse_label_map)]
+    label_map: Option<segtrain::import::LabelMap>,
+    /// Largest volume read, in voxels [default: 2^28, or SEGTRAIN_IMPORT_MAX_VOXELS].
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    max_voxels: Option<u64>,
 }
 
 #[derive(clap::Args)]
@@ -523,8 +530,16 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 intensity,
                 only_labelled: a.only_labelled,
                 every: a.every,
+                label_map: a.label_map,
             };
-            println!("{}", segtrain::import::import(&pairs, &a.out, &opts)?);
+            let limits = match a.max_voxels {
+                Some(max_voxels) => segtrain::import::Limits { max_voxels },
+                None => segtrain::import::Limits::from_env()?,
+            };
+            println!(
+                "{}",
+                segtrain::import::import_with(&pairs, &a.out, &opts, &limits)?
+            );
             Ok(())
         }
         Command::Export { run, out, dtype } => {

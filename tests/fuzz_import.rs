@@ -146,7 +146,7 @@ fn exercise(path: &Path) {
             }
         }
     }
-    if let Ok((dims, _, classes)) = read_label(path, &LIMITS) {
+    if let Ok((dims, _, classes)) = read_label(path, &LIMITS, None) {
         assert_eq!(classes.len(), dims.iter().product::<usize>());
     }
     let out = work().join("out");

@@ -733,6 +733,69 @@ fn labels_must_be_class_indices() {
     }
 }
 
+/// `--label-map`: atlas values (above 255 too) merged or renumbered; every other value 0.
+#[test]
+fn a_label_map_merges_and_renumbers_atlas_values() {
+    let dir = temp_dir("import-label-map");
+    let s = dir.join("s.nii");
+    write_nifti(&s, &scan(IDENTITY));
+    // the label's classes 1 and 2 become atlas regions 37 and 725; a few voxels hold 300
+    let mut atlas = label(IDENTITY);
+    for v in atlas.data.iter_mut() {
+        *v = match *v as u32 {
+            1 => 37.0,
+            2 => 725.0,
+            _ => 0.0,
+        };
+    }
+    atlas.data[DIMS[0] + 3] = 300.0;
+    let l = dir.join("atlas.nii.gz");
+    write_nifti(&l, &atlas);
+    let e = err_text(run(&s, &l, &dir.join("plain"), &opts(Axis::Z)));
+    assert!(e.contains("label value"), "{e}");
+    let reference = dir.join("reference");
+    let (_, rl) = identity_pair(&dir, "r.nii", "r_l.nii");
+    run(&s, &rl, &reference, &opts(Axis::Z)).unwrap();
+    let map = |m: &str| ImportOptions {
+        label_map: Some(segtrain::import::parse_label_map(m).unwrap()),
+        ..opts(Axis::Z)
+    };
+    // 37 -> 1, 725 -> 2: the original classes back; 300 (unnamed) -> 0
+    let out = dir.join("renumbered");
+    run(&s, &l, &out, &map("37=1,725=2")).unwrap();
+    let expected = slices(&reference);
+    let got = slices(&out);
+    assert_eq!(
+        got.keys().collect::<Vec<_>>(),
+        expected.keys().collect::<Vec<_>>()
+    );
+    for (name, (w, h, image, mask)) in &got {
+        let (ew, eh, eimage, emask) = &expected[name];
+        assert_eq!((w, h, image), (ew, eh, eimage), "{name}");
+        assert_eq!(mask, emask, "{name}");
+    }
+    // both merged into class 1
+    let out = dir.join("merged");
+    run(&s, &l, &out, &map("37=1,725=1")).unwrap();
+    for (name, (_, _, _, mask)) in slices(&out) {
+        let (_, _, _, emask) = &expected[&name];
+        let merged: Vec<u8> = emask.iter().map(|&c| u8::from(c > 0)).collect();
+        assert_eq!(mask, merged, "{name}");
+    }
+    for bad in ["37", "37=1,37=2", "x=1", "37=256", "37=-1"] {
+        assert!(segtrain::import::parse_label_map(bad).is_err(), "{bad}");
+    }
+    let mut half = atlas.clone();
+    half.data[0] = 37.5;
+    let l = dir.join("half.nii");
+    write_nifti(&l, &half);
+    let e = err_text(run(&s, &l, &dir.join("half"), &map("37=1")));
+    assert!(
+        e.contains("label value 37.5 at voxel (0, 0, 0) is not an integer"),
+        "{e}"
+    );
+}
+
 /// The bytes of a NIfTI file of zeros of the given shape.
 fn zeros_nifti(dir: &Path, shape: &[usize]) -> Vec<u8> {
     let path = dir.join("zeros.nii");
@@ -1000,6 +1063,21 @@ fn nifti_voxels_are_read_from_vox_offset() {
             "vox_offset {offset}, gzip {gz}: shifted slices"
         );
     }
+    // vox_offset 0, as some older writers leave it: the voxels follow the header, where
+    // nibabel reads them too
+    for gz in [false, true] {
+        let ext = if gz { "nii.gz" } else { "nii" };
+        let (ps, pl) = (dir.join(format!("z.{ext}")), dir.join(format!("z_l.{ext}")));
+        for (path, bytes) in [(&ps, &scan_nii), (&pl, &label_nii)] {
+            let mut bytes = bytes.clone();
+            set_f32(&mut bytes, field::VOX_OFFSET, 0.0);
+            std::fs::write(path, if gz { gzip(&bytes) } else { bytes }).unwrap();
+        }
+        let out = dir.join(format!("zero{gz}"));
+        run(&ps, &pl, &out, &opts(Axis::Z)).unwrap();
+        let got: Vec<_> = slices(&out).into_values().collect();
+        assert!(got == expected, "vox_offset 0, gzip {gz}: shifted slices");
+    }
 }
 
 /// Imports `bytes` written as `name` (as the scan, with a good label, and as the label, with
@@ -1026,7 +1104,7 @@ fn nifti_bad_vox_offsets_are_errors_naming_the_field() {
     let dir = temp_dir("import-vox-offset-bad");
     let nii = nii_bytes(&dir, &scan(IDENTITY));
     for (i, v) in [
-        0.0,
+        1.0,
         100.0,
         351.0,
         352.5,

@@ -77,10 +77,15 @@ pub fn read_volume(path: &Path, limits: &Limits) -> Result<Volume> {
     })
 }
 
-/// Reads a label volume as class indices (a value that is not an integer in 0..=255, NaN
-/// included, is an error naming the file, the value and its voxel).
-pub fn read_label(path: &Path, limits: &Limits) -> Result<([usize; 3], Geometry, Vec<u8>)> {
-    let mut classes = Classes::default();
+/// Reads a label volume as class indices: the values themselves (a value that is not an
+/// integer in 0..=255, NaN included, is an error naming the file, the value and its voxel), or
+/// through `map` (any integer; unnamed values become 0).
+pub fn read_label(
+    path: &Path,
+    limits: &Limits,
+    map: Option<&LabelMap>,
+) -> Result<([usize; 3], Geometry, Vec<u8>)> {
+    let mut classes = Classes::new(map);
     let (dims, geometry) = read_into(path, limits, &mut classes)?;
     Ok((dims, geometry, classes.data))
 }
@@ -106,7 +111,7 @@ pub enum Intensity {
 }
 
 /// What `import` writes.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct ImportOptions {
     /// Slice along this canonical axis.
     pub axis: Axis,
@@ -115,6 +120,42 @@ pub struct ImportOptions {
     pub only_labelled: bool,
     /// Keep slices 0, K, 2K, … (K ≥ 1).
     pub every: usize,
+    /// Label values to classes (`--label-map`); None: the values are the classes.
+    pub label_map: Option<LabelMap>,
+}
+
+/// `--label-map 37=1,38=1`: which label values become which class; every other value becomes
+/// 0 (background). Merges or renumbers atlas regions, whose values may exceed 255.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct LabelMap(pub std::collections::BTreeMap<i64, u8>);
+
+impl LabelMap {
+    /// The class of label value `v`.
+    pub fn class_of(&self, v: i64) -> u8 {
+        self.0.get(&v).copied().unwrap_or(0)
+    }
+}
+
+/// Parses `VALUE=CLASS,…` (integers; classes 0..=255; each value named once).
+pub fn parse_label_map(s: &str) -> Result<LabelMap, String> {
+    let mut map = std::collections::BTreeMap::new();
+    for item in s.split(',') {
+        let (value, class) = item
+            .split_once('=')
+            .ok_or_else(|| format!("`{item}` is not VALUE=CLASS (e.g. 37=1,38=1)"))?;
+        let value: i64 = value
+            .trim()
+            .parse()
+            .map_err(|_| format!("`{value}` in `{item}` is not an integer label value"))?;
+        let class: u8 = class
+            .trim()
+            .parse()
+            .map_err(|_| format!("`{class}` in `{item}` is not a class 0..=255"))?;
+        if map.insert(value, class).is_some() {
+            return Err(format!("label value {value} is mapped twice"));
+        }
+    }
+    Ok(LabelMap(map))
 }
 
 impl Default for ImportOptions {
@@ -124,6 +165,7 @@ impl Default for ImportOptions {
             intensity: Intensity::Percentile(0.5, 99.5),
             only_labelled: false,
             every: 1,
+            label_map: None,
         }
     }
 }
@@ -354,7 +396,7 @@ fn import_pair(
         .to_string();
     let (scan, label) = rayon::join(
         || read_volume(scan_path, limits),
-        || read_label(label_path, limits),
+        || read_label(label_path, limits, opts.label_map.as_ref()),
     );
     let (scan, (label_dims, label_geometry, classes)) = (scan?, label?);
     let scan_view = Canonical::new(scan_path, scan.dims, &scan.geometry)?;

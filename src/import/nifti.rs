@@ -226,6 +226,9 @@ impl Header {
         if !(v.is_finite() && v.fract() == 0.0 && v >= 0.0) {
             bail!("vox_offset = {v} (field `vox_offset`) is not a byte offset");
         }
+        // 0, as some older writers leave it, means "right after the header" (nibabel reads it
+        // so); any other offset inside the header is an error
+        let v = if v == 0.0 { MIN_VOX_OFFSET as f32 } else { v };
         if (v as u64) < MIN_VOX_OFFSET {
             bail!(
                 "vox_offset = {v} (field `vox_offset`) lies inside the header (at least \

@@ -203,16 +203,27 @@ impl Sink for Values {
     }
 }
 
-/// A label's voxels as class indices: a value that is not an integer in 0..=255 (NaN
-/// included) is an error naming the value and its voxel.
+/// A label's voxels as class indices: without a map, a value that is not an integer in
+/// 0..=255 (NaN included) is an error naming the value and its voxel; with a map, any integer
+/// is allowed and mapped (values the map does not name become 0).
 #[derive(Default)]
-pub(super) struct Classes {
+pub(super) struct Classes<'a> {
     pub data: Vec<u8>,
     dims: [usize; 3],
     exact: bool,
+    map: Option<&'a super::LabelMap>,
 }
 
-impl Sink for Classes {
+impl<'a> Classes<'a> {
+    pub fn new(map: Option<&'a super::LabelMap>) -> Self {
+        Self {
+            map,
+            ..Self::default()
+        }
+    }
+}
+
+impl Sink for Classes<'_> {
     fn start(&mut self, dims: [usize; 3], exact: bool) -> Result<()> {
         self.dims = dims;
         self.exact = exact;
@@ -223,6 +234,20 @@ impl Sink for Classes {
         let total = self.dims.iter().product();
         grow(&mut self.data, values.len(), total, self.exact)?;
         for &v in values {
+            if let Some(map) = self.map {
+                if !(v.is_finite() && v.fract() == 0.0) {
+                    let i = self.data.len();
+                    let [nx, ny, _] = self.dims;
+                    bail!(
+                        "label value {v} at voxel ({}, {}, {}) is not an integer",
+                        i % nx,
+                        i / nx % ny,
+                        i / (nx * ny)
+                    );
+                }
+                self.data.push(map.class_of(v as i64));
+                continue;
+            }
             if !((0.0..=255.0).contains(&v) && f32::from(v as u8) == v) {
                 let i = self.data.len();
                 let [nx, ny, _] = self.dims;
