@@ -173,16 +173,27 @@ fn check_outputs(
         .iter()
         .filter_map(|f| std::fs::canonicalize(f).ok().map(|c| (c, f)))
         .collect();
-    let mut writers: std::collections::HashMap<String, &PathBuf> = Default::default();
+    // keyed in lower case: on a case-insensitive file system (macOS, Windows) `A_mask.png` and
+    // `a_mask.png` are one file
+    let mut writers: std::collections::HashMap<String, (&PathBuf, String)> = Default::default();
     for file in files {
         let stem = file
             .file_stem()
             .with_context(|| format!("{}: not a file name", file.display()))?
             .to_string_lossy();
         for name in output_names(&stem, classes, opts) {
-            if let Some(other) = writers.insert(name.clone(), file) {
+            if let Some((other, other_name)) =
+                writers.insert(name.to_lowercase(), (file, name.clone()))
+            {
+                let case = if other_name != name {
+                    format!(
+                        " (as {other_name}: names that differ only in case are one file on some file systems)"
+                    )
+                } else {
+                    String::new()
+                };
                 bail!(
-                    "{} and {} would both be written to {}; predict them into separate --out folders or rename one",
+                    "{} and {} would both be written to {}{case}; predict them into separate --out folders or rename one",
                     other.display(),
                     file.display(),
                     out.join(&name).display()
@@ -364,7 +375,15 @@ pub fn labelled_images(data_dir: &Path, meta: &ModelMeta) -> Result<(Vec<data::S
         ignore_index: meta.ignore_index,
         resize: None,
     };
-    let samples = data::load_pairs(&data::scan_pairs(&dir)?, &format)?;
+    let pairs = data::scan_pairs(&dir)?;
+    if pairs.is_empty() {
+        bail!(
+            "{}: found 0 image/mask pair(s): {} holds no .png, .jpg or .jpeg image",
+            dir.display(),
+            dir.join("images").display()
+        );
+    }
+    let samples = data::load_pairs(&pairs, &format)?;
     Ok((samples, format))
 }
 

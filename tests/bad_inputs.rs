@@ -326,6 +326,22 @@ fn bad_inputs_fail_cleanly_and_name_the_problem() {
             ],
         },
         Case {
+            name: "data root that is a file",
+            args: train(&config(&dir, &read_only_parent, ""), &[]),
+            expect: vec!["data.root", "a-file", "is not a folder"],
+        },
+        Case {
+            name: "eval on a data set without images",
+            args: vec![
+                "eval".into(),
+                "--model".into(),
+                s(&model),
+                "--data".into(),
+                s(&empty),
+            ],
+            expect: vec!["empty/images", "found 0 image/mask pair"],
+        },
+        Case {
             name: "config that is a device",
             args: vec!["train".into(), "/dev/zero".into()],
             expect: vec!["/dev/zero", "not a regular file"],

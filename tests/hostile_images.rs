@@ -111,6 +111,59 @@ fn zlib_zeros(n: u64) -> Vec<u8> {
     out
 }
 
+/// A zlib stream of `raw` in stored (uncompressed) blocks.
+fn zlib_stored(raw: &[u8]) -> Vec<u8> {
+    let mut z = vec![0x78, 0x01];
+    let chunks: Vec<&[u8]> = raw.chunks(65535).collect();
+    for (i, chunk) in chunks.iter().enumerate() {
+        z.push(u8::from(i + 1 == chunks.len()));
+        z.extend((chunk.len() as u16).to_le_bytes());
+        z.extend((!(chunk.len() as u16)).to_le_bytes());
+        z.extend(*chunk);
+    }
+    if raw.is_empty() {
+        z.extend([1, 0, 0, 0xFF, 0xFF]);
+    }
+    let (mut a, mut b) = (1u32, 0u32);
+    for &v in raw {
+        a = (a + v as u32) % 65521;
+        b = (b + a) % 65521;
+    }
+    z.extend(((b << 16) | a).to_be_bytes());
+    z
+}
+
+/// An Adam7-interlaced grey 8-bit PNG of `w × h` pixels of one `value`.
+fn interlaced_png(w: u32, h: u32, value: u8) -> Vec<u8> {
+    let passes = [
+        (0, 0, 8, 8),
+        (4, 0, 8, 8),
+        (0, 4, 4, 8),
+        (2, 0, 4, 4),
+        (0, 2, 2, 4),
+        (1, 0, 2, 2),
+        (0, 1, 1, 2),
+    ];
+    let mut raw = vec![];
+    for (x0, y0, dx, dy) in passes {
+        let pw = if w > x0 { (w - x0).div_ceil(dx) } else { 0 };
+        let ph = if h > y0 { (h - y0).div_ceil(dy) } else { 0 };
+        if pw == 0 || ph == 0 {
+            continue;
+        }
+        for _ in 0..ph {
+            raw.push(0);
+            raw.extend(std::iter::repeat_n(value, pw as usize));
+        }
+    }
+    let mut png = png_file(w, h, 8, 0, &[(b"IDAT", zlib_stored(&raw))]);
+    // IHDR's interlace byte, and its CRC again
+    png[8 + 8 + 12] = 1;
+    let crc = crc32(&png[12..12 + 4 + 13]);
+    png[12 + 4 + 13..12 + 4 + 13 + 4].copy_from_slice(&crc.to_be_bytes());
+    png
+}
+
 /// A grey 8-bit PNG of `w × h` black pixels, whole and valid, in about w·h / 160 bytes.
 fn black_png(w: u32, h: u32) -> Vec<u8> {
     png_file(
@@ -296,6 +349,11 @@ fn builders_make_valid_files() {
     let img = image::open(&png).unwrap().to_luma8();
     assert_eq!(img.dimensions(), (300, 7));
     assert!(img.pixels().all(|p| p.0[0] == 0));
+    let adam7 = dir.join("adam7.png");
+    std::fs::write(&adam7, interlaced_png(19, 11, 77)).unwrap();
+    let img = image::open(&adam7).unwrap().to_luma8();
+    assert_eq!(img.dimensions(), (19, 11));
+    assert!(img.pixels().all(|p| p.0[0] == 77));
     let jpeg = dir.join("grey.jpg");
     std::fs::write(&jpeg, jpeg_file(20, 9, 1, blocks(20, 9))).unwrap();
     assert_eq!(image::open(&jpeg).unwrap().width(), 20);
@@ -383,29 +441,12 @@ fn an_icc_profile_of_a_gigabyte_is_skipped_unread() {
     let dir = temp_dir("hostile-iccp");
     let mut profile = b"bomb\0\0".to_vec();
     profile.extend(zlib_zeros(1 << 30));
-    let pixels = {
-        let mut raw = vec![];
-        for y in 0..48u32 {
-            raw.push(0);
-            raw.extend((0..48u32).flat_map(|x| [(x * 5) as u8, (y * 5) as u8, 90]));
-        }
-        let mut z = vec![0x78, 0x01];
-        // stored blocks: no compressor needed
-        for (i, chunk) in raw.chunks(65535).enumerate() {
-            let last = (i + 1) * 65535 >= raw.len();
-            z.push(u8::from(last));
-            z.extend((chunk.len() as u16).to_le_bytes());
-            z.extend((!(chunk.len() as u16)).to_le_bytes());
-            z.extend(chunk);
-        }
-        let (mut a, mut b) = (1u32, 0u32);
-        for &v in &raw {
-            a = (a + v as u32) % 65521;
-            b = (b + a) % 65521;
-        }
-        z.extend(((b << 16) | a).to_be_bytes());
-        z
-    };
+    let mut raw = vec![];
+    for y in 0..48u32 {
+        raw.push(0);
+        raw.extend((0..48u32).flat_map(|x| [(x * 5) as u8, (y * 5) as u8, 90]));
+    }
+    let pixels = zlib_stored(&raw);
     let bomb = png_file(48, 48, 8, 2, &[(b"iCCP", profile), (b"IDAT", pixels)]);
     assert!(bomb.len() < 8 << 20, "{} bytes", bomb.len());
     let root = broken(&dir, "data", |r| {
@@ -611,6 +652,9 @@ fn predict_refuses_bad_inputs_and_outputs_and_writes_nothing() {
     let both = dir.join("both");
     image(&both.join("y.png"));
     image(&both.join("y.jpg")); // a PNG under a .jpg name: still an image
+    let cased = dir.join("cased");
+    image(&cased.join("Scan.png"));
+    image(&cased.join("sub/scan.png"));
     let a_file = dir.join("a-file");
     std::fs::write(&a_file, b"x").unwrap();
     let replaced = dir.join("replaced");
@@ -657,6 +701,16 @@ fn predict_refuses_bad_inputs_and_outputs_and_writes_nothing() {
                 "would both be written".into(),
             ],
             out: out("ext"),
+        },
+        Refusal {
+            name: "stems differing only in case",
+            args: predict_args(model, &[&cased, &cased.join("sub")], &out("case"), &[]),
+            expect: vec![
+                "Scan.png".into(),
+                "scan.png".into(),
+                "differ only in case".into(),
+            ],
+            out: out("case"),
         },
         Refusal {
             name: "--out is a file",
@@ -871,6 +925,7 @@ fn predict_reads_every_kind_of_png_and_jpeg_at_any_size() {
             .collect();
         w.write_image_data(&data).unwrap();
     }
+    std::fs::write(inputs.join("adam7.png"), interlaced_png(19, 11, 77)).unwrap();
     std::fs::write(
         inputs.join("cmyk.jpg"),
         jpeg_file(19, 11, 4, blocks(19, 11)),
@@ -898,6 +953,7 @@ fn predict_reads_every_kind_of_png_and_jpeg_at_any_size() {
         "grey-alpha",
         "grey-alpha16",
         "rgba",
+        "adam7",
         "palette",
         "cmyk",
         "grey",

@@ -1046,6 +1046,11 @@ impl Dataset {
                 }
                 None => bail!("data.root: {} does not exist", root.display()),
             }
+        } else if !root.is_dir() {
+            bail!(
+                "data.root: {} is not a folder; it must hold images/ and masks/ (or train/ and val/)",
+                root.display()
+            );
         } else if let Some(synth) = &cfg.synth {
             check_generated_with(root, synth)?;
         }
