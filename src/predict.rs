@@ -48,6 +48,9 @@ pub fn expand_inputs(inputs: &[PathBuf]) -> Result<Vec<PathBuf>> {
     let mut files = vec![];
     let mut empty_folders = vec![];
     for input in inputs {
+        if input.as_os_str().is_empty() {
+            bail!("an input path is empty (an unset variable?)");
+        }
         let meta = std::fs::metadata(input).map_err(|e| unreadable(input, &e))?;
         if meta.is_dir() {
             let mut found = vec![];
@@ -152,6 +155,9 @@ fn check_outputs(
     classes: usize,
     opts: &PredictOptions,
 ) -> Result<()> {
+    if out.as_os_str().is_empty() {
+        bail!("--out is empty (an unset variable?); give the folder to write the masks into");
+    }
     if out.exists() && !out.is_dir() {
         bail!(
             "--out {}: exists and is not a folder; give a folder to write the masks into",
@@ -401,4 +407,79 @@ pub fn evaluate(
     let evaluation =
         predictor(&model, &meta, overlap, device).evaluate(&samples, format.ignore_mask_value())?;
     Ok(evaluation.report())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn opts() -> PredictOptions {
+        PredictOptions {
+            threshold: 0.5,
+            overlay: true,
+            probabilities: true,
+            overlap: None,
+        }
+    }
+
+    #[test]
+    fn empty_paths_are_refused() {
+        let err = expand_inputs(&[PathBuf::new()]).unwrap_err().to_string();
+        assert!(err.contains("input path is empty"), "{err}");
+        let input =
+            std::env::temp_dir().join(format!("segtrain-empty-out-{}.png", std::process::id()));
+        std::fs::write(&input, b"x").unwrap();
+        let files = [input.clone()];
+        let err = check_outputs(&files, &files, Path::new(""), 1, &opts())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("--out is empty"), "{err}");
+        let _ = std::fs::remove_file(input);
+    }
+
+    #[test]
+    fn options_are_checked() {
+        for threshold in [f64::NAN, -0.01, 1.01, f64::INFINITY] {
+            let o = PredictOptions {
+                threshold,
+                ..opts()
+            };
+            assert!(check_options(&o).is_err(), "threshold {threshold}");
+        }
+        for overlap in [f64::NAN, -0.1, 0.95, f64::NEG_INFINITY] {
+            let o = PredictOptions {
+                overlap: Some(overlap),
+                ..opts()
+            };
+            assert!(check_options(&o).is_err(), "overlap {overlap}");
+        }
+        for (threshold, overlap) in [(0.0, Some(0.0)), (1.0, Some(0.9)), (0.3, None)] {
+            let o = PredictOptions {
+                threshold,
+                overlap,
+                ..opts()
+            };
+            assert!(check_options(&o).is_ok());
+        }
+    }
+
+    #[test]
+    fn output_names_cover_every_file_written() {
+        assert_eq!(
+            output_names("a", 3, &opts()),
+            [
+                "a_mask.png",
+                "a_overlay.png",
+                "a_prob_c0.png",
+                "a_prob_c1.png",
+                "a_prob_c2.png"
+            ]
+        );
+        let plain = PredictOptions {
+            overlay: false,
+            probabilities: false,
+            ..opts()
+        };
+        assert_eq!(output_names("a", 1, &plain), ["a_mask.png"]);
+    }
 }

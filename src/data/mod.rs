@@ -467,10 +467,14 @@ impl ImageFile {
                 &mut bytes,
             )
             .with_context(|| format!("cannot read {}", path.display()))?;
+            if bytes.len() as u64 > max_image_file_bytes(max_pixels) {
+                bail!("{}: grew beyond the size bound while read", path.display());
+            }
             let bad = |e: String| anyhow!("{}: not a readable {what} (JPEG: {e})", path.display());
-            let ((w, h), entropy) = jpeg_structure(&bytes).map_err(bad)?;
+            let layout = jpeg_structure(&bytes).map_err(bad)?;
+            let (w, h) = layout.dims;
             check_dimensions(path, (w, h), max_pixels)?;
-            check_jpeg_data(entropy, (w, h)).map_err(bad)?;
+            check_jpeg_data(&layout).map_err(bad)?;
             return Ok(Self {
                 path: path.to_path_buf(),
                 kind: ImageKind::Jpeg,
@@ -659,11 +663,22 @@ fn png_to_dynamic(
     }
 }
 
+/// What [`jpeg_structure`] finds in a JPEG.
+#[derive(Debug, PartialEq)]
+struct JpegLayout {
+    /// (width, height) of the frame header.
+    dims: (u32, u32),
+    /// Bytes of entropy-coded image data, all scans together.
+    entropy_bytes: u64,
+    /// Arithmetic coding (SOF9..SOF15), which can take less than a bit per block.
+    arithmetic: bool,
+}
+
 /// Walks a JPEG's markers: the (width, height) of its frame header and the number of bytes of
 /// entropy-coded image data. Fails on a missing frame header, a segment cut short, or a file
 /// without its end-of-image marker after the image data (a truncated JPEG, which the decoder
 /// would silently fill with grey).
-fn jpeg_structure(bytes: &[u8]) -> std::result::Result<((u32, u32), u64), String> {
+fn jpeg_structure(bytes: &[u8]) -> std::result::Result<JpegLayout, String> {
     const TRUNCATED: &str = "truncated: the file ends before its end-of-image marker";
     let len = bytes.len();
     let mut pos = 2; // after the start-of-image marker
@@ -717,7 +732,7 @@ fn jpeg_structure(bytes: &[u8]) -> std::result::Result<((u32, u32), u64), String
                         .into(),
                 );
             }
-            frame = Some((w, h));
+            frame = Some(((w, h), matches!(marker, 0xC9..=0xCB | 0xCD..=0xCF)));
         }
         if marker == 0xDA {
             if frame.is_none() {
@@ -741,7 +756,11 @@ fn jpeg_structure(bytes: &[u8]) -> std::result::Result<((u32, u32), u64), String
         }
     }
     match frame {
-        Some(dims) if entropy > 0 => Ok((dims, entropy)),
+        Some((dims, arithmetic)) if entropy > 0 => Ok(JpegLayout {
+            dims,
+            entropy_bytes: entropy,
+            arithmetic,
+        }),
         Some(_) => Err("no image data".into()),
         None => Err("no frame header".into()),
     }
@@ -749,10 +768,12 @@ fn jpeg_structure(bytes: &[u8]) -> std::result::Result<((u32, u32), u64), String
 
 /// A JPEG codes every 8 × 8 block of its full-resolution component with at least one bit: a
 /// file with fewer bytes of image data than (blocks / 8) claims more pixels than it holds (a
-/// forged header, or a truncated file the decoder would fill with grey).
-fn check_jpeg_data(entropy: u64, (w, h): (u32, u32)) -> std::result::Result<(), String> {
+/// forged header, or a truncated file the decoder would fill with grey). Huffman coding only:
+/// arithmetic coding can take less (and the decoder refuses it).
+fn check_jpeg_data(layout: &JpegLayout) -> std::result::Result<(), String> {
+    let ((w, h), entropy) = (layout.dims, layout.entropy_bytes);
     let blocks = (w as u64).div_ceil(8) * (h as u64).div_ceil(8);
-    if entropy * 8 < blocks {
+    if !layout.arithmetic && entropy * 8 < blocks {
         return Err(format!(
             "its header claims {w}×{h} pixels but it holds only {entropy} bytes of image data, fewer than any JPEG of that size: truncated or forged"
         ));
@@ -1177,13 +1198,13 @@ mod tests {
     #[test]
     fn jpeg_structure_reads_the_frame_and_finds_the_end() {
         let bytes = jpeg(37, 21);
-        let ((w, h), entropy) = jpeg_structure(&bytes).unwrap();
-        assert_eq!((w, h), (37, 21));
-        assert!(entropy > 0 && check_jpeg_data(entropy, (w, h)).is_ok());
+        let layout = jpeg_structure(&bytes).unwrap();
+        assert_eq!(layout.dims, (37, 21));
+        assert!(!layout.arithmetic && check_jpeg_data(&layout).is_ok());
         // data after the end-of-image marker (cameras append some) is allowed
         let mut trailing = bytes.clone();
         trailing.extend(b"\xFF\xD8 appended thumbnail or video");
-        assert_eq!(jpeg_structure(&trailing).unwrap().0, (37, 21));
+        assert_eq!(jpeg_structure(&trailing).unwrap().dims, (37, 21));
         // an end-of-image marker inside a segment (an EXIF thumbnail) is not the end
         let mut app = bytes[..2].to_vec();
         let thumbnail = b"Exif\0\0\xFF\xD8\xFF\xD9";
@@ -1191,7 +1212,7 @@ mod tests {
         app.extend(((thumbnail.len() + 2) as u16).to_be_bytes());
         app.extend(thumbnail);
         app.extend(&bytes[2..]);
-        assert_eq!(jpeg_structure(&app).unwrap().0, (37, 21));
+        assert_eq!(jpeg_structure(&app).unwrap().dims, (37, 21));
         assert!(jpeg_structure(&app[..app.len() - 2]).is_err());
     }
 
@@ -1213,8 +1234,14 @@ mod tests {
         let mut b = vec![0xFF, 0xD8, 0xFF, 0xC0, 0, 11, 8, 0, 8, 0, 8, 1, 1, 0x11, 0];
         b.extend([0xFF, 0xDA, 0, 8, 1, 1, 0, 0, 63, 0]);
         b.extend([0x12, 0xFF, 0x00, 0x34, 0xFF, 0xD0, 0x56, 0xFF, 0xD9]);
-        let ((w, h), entropy) = jpeg_structure(&b).unwrap();
-        assert_eq!(((w, h), entropy), ((8, 8), 7));
+        assert_eq!(
+            jpeg_structure(&b).unwrap(),
+            JpegLayout {
+                dims: (8, 8),
+                entropy_bytes: 7,
+                arithmetic: false
+            }
+        );
     }
 
     #[test]
