@@ -273,7 +273,9 @@ pub fn predict(
         .with_context(|| format!("cannot create the output folder {}", out.display()))?;
     let mut written = vec![];
     for file in &files {
-        let decoded = data::ImageFile::open(file)?.decode()?;
+        let image = data::ImageFile::open(file)?;
+        let _budget = data::DecodeBudget::reserve(image.pixels())?;
+        let decoded = image.decode()?;
         let (planar, (h, w)) = data::image_to_planar(&decoded, meta.unet.in_channels, None);
         let rgb = opts.overlay.then(|| decoded.to_rgb8());
         drop(decoded);

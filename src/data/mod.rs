@@ -496,6 +496,11 @@ impl ImageFile {
         (self.width, self.height)
     }
 
+    /// width × height.
+    pub fn pixels(&self) -> u64 {
+        self.width as u64 * self.height as u64
+    }
+
     /// Decodes the pixels (PNG: palette and low bit depths expanded, 16 bits kept).
     pub fn decode(self) -> Result<image::DynamicImage> {
         let path = self.path;
@@ -793,7 +798,44 @@ pub struct LoadedImage {
 
 /// Reads an image, resized to `size × size` if given.
 pub fn load_image(path: &Path, channels: usize, size: Option<usize>) -> Result<LoadedImage> {
-    decode_to_planar(ImageFile::open(path)?, channels, size)
+    let file = ImageFile::open(path)?;
+    let _budget = DecodeBudget::reserve(file.pixels())?;
+    decode_to_planar(file, channels, size)
+}
+
+/// The pixels being decoded at once by all threads together are at most the pixel bound, so
+/// that reading a data set in parallel takes no more memory than decoding one image of the
+/// largest size allowed, whatever the number of cores (small images still decode in parallel).
+pub struct DecodeBudget {
+    pixels: u64,
+}
+
+static DECODING: (std::sync::Mutex<u64>, std::sync::Condvar) =
+    (std::sync::Mutex::new(0), std::sync::Condvar::new());
+
+impl DecodeBudget {
+    /// Waits until `pixels` (at most the bound) can be decoded; released when dropped. A
+    /// thread must hold one reservation at a time.
+    pub fn reserve(pixels: u64) -> Result<Self> {
+        let cap = max_image_pixels()?;
+        let pixels = pixels.min(cap);
+        let (lock, freed) = &DECODING;
+        let mut used = lock.lock().unwrap_or_else(|e| e.into_inner());
+        while *used > 0 && *used + pixels > cap {
+            used = freed.wait(used).unwrap_or_else(|e| e.into_inner());
+        }
+        *used += pixels;
+        Ok(Self { pixels })
+    }
+}
+
+impl Drop for DecodeBudget {
+    fn drop(&mut self) {
+        let (lock, freed) = &DECODING;
+        let mut used = lock.lock().unwrap_or_else(|e| e.into_inner());
+        *used -= self.pixels;
+        freed.notify_all();
+    }
 }
 
 /// Decodes an opened image to planar values, resized to `size × size` if given.
@@ -991,6 +1033,7 @@ pub fn load_pair(pair: &PairPaths, format: &Format) -> Result<Sample> {
             mask_dims.1
         );
     }
+    let _budget = DecodeBudget::reserve(image.pixels())?;
     let LoadedImage {
         planes: image,
         hw: (h, w),
@@ -1242,6 +1285,30 @@ mod tests {
                 arithmetic: false
             }
         );
+    }
+
+    #[test]
+    fn decoding_budget_lets_one_largest_image_through_at_a_time() {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let largest = DecodeBudget::reserve(u64::MAX).unwrap();
+        let started = std::sync::Arc::new(AtomicBool::new(false));
+        let flag = started.clone();
+        let other = std::thread::spawn(move || {
+            let _small = DecodeBudget::reserve(1).unwrap();
+            flag.store(true, Ordering::SeqCst);
+        });
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        assert!(
+            !started.load(Ordering::SeqCst),
+            "decoded beside the largest image"
+        );
+        drop(largest);
+        other.join().unwrap();
+        assert!(started.load(Ordering::SeqCst));
+        // small images decode side by side
+        let a = DecodeBudget::reserve(1000).unwrap();
+        let b = DecodeBudget::reserve(1000).unwrap();
+        drop((a, b));
     }
 
     #[test]
