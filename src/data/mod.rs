@@ -5,6 +5,11 @@
 //! resized to `image_size` (bilinear); masks are resized with nearest neighbour. Binary masks
 //! (classes = 1): any non-zero value is foreground. Class-index masks: value = class, or
 //! `ignore_index`.
+//!
+//! Files are recognised by their content (an image is PNG or JPEG whatever its extension says;
+//! a mask is PNG). Hidden files (`.DS_Store`, macOS's `._x.png`) are ignored; anything else named
+//! like an image that is not a regular file is an error. Every image is read by [`ImageFile`],
+//! which refuses files claiming more than [`max_image_pixels`] before decoding them.
 
 pub mod augment;
 pub mod loader;
@@ -249,8 +254,9 @@ pub fn scan_pairs(dir: &Path) -> Result<Vec<PairPaths>> {
 /// Largest image read, in pixels (width × height), unless the environment variable
 /// [`MAX_IMAGE_PIXELS_VAR`] sets another bound: 2^26 = 8192 × 8192. A file whose header claims
 /// more is refused before anything is decoded (a decompression bomb: a few hundred KB of PNG
-/// or JPEG can claim billions of pixels). Reading an image takes about 30 bytes of memory per
-/// pixel, `predict` with a sliding window about 60.
+/// or JPEG can claim billions of pixels). Decoding an image takes up to about 30 bytes of
+/// memory per pixel (measured at 2^26 pixels: `train` 1.5 GB, whole-image `predict` 1.2 GB,
+/// sliding-window `predict` 3.2 GB); parallel decodes share this bound ([`DecodeBudget`]).
 pub const MAX_IMAGE_PIXELS: u64 = 1 << 26;
 
 /// The environment variable that overrides [`MAX_IMAGE_PIXELS`] (a positive integer).
