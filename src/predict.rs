@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use candle_core::Device;
 use image::{ImageBuffer, Luma};
 
@@ -27,33 +27,197 @@ pub struct PredictOptions {
     pub overlap: Option<f64>,
 }
 
-/// Input files: image files as given, folders expanded to the images they hold (sorted).
+/// Why a path given or found as an input cannot be read, in words.
+fn unreadable(path: &Path, e: &std::io::Error) -> anyhow::Error {
+    if e.raw_os_error() == Some(libc::ELOOP) {
+        anyhow!("{}: a loop of symbolic links", path.display())
+    } else if e.kind() == std::io::ErrorKind::NotFound && path.is_symlink() {
+        anyhow!("{}: a broken symbolic link", path.display())
+    } else if e.kind() == std::io::ErrorKind::NotFound {
+        anyhow!("{}: no such input file or folder", path.display())
+    } else {
+        anyhow!("cannot read {}: {e}", path.display())
+    }
+}
+
+/// Input files: image files as given, folders expanded to the images they hold (sorted; hidden
+/// files skipped; not recursive). A file given twice is predicted once. Anything that is not a
+/// regular file (a FIFO, a device, a folder named like an image inside an input folder) is an
+/// error naming it, so that nothing blocks or is skipped silently.
 pub fn expand_inputs(inputs: &[PathBuf]) -> Result<Vec<PathBuf>> {
     let mut files = vec![];
+    let mut empty_folders = vec![];
     for input in inputs {
-        if input.is_dir() {
-            let mut found: Vec<PathBuf> = std::fs::read_dir(input)
+        if input.as_os_str().is_empty() {
+            bail!("an input path is empty (an unset variable?)");
+        }
+        let meta = std::fs::metadata(input).map_err(|e| unreadable(input, &e))?;
+        if meta.is_dir() {
+            let mut found = vec![];
+            for entry in std::fs::read_dir(input)
                 .with_context(|| format!("cannot list {}", input.display()))?
-                .filter_map(|e| e.ok().map(|e| e.path()))
-                .filter(|p| {
-                    p.extension().is_some_and(|e| {
-                        ["png", "jpg", "jpeg"]
-                            .contains(&e.to_string_lossy().to_ascii_lowercase().as_str())
-                    })
-                })
-                .collect();
+            {
+                let path = entry
+                    .with_context(|| format!("cannot list {}", input.display()))?
+                    .path();
+                if data::is_hidden(&path) || data::image_extension(&path).is_none() {
+                    continue;
+                }
+                let meta = std::fs::metadata(&path).map_err(|e| unreadable(&path, &e))?;
+                if meta.is_dir() {
+                    bail!(
+                        "{}: a folder named like an image (input folders are not searched recursively)",
+                        path.display()
+                    );
+                }
+                if !meta.is_file() {
+                    bail!(
+                        "{}: not a regular file (a FIFO, device or socket)",
+                        path.display()
+                    );
+                }
+                found.push(path);
+            }
+            if found.is_empty() {
+                empty_folders.push(input.display().to_string());
+            }
             found.sort();
             files.extend(found);
-        } else if input.is_file() {
+        } else if meta.is_file() {
             files.push(input.clone());
         } else {
-            bail!("{}: no such input file or folder", input.display());
+            bail!(
+                "{}: not a regular file (a FIFO, device or socket)",
+                input.display()
+            );
         }
     }
+    // the same file reached twice (given and inside a given folder, or through a link)
+    let mut seen = std::collections::HashSet::new();
+    files.retain(|f| seen.insert(std::fs::canonicalize(f).unwrap_or_else(|_| f.clone())));
     if files.is_empty() {
-        bail!("no input images");
+        if empty_folders.is_empty() {
+            bail!("no input images");
+        }
+        bail!(
+            "no input images: {} holds no .png, .jpg or .jpeg file",
+            empty_folders.join(", ")
+        );
     }
     Ok(files)
+}
+
+/// Checks the options a caller may get wrong: the threshold a probability in [0, 1], the
+/// overlap in [0, 0.95).
+pub fn check_options(opts: &PredictOptions) -> Result<()> {
+    if !(0.0..=1.0).contains(&opts.threshold) {
+        bail!(
+            "--threshold must lie in [0, 1] (a probability), got {}",
+            opts.threshold
+        );
+    }
+    check_overlap(opts.overlap)
+}
+
+/// A sliding-window overlap must lie in [0, 0.95) (NaN is refused).
+pub fn check_overlap(overlap: Option<f64>) -> Result<()> {
+    match overlap {
+        Some(o) if !(0.0..0.95).contains(&o) => {
+            bail!("--overlap must lie in [0, 0.95), got {o}")
+        }
+        _ => Ok(()),
+    }
+}
+
+/// The file names `predict` writes for the input of stem `stem`.
+pub fn output_names(stem: &str, classes: usize, opts: &PredictOptions) -> Vec<String> {
+    let mut names = vec![format!("{stem}_mask.png")];
+    if opts.overlay {
+        names.push(format!("{stem}_overlay.png"));
+    }
+    if opts.probabilities {
+        if classes == 1 {
+            names.push(format!("{stem}_prob.png"));
+        } else {
+            names.extend((0..classes).map(|k| format!("{stem}_prob_c{k}.png")));
+        }
+    }
+    names
+}
+
+/// The output folder must be a folder (or not exist yet), must not be one of the input
+/// folders (a later run would take the masks written there for images), and no two inputs may
+/// write the same output file, nor any output replace an input.
+fn check_outputs(
+    inputs: &[PathBuf],
+    files: &[PathBuf],
+    out: &Path,
+    classes: usize,
+    opts: &PredictOptions,
+) -> Result<()> {
+    if out.as_os_str().is_empty() {
+        bail!("--out is empty (an unset variable?); give the folder to write the masks into");
+    }
+    if out.exists() && !out.is_dir() {
+        bail!(
+            "--out {}: exists and is not a folder; give a folder to write the masks into",
+            out.display()
+        );
+    }
+    let out_canonical = std::fs::canonicalize(out).ok();
+    if let Some(oc) = &out_canonical {
+        for input in inputs.iter().filter(|i| i.is_dir()) {
+            if std::fs::canonicalize(input).ok().as_ref() == Some(oc) {
+                bail!(
+                    "--out {} is also an input folder: the masks written there would be taken for images by the next run; choose another output folder",
+                    out.display()
+                );
+            }
+        }
+    }
+    let canonical_inputs: std::collections::HashMap<PathBuf, &PathBuf> = files
+        .iter()
+        .filter_map(|f| std::fs::canonicalize(f).ok().map(|c| (c, f)))
+        .collect();
+    // keyed in lower case: on a case-insensitive file system (macOS, Windows) `A_mask.png` and
+    // `a_mask.png` are one file
+    let mut writers: std::collections::HashMap<String, (&PathBuf, String)> = Default::default();
+    for file in files {
+        let stem = file
+            .file_stem()
+            .with_context(|| format!("{}: not a file name", file.display()))?
+            .to_string_lossy();
+        for name in output_names(&stem, classes, opts) {
+            if let Some((other, other_name)) =
+                writers.insert(name.to_lowercase(), (file, name.clone()))
+            {
+                let case = if other_name != name {
+                    format!(
+                        " (as {other_name}: names that differ only in case are one file on some file systems)"
+                    )
+                } else {
+                    String::new()
+                };
+                bail!(
+                    "{} and {} would both be written to {}{case}; predict them into separate --out folders or rename one",
+                    other.display(),
+                    file.display(),
+                    out.join(&name).display()
+                );
+            }
+            if let Some(input) = out_canonical
+                .as_ref()
+                .and_then(|oc| canonical_inputs.get(&oc.join(&name)))
+            {
+                bail!(
+                    "{}: the output of {} would replace this input; choose another --out folder",
+                    input.display(),
+                    file.display()
+                );
+            }
+        }
+    }
+    Ok(())
 }
 
 /// The predictor of a loaded model, with an optional overlap override for sliding windows.
@@ -85,6 +249,10 @@ pub fn predictor<'a>(
 
 /// Predicts a mask for every input and writes the outputs into `out`. Returns the files
 /// written.
+///
+/// Everything that can be checked before writing is checked first (options, the model, every
+/// input's header, output names), so a bad input leaves no output behind; each output file is
+/// written whole or not at all.
 pub fn predict(
     model_path: &Path,
     inputs: &[PathBuf],
@@ -92,56 +260,59 @@ pub fn predict(
     opts: PredictOptions,
     device: &Device,
 ) -> Result<Vec<PathBuf>> {
-    let (model, meta) = export::load(model_path, device)?;
-    let predictor = predictor(&model, &meta, opts.overlap, device);
+    check_options(&opts)?;
     let files = expand_inputs(inputs)?;
+    for file in &files {
+        data::ImageFile::open(file)?;
+    }
+    let (model, meta) = export::load(model_path, device)?;
+    let classes = meta.unet.classes;
+    check_outputs(inputs, &files, out, classes, &opts)?;
+    let predictor = predictor(&model, &meta, opts.overlap, device);
     std::fs::create_dir_all(out)
         .with_context(|| format!("cannot create the output folder {}", out.display()))?;
     let mut written = vec![];
     for file in &files {
-        let decoded = image::ImageReader::open(file)
-            .with_context(|| format!("cannot open {}", file.display()))?
-            .with_guessed_format()?
-            .decode()
-            .map_err(|e| anyhow::anyhow!("{}: not a readable image ({e})", file.display()))?;
+        let image = data::ImageFile::open(file)?;
+        let _budget = data::DecodeBudget::reserve(image.pixels())?;
+        let decoded = image.decode()?;
         let (planar, (h, w)) = data::image_to_planar(&decoded, meta.unet.in_channels, None);
+        let rgb = opts.overlay.then(|| decoded.to_rgb8());
+        drop(decoded);
         let probs = predictor.probabilities(&[(&planar, h, w)])?.remove(0);
-        let classes = meta.unet.classes;
+        drop(planar);
         let labels = inference::labels(&probs, classes, opts.threshold);
         let (w32, h32) = (w as u32, h as u32);
         let stem = file
             .file_stem()
-            .expect("a file name")
+            .expect("checked by check_outputs")
             .to_string_lossy()
             .to_string();
+        let mut names = output_names(&stem, classes, &opts).into_iter();
+        let mut next = || out.join(names.next().expect("one name per output"));
         let mask_values: Vec<u8> = if classes == 1 {
             labels.iter().map(|&l| l * 255).collect()
         } else {
             labels.clone()
         };
-        let path = out.join(format!("{stem}_mask.png"));
+        let path = next();
         write_png(
             &path,
             &ImageBuffer::<Luma<u8>, _>::from_raw(w32, h32, mask_values).expect("size"),
         )?;
         written.push(path);
-        if opts.overlay {
-            let path = out.join(format!("{stem}_overlay.png"));
-            write_png(&path, &overlay(&decoded.to_rgb8(), &labels))?;
+        if let Some(rgb) = rgb {
+            let path = next();
+            write_png(&path, &overlay(&rgb, &labels))?;
             written.push(path);
         }
         if opts.probabilities {
-            for (k, plane) in probs.chunks(h * w).enumerate() {
-                let name = if classes == 1 {
-                    format!("{stem}_prob.png")
-                } else {
-                    format!("{stem}_prob_c{k}.png")
-                };
+            for plane in probs.chunks(h * w) {
                 let values: Vec<u16> = plane
                     .iter()
                     .map(|p| (p.clamp(0.0, 1.0) * 65535.0).round() as u16)
                     .collect();
-                let path = out.join(name);
+                let path = next();
                 write_png(
                     &path,
                     &ImageBuffer::<Luma<u16>, _>::from_raw(w32, h32, values).expect("size"),
@@ -212,7 +383,15 @@ pub fn labelled_images(data_dir: &Path, meta: &ModelMeta) -> Result<(Vec<data::S
         ignore_index: meta.ignore_index,
         resize: None,
     };
-    let samples = data::load_pairs(&data::scan_pairs(&dir)?, &format)?;
+    let pairs = data::scan_pairs(&dir)?;
+    if pairs.is_empty() {
+        bail!(
+            "{}: found 0 image/mask pair(s): {} holds no .png, .jpg or .jpeg image",
+            dir.display(),
+            dir.join("images").display()
+        );
+    }
+    let samples = data::load_pairs(&pairs, &format)?;
     Ok((samples, format))
 }
 
@@ -224,9 +403,85 @@ pub fn evaluate(
     overlap: Option<f64>,
     device: &Device,
 ) -> Result<Report> {
+    check_overlap(overlap)?;
     let (model, meta) = export::load(model_path, device)?;
     let (samples, format) = labelled_images(data_dir, &meta)?;
     let evaluation =
         predictor(&model, &meta, overlap, device).evaluate(&samples, format.ignore_mask_value())?;
     Ok(evaluation.report())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn opts() -> PredictOptions {
+        PredictOptions {
+            threshold: 0.5,
+            overlay: true,
+            probabilities: true,
+            overlap: None,
+        }
+    }
+
+    #[test]
+    fn empty_paths_are_refused() {
+        let err = expand_inputs(&[PathBuf::new()]).unwrap_err().to_string();
+        assert!(err.contains("input path is empty"), "{err}");
+        let input =
+            std::env::temp_dir().join(format!("segtrain-empty-out-{}.png", std::process::id()));
+        std::fs::write(&input, b"x").unwrap();
+        let files = [input.clone()];
+        let err = check_outputs(&files, &files, Path::new(""), 1, &opts())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("--out is empty"), "{err}");
+        let _ = std::fs::remove_file(input);
+    }
+
+    #[test]
+    fn options_are_checked() {
+        for threshold in [f64::NAN, -0.01, 1.01, f64::INFINITY] {
+            let o = PredictOptions {
+                threshold,
+                ..opts()
+            };
+            assert!(check_options(&o).is_err(), "threshold {threshold}");
+        }
+        for overlap in [f64::NAN, -0.1, 0.95, f64::NEG_INFINITY] {
+            let o = PredictOptions {
+                overlap: Some(overlap),
+                ..opts()
+            };
+            assert!(check_options(&o).is_err(), "overlap {overlap}");
+        }
+        for (threshold, overlap) in [(0.0, Some(0.0)), (1.0, Some(0.9)), (0.3, None)] {
+            let o = PredictOptions {
+                threshold,
+                overlap,
+                ..opts()
+            };
+            assert!(check_options(&o).is_ok());
+        }
+    }
+
+    #[test]
+    fn output_names_cover_every_file_written() {
+        assert_eq!(
+            output_names("a", 3, &opts()),
+            [
+                "a_mask.png",
+                "a_overlay.png",
+                "a_prob_c0.png",
+                "a_prob_c1.png",
+                "a_prob_c2.png"
+            ]
+        );
+        let plain = PredictOptions {
+            overlay: false,
+            probabilities: false,
+            ..opts()
+        };
+        assert_eq!(output_names("a", 1, &plain), ["a_mask.png"]);
+    }
 }

@@ -165,6 +165,31 @@ fn bad_inputs_fail_cleanly_and_name_the_problem() {
             .save(r.join("masks/p1.png"))
             .unwrap()
     });
+    let case_only = broken("case-only", &|r| {
+        std::fs::rename(r.join("masks/p1.png"), r.join("masks/P1.png")).unwrap()
+    });
+    let two_masks = broken("two-masks", &|r| {
+        std::fs::copy(r.join("masks/p1.png"), r.join("masks/p1.PNG")).unwrap();
+    });
+    let jpeg_mask = broken("jpeg-mask", &|r| {
+        std::fs::remove_file(r.join("masks/p2.png")).unwrap();
+        image::GrayImage::new(48, 48)
+            .save(r.join("masks/p2.jpg"))
+            .unwrap();
+    });
+    let jpeg_named_png = broken("jpeg-named-png", &|r| {
+        let mut bytes = vec![];
+        image::GrayImage::new(48, 48)
+            .write_to(
+                &mut std::io::Cursor::new(&mut bytes),
+                image::ImageFormat::Jpeg,
+            )
+            .unwrap();
+        std::fs::write(r.join("masks/p4.png"), bytes).unwrap();
+    });
+    let tiff = broken("tiff", &|r| {
+        std::fs::rename(r.join("images/p4.png"), r.join("images/p4.tif")).unwrap()
+    });
     let empty = dir.join("empty");
     std::fs::create_dir_all(empty.join("images")).unwrap();
     std::fs::create_dir_all(empty.join("masks")).unwrap();
@@ -265,6 +290,66 @@ fn bad_inputs_fail_cleanly_and_name_the_problem() {
                 ],
             ),
             expect: vec!["p1.png", "mask value 7", "classes = 3"],
+        },
+        Case {
+            name: "zero-byte mask is called empty",
+            args: train(&config(&dir, &zero, ""), &[]),
+            expect: vec!["masks/p3.png", "empty file"],
+        },
+        Case {
+            name: "mask stem differing only in case",
+            args: train(&config(&dir, &case_only, ""), &[]),
+            expect: vec!["P1.png", "mask without an image", "differs only in case"],
+        },
+        Case {
+            name: "two masks of one stem",
+            args: train(&config(&dir, &two_masks, ""), &[]),
+            expect: vec!["p1.PNG", "p1.png", "two masks with the stem `p1`"],
+        },
+        Case {
+            name: "JPEG mask",
+            args: train(&config(&dir, &jpeg_mask, ""), &[]),
+            expect: vec!["masks/p2.jpg", "masks must be PNG"],
+        },
+        Case {
+            name: "JPEG mask under a .png name",
+            args: train(&config(&dir, &jpeg_named_png, ""), &[]),
+            expect: vec!["masks/p4.png", "a JPEG file", "masks must be PNG"],
+        },
+        Case {
+            name: "image of a format not read",
+            args: train(&config(&dir, &tiff, ""), &[]),
+            expect: vec![
+                "masks/p4.png",
+                "mask without an image",
+                "p4.tif is not read",
+            ],
+        },
+        Case {
+            name: "data root that is a file",
+            args: train(&config(&dir, &read_only_parent, ""), &[]),
+            expect: vec!["data.root", "a-file", "is not a folder"],
+        },
+        Case {
+            name: "eval on a data set without images",
+            args: vec![
+                "eval".into(),
+                "--model".into(),
+                s(&model),
+                "--data".into(),
+                s(&empty),
+            ],
+            expect: vec!["empty/images", "found 0 image/mask pair"],
+        },
+        Case {
+            name: "config that is a device",
+            args: vec!["train".into(), "/dev/zero".into()],
+            expect: vec!["/dev/zero", "not a regular file"],
+        },
+        Case {
+            name: "empty images folder",
+            args: train(&config(&dir, &empty, ""), &[]),
+            expect: vec!["empty/images", "holds no .png, .jpg or .jpeg image"],
         },
         Case {
             name: "empty data set",

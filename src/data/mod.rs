@@ -5,6 +5,11 @@
 //! resized to `image_size` (bilinear); masks are resized with nearest neighbour. Binary masks
 //! (classes = 1): any non-zero value is foreground. Class-index masks: value = class, or
 //! `ignore_index`.
+//!
+//! Files are recognised by their content (an image is PNG or JPEG whatever its extension says;
+//! a mask is PNG). Hidden files (`.DS_Store`, macOS's `._x.png`) are ignored; anything else named
+//! like an image that is not a regular file is an error. Every image is read by [`ImageFile`],
+//! which refuses files claiming more than [`max_image_pixels`] before decoding them.
 
 pub mod augment;
 pub mod loader;
@@ -88,7 +93,116 @@ impl Format {
     }
 }
 
-const IMAGE_EXTENSIONS: &[&str] = &["png", "jpg", "jpeg"];
+/// The file name extensions of images (any case); masks are `.png`.
+pub const IMAGE_EXTENSIONS: &[&str] = &["png", "jpg", "jpeg"];
+
+/// Whether a file name is hidden (`.DS_Store`, macOS's `._x.png` resource forks, segtrain's own
+/// `.x.tmp-PID` temporaries): such files are never taken for images or masks.
+pub fn is_hidden(path: &Path) -> bool {
+    path.file_name()
+        .is_some_and(|n| n.to_string_lossy().starts_with('.'))
+}
+
+/// The lower-case extension of a file name, if it is an image extension.
+pub fn image_extension(path: &Path) -> Option<String> {
+    let ext = path.extension()?.to_string_lossy().to_ascii_lowercase();
+    IMAGE_EXTENSIONS.contains(&ext.as_str()).then_some(ext)
+}
+
+/// What one `images/` or `masks/` folder holds: the files by stem, and the other (not hidden)
+/// entries, named in messages about a missing partner.
+struct Listing {
+    files: BTreeMap<String, PathBuf>,
+    others: Vec<PathBuf>,
+}
+
+/// Lists an `images/` (`masks == false`) or `masks/` folder. Hidden files are skipped and
+/// files of other extensions kept aside; an entry named like an image that is not a regular
+/// file (a folder, FIFO, device, broken link) is an error naming it, as are two files of one
+/// stem and a mask that is not a PNG.
+fn list_folder(dir: &Path, masks: bool) -> Result<Listing> {
+    let what = if masks { "masks" } else { "images" };
+    let mut files = BTreeMap::new();
+    let mut others = vec![];
+    let entries =
+        std::fs::read_dir(dir).with_context(|| format!("cannot list {}", dir.display()))?;
+    for entry in entries {
+        let path = entry
+            .with_context(|| format!("cannot list {}", dir.display()))?
+            .path();
+        if is_hidden(&path) {
+            continue;
+        }
+        let Some(ext) = image_extension(&path) else {
+            others.push(path);
+            continue;
+        };
+        match std::fs::metadata(&path) {
+            Ok(m) if m.is_file() => {}
+            Ok(m) if m.is_dir() => bail!(
+                "{}: a folder named like an image; {what}/ must hold image files",
+                path.display()
+            ),
+            Ok(_) => bail!(
+                "{}: not a regular file (a FIFO, device or socket); {what}/ must hold image files",
+                path.display()
+            ),
+            Err(_) if path.is_symlink() => bail!(
+                "{}: a broken symbolic link (or a loop of links)",
+                path.display()
+            ),
+            Err(e) => bail!("cannot read {}: {e}", path.display()),
+        }
+        if masks && ext != "png" {
+            bail!(
+                "{}: masks must be PNG files (JPEG compression alters label values)",
+                path.display()
+            );
+        }
+        let stem = path
+            .file_stem()
+            .expect("a file name")
+            .to_string_lossy()
+            .to_string();
+        if let Some(previous) = files.insert(stem.clone(), path.clone()) {
+            let (a, b) = if previous < path {
+                (previous, path)
+            } else {
+                (path, previous)
+            };
+            bail!(
+                "{} and {}: two {what} with the stem `{stem}`; keep one",
+                a.display(),
+                b.display()
+            );
+        }
+    }
+    others.sort();
+    Ok(Listing { files, others })
+}
+
+/// Why `stem` has no partner in `listing`, if something there nearly matches: a stem that
+/// differs only in case, or a file of that stem with an extension that is not read.
+fn near_miss(stem: &str, listing: &Listing, masks: bool) -> String {
+    if let Some(other) = listing
+        .files
+        .iter()
+        .find(|(s, _)| s.as_str() != stem && s.eq_ignore_ascii_case(stem))
+    {
+        return format!("; {} differs only in case", other.1.display());
+    }
+    let read = if masks {
+        "masks must be .png"
+    } else {
+        "images must be .png, .jpg or .jpeg"
+    };
+    listing
+        .others
+        .iter()
+        .find(|p| p.file_stem().is_some_and(|s| s.to_string_lossy() == stem))
+        .map(|p| format!("; {} is not read ({read})", p.display()))
+        .unwrap_or_default()
+}
 
 /// The pairs of one `images/` + `masks/` folder, sorted by stem. A missing partner is an error
 /// that names the file.
@@ -102,57 +216,580 @@ pub fn scan_pairs(dir: &Path) -> Result<Vec<PairPaths>> {
             );
         }
     }
-    let list = |d: &Path, extensions: &[&str]| -> Result<BTreeMap<String, PathBuf>> {
-        let mut found = BTreeMap::new();
-        for entry in std::fs::read_dir(d).with_context(|| format!("cannot list {}", d.display()))? {
-            let path = entry?.path();
-            let ext = path
-                .extension()
-                .map(|e| e.to_string_lossy().to_ascii_lowercase())
-                .unwrap_or_default();
-            if !path.is_file() || !extensions.contains(&ext.as_str()) {
-                continue;
-            }
-            let stem = path
-                .file_stem()
-                .expect("a file name")
-                .to_string_lossy()
-                .to_string();
-            if let Some(previous) = found.insert(stem.clone(), path.clone()) {
-                bail!(
-                    "{} and {}: two images with the stem `{stem}`",
-                    previous.display(),
-                    path.display()
-                );
-            }
-        }
-        Ok(found)
-    };
-    let images = list(&images_dir, IMAGE_EXTENSIONS)?;
-    let masks = list(&masks_dir, &["png"])?;
-    for (stem, path) in &masks {
-        if !images.contains_key(stem) {
+    let images = list_folder(&images_dir, false)?;
+    let masks = list_folder(&masks_dir, true)?;
+    for (stem, path) in &masks.files {
+        if !images.files.contains_key(stem) {
             bail!(
-                "{}: mask without an image (no images/{stem}.png|jpg)",
-                path.display()
+                "{}: mask without an image (no images/{stem}.png|jpg{})",
+                path.display(),
+                near_miss(stem, &images, false)
             );
         }
     }
     images
+        .files
         .into_iter()
-        .map(|(stem, image)| match masks.get(&stem) {
+        .map(|(stem, image)| match masks.files.get(&stem) {
             Some(mask) => Ok(PairPaths {
                 stem,
                 image,
                 mask: mask.clone(),
             }),
             None => Err(anyhow!(
-                "{}: image without a mask (expected {})",
+                "{}: image without a mask (expected {}{})",
                 image.display(),
-                masks_dir.join(format!("{stem}.png")).display()
+                masks_dir.join(format!("{stem}.png")).display(),
+                near_miss(&stem, &masks, true)
             )),
         })
         .collect()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Reading image and mask files: the one place where files are decoded (data sets for training,
+// validation, `eval` and `calibrate`, and `predict`'s inputs).
+// ---------------------------------------------------------------------------------------------
+
+/// Largest image read, in pixels (width × height), unless the environment variable
+/// [`MAX_IMAGE_PIXELS_VAR`] sets another bound: 2^26 = 8192 × 8192. A file whose header claims
+/// more is refused before anything is decoded (a decompression bomb: a few hundred KB of PNG
+/// or JPEG can claim billions of pixels). Decoding an image takes up to about 30 bytes of
+/// memory per pixel (measured at 2^26 pixels: `train` 1.5 GB, whole-image `predict` 1.2 GB,
+/// sliding-window `predict` 3.2 GB); parallel decodes share this bound ([`DecodeBudget`]).
+pub const MAX_IMAGE_PIXELS: u64 = 1 << 26;
+
+/// The environment variable that overrides [`MAX_IMAGE_PIXELS`] (a positive integer).
+pub const MAX_IMAGE_PIXELS_VAR: &str = "SEGTRAIN_MAX_IMAGE_PIXELS";
+
+/// Metadata a PNG may carry besides its pixels (palette, EXIF, …; ICC profiles and text
+/// chunks are skipped unread): the `png` decoder's allocation limit on top of its row buffers.
+const PNG_METADATA_BYTES: usize = 16 << 20;
+
+/// The bound on image size in pixels: [`MAX_IMAGE_PIXELS`] or the value of
+/// [`MAX_IMAGE_PIXELS_VAR`].
+pub fn max_image_pixels() -> Result<u64> {
+    match std::env::var(MAX_IMAGE_PIXELS_VAR) {
+        Err(std::env::VarError::NotPresent) => Ok(MAX_IMAGE_PIXELS),
+        Ok(v) => match v.trim().parse::<u64>() {
+            Ok(n) if n >= 1 => Ok(n),
+            _ => bail!(
+                "{MAX_IMAGE_PIXELS_VAR}={v}: must be a positive whole number of pixels (default {MAX_IMAGE_PIXELS})"
+            ),
+        },
+        Err(e) => bail!("{MAX_IMAGE_PIXELS_VAR}: {e}"),
+    }
+}
+
+/// The largest image file read: 8 bytes per pixel of the pixel bound (an uncompressed 16-bit
+/// RGBA PNG) plus 64 MiB of metadata. A larger file is refused before it is read.
+pub fn max_image_file_bytes(max_pixels: u64) -> u64 {
+    max_pixels.saturating_mul(8).saturating_add(64 << 20)
+}
+
+/// The container format of an image file, from its content (not its name).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ImageKind {
+    Png,
+    Jpeg,
+}
+
+/// An image or mask file opened and its header read and checked; no pixel decoded yet.
+pub struct ImageFile {
+    pub path: PathBuf,
+    pub kind: ImageKind,
+    pub width: u32,
+    pub height: u32,
+    source: Source,
+}
+
+enum Source {
+    Png(Box<png::Reader<std::io::BufReader<std::fs::File>>>),
+    Jpeg(Vec<u8>),
+}
+
+/// Opens `path` for reading only if it is a regular file: a FIFO or device is refused without
+/// blocking (opened non-blocking, checked on the open handle, so it cannot be swapped in
+/// between), as is an empty file or one larger than `max_bytes`. Returns the file and its size.
+pub fn open_regular(path: &Path, max_bytes: u64) -> Result<(std::fs::File, u64)> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)
+        .map_err(|e| match e.raw_os_error() {
+            Some(libc::EISDIR) => anyhow!("{}: is a folder, not an image file", path.display()),
+            Some(libc::ELOOP) => anyhow!(
+                "{}: cannot be read (a loop of symbolic links)",
+                path.display()
+            ),
+            _ if e.kind() == std::io::ErrorKind::NotFound && path.is_symlink() => {
+                anyhow!("{}: a broken symbolic link", path.display())
+            }
+            _ => anyhow!("cannot open {}: {e}", path.display()),
+        })?;
+    let meta = file
+        .metadata()
+        .with_context(|| format!("cannot read {}", path.display()))?;
+    if meta.is_dir() {
+        bail!("{}: is a folder, not an image file", path.display());
+    }
+    if !meta.is_file() {
+        bail!(
+            "{}: not a regular file (a FIFO, device or socket); segtrain reads image files only",
+            path.display()
+        );
+    }
+    // back to blocking reads (no effect on regular files, but explicit)
+    // SAFETY: fcntl on a descriptor this function owns
+    unsafe {
+        use std::os::fd::AsRawFd;
+        let fd = file.as_raw_fd();
+        let flags = libc::fcntl(fd, libc::F_GETFL);
+        if flags >= 0 {
+            libc::fcntl(fd, libc::F_SETFL, flags & !libc::O_NONBLOCK);
+        }
+    }
+    let len = meta.len();
+    if len == 0 {
+        bail!("{}: empty file (0 bytes), not an image", path.display());
+    }
+    if len > max_bytes {
+        bail!(
+            "{}: {len} bytes, larger than any image within the size bound ({max_bytes} bytes at most: 8 per pixel of {} pixels, plus 64 MiB); raise the bound with {MAX_IMAGE_PIXELS_VAR}=<pixels>",
+            path.display(),
+            (max_bytes - (64 << 20)) / 8
+        );
+    }
+    Ok((file, len))
+}
+
+/// Refuses dimensions of zero or beyond the pixel bound, naming the file, its size and how to
+/// raise the bound.
+fn check_dimensions(path: &Path, (w, h): (u32, u32), max_pixels: u64) -> Result<()> {
+    if w == 0 || h == 0 {
+        bail!("{}: {w}×{h} image holds no pixel", path.display());
+    }
+    let pixels = w as u64 * h as u64;
+    if pixels > max_pixels {
+        bail!(
+            "{}: {w}×{h} image ({pixels} pixels) is larger than the {max_pixels} pixels segtrain reads; set {MAX_IMAGE_PIXELS_VAR}=<pixels> to raise the bound (memory grows by about 30 bytes per pixel)",
+            path.display()
+        );
+    }
+    Ok(())
+}
+
+/// What the first bytes of a file say it is (for messages about files that are not PNG/JPEG).
+fn describe_content(start: &[u8]) -> String {
+    match image::guess_format(start) {
+        Ok(f) => format!("a {} file", format!("{f:?}").to_uppercase()),
+        Err(_)
+            if start
+                .iter()
+                .all(|b| b.is_ascii() && (!b.is_ascii_control() || b.is_ascii_whitespace())) =>
+        {
+            "text".to_string()
+        }
+        Err(_) => "not a known image format".to_string(),
+    }
+}
+
+impl ImageFile {
+    /// Opens an image (PNG or JPEG, whatever its name says) and reads its header: a file that
+    /// is not regular, empty, of another format, too large, or whose header claims more than
+    /// [`max_image_pixels`] is refused here, before any pixel is decoded.
+    pub fn open(path: &Path) -> Result<Self> {
+        Self::open_as(path, false)
+    }
+
+    /// Opens a mask: a PNG (JPEG compression would alter the label values), read without any
+    /// colour transformation so palette indices stay indices.
+    pub fn open_mask(path: &Path) -> Result<Self> {
+        Self::open_as(path, true)
+    }
+
+    fn open_as(path: &Path, mask: bool) -> Result<Self> {
+        use std::io::BufRead;
+        let max_pixels = max_image_pixels()?;
+        let (file, len) = open_regular(path, max_image_file_bytes(max_pixels))?;
+        let mut reader = std::io::BufReader::new(file);
+        let start = reader
+            .fill_buf()
+            .with_context(|| format!("cannot read {}", path.display()))?;
+        let start = start[..start.len().min(16)].to_vec();
+        let what = if mask { "mask" } else { "image" };
+        if start.starts_with(b"\x89PNG\r\n\x1a\n") {
+            let mut decoder = png::Decoder::new_with_limits(
+                reader,
+                png::Limits {
+                    bytes: PNG_METADATA_BYTES,
+                },
+            );
+            decoder.set_ignore_iccp_chunk(true);
+            decoder.set_ignore_text_chunk(true);
+            let (w, h) = decoder
+                .read_header_info()
+                .map(|info| info.size())
+                .map_err(|e| anyhow!("{}: not a readable {what} (PNG: {e})", path.display()))?;
+            check_dimensions(path, (w, h), max_pixels)?;
+            // room for the decoder's row buffers (up to 8 bytes per pixel of a row, twice)
+            decoder.set_limits(png::Limits {
+                bytes: PNG_METADATA_BYTES + 16 * w as usize + 64,
+            });
+            decoder.set_transformations(if mask {
+                png::Transformations::IDENTITY
+            } else {
+                png::Transformations::EXPAND
+            });
+            let reader = decoder.read_info().map_err(|e| {
+                anyhow!(
+                    "{}: not a readable {what} (PNG: {})",
+                    path.display(),
+                    png_error(&e)
+                )
+            })?;
+            return Ok(Self {
+                path: path.to_path_buf(),
+                kind: ImageKind::Png,
+                width: w,
+                height: h,
+                source: Source::Png(Box::new(reader)),
+            });
+        }
+        if start.starts_with(&[0xFF, 0xD8, 0xFF]) {
+            if mask {
+                bail!(
+                    "{}: a JPEG file; masks must be PNG (JPEG compression alters label values)",
+                    path.display()
+                );
+            }
+            let mut bytes = Vec::new();
+            bytes.try_reserve_exact(len as usize).map_err(|_| {
+                anyhow!("{}: cannot allocate {len} bytes to read it", path.display())
+            })?;
+            std::io::Read::read_to_end(
+                &mut std::io::Read::take(reader, max_image_file_bytes(max_pixels) + 1),
+                &mut bytes,
+            )
+            .with_context(|| format!("cannot read {}", path.display()))?;
+            if bytes.len() as u64 > max_image_file_bytes(max_pixels) {
+                bail!("{}: grew beyond the size bound while read", path.display());
+            }
+            let bad = |e: String| anyhow!("{}: not a readable {what} (JPEG: {e})", path.display());
+            let layout = jpeg_structure(&bytes).map_err(bad)?;
+            let (w, h) = layout.dims;
+            check_dimensions(path, (w, h), max_pixels)?;
+            check_jpeg_data(&layout).map_err(bad)?;
+            return Ok(Self {
+                path: path.to_path_buf(),
+                kind: ImageKind::Jpeg,
+                width: w,
+                height: h,
+                source: Source::Jpeg(bytes),
+            });
+        }
+        let expected = if mask { "PNG" } else { "PNG or JPEG" };
+        bail!(
+            "{}: not a readable {what} ({}; segtrain reads {expected} files)",
+            path.display(),
+            describe_content(&start)
+        )
+    }
+
+    /// The file's (width, height), from its header.
+    pub fn dims(&self) -> (u32, u32) {
+        (self.width, self.height)
+    }
+
+    /// width × height.
+    pub fn pixels(&self) -> u64 {
+        self.width as u64 * self.height as u64
+    }
+
+    /// Decodes the pixels (PNG: palette and low bit depths expanded, 16 bits kept).
+    pub fn decode(self) -> Result<image::DynamicImage> {
+        let path = self.path;
+        let (w, h) = (self.width, self.height);
+        let img = match self.source {
+            Source::Png(mut reader) => {
+                let (buf, info) = png_pixels(&path, &mut reader, "image")?;
+                png_to_dynamic(buf, info.color_type, info.bit_depth, (w, h))
+            }
+            Source::Jpeg(bytes) => {
+                let mut reader = image::ImageReader::with_format(
+                    std::io::Cursor::new(bytes.as_slice()),
+                    image::ImageFormat::Jpeg,
+                );
+                let mut limits = image::Limits::default();
+                limits.max_image_width = Some(w);
+                limits.max_image_height = Some(h);
+                // the largest JPEG output is RGBA, 4 bytes per pixel
+                limits.max_alloc = Some(4 * w as u64 * h as u64 + (1 << 20));
+                reader.limits(limits);
+                reader
+                    .decode()
+                    .map_err(|e| anyhow!("{}: not a readable image (JPEG: {e})", path.display()))?
+            }
+        };
+        if (img.width(), img.height()) != (w, h) {
+            bail!(
+                "{}: decodes to {}×{} pixels but its header says {w}×{h}",
+                path.display(),
+                img.width(),
+                img.height()
+            );
+        }
+        Ok(img)
+    }
+
+    /// A mask's values, one per pixel: grey level (8 or 16 bit), palette index, or for colour
+    /// masks the largest of R, G, B (alpha is ignored).
+    pub fn mask_values(self) -> Result<MaskValues> {
+        let path = self.path;
+        let Source::Png(mut reader) = self.source else {
+            bail!("{}: masks must be PNG files", path.display());
+        };
+        let (buf, info) = png_pixels(&path, &mut reader, "mask")?;
+        let samples = info.color_type.samples();
+        let colour_samples = match info.color_type {
+            png::ColorType::GrayscaleAlpha | png::ColorType::Rgba => samples - 1,
+            _ => samples,
+        };
+        let bits = info.bit_depth as usize;
+        let sample = |row: &[u8], i: usize| -> u32 {
+            match bits {
+                16 => u16::from_be_bytes([row[2 * i], row[2 * i + 1]]) as u32,
+                8 => row[i] as u32,
+                _ => {
+                    let per_byte = 8 / bits;
+                    let shift = 8 - bits * (i % per_byte + 1);
+                    ((row[i / per_byte] >> shift) as u32) & ((1 << bits) - 1)
+                }
+            }
+        };
+        let (w, h) = (info.width as usize, info.height as usize);
+        let mut values = Vec::with_capacity(w * h);
+        for row in buf.chunks_exact(info.line_size).take(h) {
+            for x in 0..w {
+                let v = (0..colour_samples)
+                    .map(|c| sample(row, x * samples + c))
+                    .max();
+                values.push(v.unwrap_or(0));
+            }
+        }
+        Ok(MaskValues {
+            values,
+            width: info.width,
+            height: info.height,
+            colour: colour_samples == 3,
+        })
+    }
+}
+
+/// A PNG decoding error in words (the limit error says which limit).
+fn png_error(e: &png::DecodingError) -> String {
+    match e {
+        png::DecodingError::LimitsExceeded => format!(
+            "its metadata exceeds the {} MiB segtrain reads besides the pixels",
+            PNG_METADATA_BYTES >> 20
+        ),
+        e => e.to_string(),
+    }
+}
+
+/// Decodes the first frame of a PNG into a buffer of exactly its size (allocation failure is
+/// an error, not an abort); the frame must cover the whole image.
+fn png_pixels(
+    path: &Path,
+    reader: &mut png::Reader<std::io::BufReader<std::fs::File>>,
+    what: &str,
+) -> Result<(Vec<u8>, png::OutputInfo)> {
+    let size = reader
+        .output_buffer_size()
+        .ok_or_else(|| anyhow!("{}: PNG {what} too large", path.display()))?;
+    let mut buf = Vec::new();
+    buf.try_reserve_exact(size).map_err(|_| {
+        anyhow!(
+            "{}: cannot allocate {size} bytes to decode this PNG {what}",
+            path.display()
+        )
+    })?;
+    buf.resize(size, 0);
+    let info = reader.next_frame(&mut buf).map_err(|e| {
+        anyhow!(
+            "{}: not a readable {what} (corrupt or truncated PNG: {})",
+            path.display(),
+            png_error(&e)
+        )
+    })?;
+    let (w, h) = reader.info().size();
+    if (info.width, info.height) != (w, h) {
+        bail!(
+            "{}: its first frame is {}×{}, not the whole {w}×{h} image (animated PNG)",
+            path.display(),
+            info.width,
+            info.height
+        );
+    }
+    Ok((buf, info))
+}
+
+/// An expanded PNG frame (8 or 16 bits; grey, grey+alpha, RGB or RGBA) as an image.
+fn png_to_dynamic(
+    buf: Vec<u8>,
+    colour: png::ColorType,
+    depth: png::BitDepth,
+    (w, h): (u32, u32),
+) -> image::DynamicImage {
+    use image::{DynamicImage as D, ImageBuffer};
+    let wide = || -> Vec<u16> {
+        buf.chunks_exact(2)
+            .map(|b| u16::from_be_bytes([b[0], b[1]]))
+            .collect()
+    };
+    let size = "the buffer of an expanded PNG frame";
+    match (colour, depth) {
+        (png::ColorType::Grayscale, png::BitDepth::Sixteen) => {
+            D::ImageLuma16(ImageBuffer::from_raw(w, h, wide()).expect(size))
+        }
+        (png::ColorType::GrayscaleAlpha, png::BitDepth::Sixteen) => {
+            D::ImageLumaA16(ImageBuffer::from_raw(w, h, wide()).expect(size))
+        }
+        (png::ColorType::Rgb, png::BitDepth::Sixteen) => {
+            D::ImageRgb16(ImageBuffer::from_raw(w, h, wide()).expect(size))
+        }
+        (png::ColorType::Rgba, png::BitDepth::Sixteen) => {
+            D::ImageRgba16(ImageBuffer::from_raw(w, h, wide()).expect(size))
+        }
+        (png::ColorType::Grayscale, _) => {
+            D::ImageLuma8(ImageBuffer::from_raw(w, h, buf).expect(size))
+        }
+        (png::ColorType::GrayscaleAlpha, _) => {
+            D::ImageLumaA8(ImageBuffer::from_raw(w, h, buf).expect(size))
+        }
+        (png::ColorType::Rgba, _) => D::ImageRgba8(ImageBuffer::from_raw(w, h, buf).expect(size)),
+        // RGB (EXPAND turns palettes into RGB or RGBA)
+        _ => D::ImageRgb8(ImageBuffer::from_raw(w, h, buf).expect(size)),
+    }
+}
+
+/// What [`jpeg_structure`] finds in a JPEG.
+#[derive(Debug, PartialEq)]
+struct JpegLayout {
+    /// (width, height) of the frame header.
+    dims: (u32, u32),
+    /// Bytes of entropy-coded image data, all scans together.
+    entropy_bytes: u64,
+    /// Arithmetic coding (SOF9..SOF15), which can take less than a bit per block.
+    arithmetic: bool,
+}
+
+/// Walks a JPEG's markers: the (width, height) of its frame header and the number of bytes of
+/// entropy-coded image data. Fails on a missing frame header, a segment cut short, or a file
+/// without its end-of-image marker after the image data (a truncated JPEG, which the decoder
+/// would silently fill with grey).
+fn jpeg_structure(bytes: &[u8]) -> std::result::Result<JpegLayout, String> {
+    const TRUNCATED: &str = "truncated: the file ends before its end-of-image marker";
+    let len = bytes.len();
+    let mut pos = 2; // after the start-of-image marker
+    let mut frame = None;
+    let mut entropy = 0u64;
+    loop {
+        if pos >= len {
+            return Err(TRUNCATED.into());
+        }
+        if bytes[pos] != 0xFF {
+            return Err(format!("corrupt: no marker at byte {pos}"));
+        }
+        while pos < len && bytes[pos] == 0xFF {
+            pos += 1; // fill bytes
+        }
+        let Some(&marker) = bytes.get(pos) else {
+            return Err(TRUNCATED.into());
+        };
+        pos += 1;
+        match marker {
+            0xD9 => break,
+            0xD0..=0xD8 | 0x01 => continue, // markers without a segment
+            _ => {}
+        }
+        if pos + 2 > len {
+            return Err(TRUNCATED.into());
+        }
+        let seg_len = u16::from_be_bytes([bytes[pos], bytes[pos + 1]]) as usize;
+        if seg_len < 2 {
+            return Err(format!(
+                "corrupt: a segment of length {seg_len} at byte {pos}"
+            ));
+        }
+        let end = pos + seg_len;
+        if end > len {
+            return Err(TRUNCATED.into());
+        }
+        let segment = &bytes[pos + 2..end];
+        pos = end;
+        // frame headers: SOF0..SOF15 but DHT (C4), JPG (C8) and DAC (CC)
+        if matches!(marker, 0xC0..=0xCF) && !matches!(marker, 0xC4 | 0xC8 | 0xCC) && frame.is_none()
+        {
+            if segment.len() < 5 {
+                return Err("corrupt frame header".into());
+            }
+            let h = u16::from_be_bytes([segment[1], segment[2]]) as u32;
+            let w = u16::from_be_bytes([segment[3], segment[4]]) as u32;
+            if h == 0 {
+                return Err(
+                    "its height is defined after the image data (DNL), which is not supported"
+                        .into(),
+                );
+            }
+            frame = Some(((w, h), matches!(marker, 0xC9..=0xCB | 0xCD..=0xCF)));
+        }
+        if marker == 0xDA {
+            if frame.is_none() {
+                return Err("corrupt: image data before the frame header".into());
+            }
+            // entropy-coded data runs to the next marker that is neither a stuffed 0xFF00 nor a
+            // restart marker
+            let start = pos;
+            loop {
+                match bytes[pos..].iter().position(|&b| b == 0xFF) {
+                    None => return Err(TRUNCATED.into()),
+                    Some(i) => pos += i,
+                }
+                match bytes.get(pos + 1) {
+                    None => return Err(TRUNCATED.into()),
+                    Some(0x00 | 0xD0..=0xD7) => pos += 2,
+                    Some(_) => break,
+                }
+            }
+            entropy += (pos - start) as u64;
+        }
+    }
+    match frame {
+        Some((dims, arithmetic)) if entropy > 0 => Ok(JpegLayout {
+            dims,
+            entropy_bytes: entropy,
+            arithmetic,
+        }),
+        Some(_) => Err("no image data".into()),
+        None => Err("no frame header".into()),
+    }
+}
+
+/// A JPEG codes every 8 × 8 block of its full-resolution component with at least one bit: a
+/// file with fewer bytes of image data than (blocks / 8) claims more pixels than it holds (a
+/// forged header, or a truncated file the decoder would fill with grey). Huffman coding only:
+/// arithmetic coding can take less (and the decoder refuses it).
+fn check_jpeg_data(layout: &JpegLayout) -> std::result::Result<(), String> {
+    let ((w, h), entropy) = (layout.dims, layout.entropy_bytes);
+    let blocks = (w as u64).div_ceil(8) * (h as u64).div_ceil(8);
+    if !layout.arithmetic && entropy * 8 < blocks {
+        return Err(format!(
+            "its header claims {w}×{h} pixels but it holds only {entropy} bytes of image data, fewer than any JPEG of that size: truncated or forged"
+        ));
+    }
+    Ok(())
 }
 
 /// An image read from a file.
@@ -167,13 +804,50 @@ pub struct LoadedImage {
 
 /// Reads an image, resized to `size × size` if given.
 pub fn load_image(path: &Path, channels: usize, size: Option<usize>) -> Result<LoadedImage> {
-    let img = image::ImageReader::open(path)
-        .with_context(|| format!("cannot open {}", path.display()))?
-        .with_guessed_format()
-        .with_context(|| format!("cannot read {}", path.display()))?
-        .decode()
-        .map_err(|e| anyhow!("{}: not a readable image ({e})", path.display()))?;
-    let file_dims = (img.width(), img.height());
+    let file = ImageFile::open(path)?;
+    let _budget = DecodeBudget::reserve(file.pixels())?;
+    decode_to_planar(file, channels, size)
+}
+
+/// The pixels being decoded at once by all threads together are at most the pixel bound, so
+/// that reading a data set in parallel takes no more memory than decoding one image of the
+/// largest size allowed, whatever the number of cores (small images still decode in parallel).
+pub struct DecodeBudget {
+    pixels: u64,
+}
+
+static DECODING: (std::sync::Mutex<u64>, std::sync::Condvar) =
+    (std::sync::Mutex::new(0), std::sync::Condvar::new());
+
+impl DecodeBudget {
+    /// Waits until `pixels` (at most the bound) can be decoded; released when dropped. A
+    /// thread must hold one reservation at a time.
+    pub fn reserve(pixels: u64) -> Result<Self> {
+        let cap = max_image_pixels()?;
+        let pixels = pixels.min(cap);
+        let (lock, freed) = &DECODING;
+        let mut used = lock.lock().unwrap_or_else(|e| e.into_inner());
+        while *used > 0 && *used + pixels > cap {
+            used = freed.wait(used).unwrap_or_else(|e| e.into_inner());
+        }
+        *used += pixels;
+        Ok(Self { pixels })
+    }
+}
+
+impl Drop for DecodeBudget {
+    fn drop(&mut self) {
+        let (lock, freed) = &DECODING;
+        let mut used = lock.lock().unwrap_or_else(|e| e.into_inner());
+        *used -= self.pixels;
+        freed.notify_all();
+    }
+}
+
+/// Decodes an opened image to planar values, resized to `size × size` if given.
+fn decode_to_planar(file: ImageFile, channels: usize, size: Option<usize>) -> Result<LoadedImage> {
+    let file_dims = file.dims();
+    let img = file.decode()?;
     let (planes, hw) = image_to_planar(&img, channels, size);
     Ok(LoadedImage {
         planes,
@@ -184,28 +858,44 @@ pub fn load_image(path: &Path, channels: usize, size: Option<usize>) -> Result<L
 
 /// Converts a decoded image to `channels` (grey or RGB), resized to `size × size` if given
 /// (bilinear, antialiased when shrinking), as planar f32 in [0, 1], with its (h, w).
+///
+/// At native size the image is converted in strips of rows, so that besides the image and the
+/// result only a strip is held in memory.
 pub fn image_to_planar(
     img: &image::DynamicImage,
     channels: usize,
     size: Option<usize>,
 ) -> (Vec<f32>, (usize, usize)) {
     use image::imageops::{resize, FilterType};
-    let rgb = if channels == 1 {
-        image::DynamicImage::ImageLuma16(img.to_luma16()).into_rgb32f()
-    } else {
-        img.to_rgb32f()
-    };
-    let rgb = match size {
-        Some(s) if (rgb.width(), rgb.height()) != (s as u32, s as u32) => {
-            resize(&rgb, s as u32, s as u32, FilterType::Triangle)
+    let as_rgb = |img: &image::DynamicImage| {
+        if channels == 1 {
+            image::DynamicImage::ImageLuma16(img.to_luma16()).into_rgb32f()
+        } else {
+            img.to_rgb32f()
         }
-        _ => rgb,
     };
-    let hw = (rgb.height() as usize, rgb.width() as usize);
-    let planes: Vec<Vec<f32>> = (0..channels)
-        .map(|c| rgb.pixels().map(|p| p.0[c]).collect())
-        .collect();
-    (planes.concat(), hw)
+    let (w, h) = (img.width(), img.height());
+    if let Some(s) = size.filter(|&s| (w, h) != (s as u32, s as u32)) {
+        let rgb = resize(&as_rgb(img), s as u32, s as u32, FilterType::Triangle);
+        let mut planes = Vec::with_capacity(channels * s * s);
+        for c in 0..channels {
+            planes.extend(rgb.pixels().map(|p| p.0[c]));
+        }
+        return (planes, (s, s));
+    }
+    let plane = w as usize * h as usize;
+    let mut planes = vec![0f32; channels * plane];
+    let rows = ((1u32 << 20) / w.max(1)).max(1);
+    for y0 in (0..h).step_by(rows as usize) {
+        let strip = as_rgb(&img.crop_imm(0, y0, w, rows.min(h - y0)));
+        let offset = y0 as usize * w as usize;
+        for (i, p) in strip.pixels().enumerate() {
+            for c in 0..channels {
+                planes[c * plane + offset + i] = p.0[c];
+            }
+        }
+    }
+    (planes, (h as usize, w as usize))
 }
 
 /// Bilinear resize (pixel centres aligned) of planar `c × h × w` values to `nh × nw`.
@@ -254,66 +944,26 @@ pub struct MaskValues {
 
 /// Reads a mask PNG without any colour conversion (palette indices stay indices).
 pub fn read_mask_values(path: &Path) -> Result<MaskValues> {
-    let file =
-        std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
-    let mut decoder = png::Decoder::new(std::io::BufReader::new(file));
-    decoder.set_transformations(png::Transformations::IDENTITY);
-    let mut reader = decoder
-        .read_info()
-        .map_err(|e| anyhow!("{}: not a readable PNG mask ({e})", path.display()))?;
-    let size = reader
-        .output_buffer_size()
-        .ok_or_else(|| anyhow!("{}: PNG too large", path.display()))?;
-    let mut buf = vec![0; size];
-    let info = reader
-        .next_frame(&mut buf)
-        .map_err(|e| anyhow!("{}: corrupt PNG mask ({e})", path.display()))?;
-    let samples = info.color_type.samples();
-    let colour_samples = match info.color_type {
-        png::ColorType::GrayscaleAlpha | png::ColorType::Rgba => samples - 1,
-        _ => samples,
-    };
-    let bits = info.bit_depth as usize;
-    let sample = |row: &[u8], i: usize| -> u32 {
-        match bits {
-            16 => u16::from_be_bytes([row[2 * i], row[2 * i + 1]]) as u32,
-            8 => row[i] as u32,
-            _ => {
-                let per_byte = 8 / bits;
-                let shift = 8 - bits * (i % per_byte + 1);
-                ((row[i / per_byte] >> shift) as u32) & ((1 << bits) - 1)
-            }
-        }
-    };
-    let (w, h) = (info.width as usize, info.height as usize);
-    let mut values = Vec::with_capacity(w * h);
-    for y in 0..h {
-        let row = &buf[y * info.line_size..(y + 1) * info.line_size];
-        for x in 0..w {
-            let v = (0..colour_samples)
-                .map(|c| sample(row, x * samples + c))
-                .max();
-            values.push(v.unwrap_or(0));
-        }
-    }
-    Ok(MaskValues {
-        values,
-        width: info.width,
-        height: info.height,
-        colour: colour_samples == 3,
-    })
+    ImageFile::open_mask(path)?.mask_values()
 }
 
 /// Reads a mask and maps it to class indices, resized to the format's size if any (nearest
 /// neighbour). Binary: any non-zero value is 1. Class-index: each value must be a class or
 /// `ignore_index`. Returns the mask and the file's (width, height).
 pub fn load_mask(path: &Path, format: &Format) -> Result<(Vec<u8>, (u32, u32))> {
+    mask_classes(ImageFile::open_mask(path)?, format)
+}
+
+/// Decodes an opened mask to class indices (see [`load_mask`]).
+fn mask_classes(file: ImageFile, format: &Format) -> Result<(Vec<u8>, (u32, u32))> {
+    let path = file.path.clone();
+    let path = path.as_path();
     let MaskValues {
         values,
         width: w,
         height: h,
         colour,
-    } = read_mask_values(path)?;
+    } = file.mask_values()?;
     if colour && format.classes > 1 {
         bail!(
             "{}: an RGB mask can only be binary; class-index masks (classes = {}) must be grey or palette PNGs",
@@ -372,14 +1022,12 @@ pub fn resize_nearest(values: &[u8], (h, w): (usize, usize), (nh, nw): (usize, u
     out
 }
 
-/// Loads one pair; image and mask must have the same size.
+/// Loads one pair; image and mask must have the same size, which is checked on their headers
+/// before any pixel is decoded.
 pub fn load_pair(pair: &PairPaths, format: &Format) -> Result<Sample> {
-    let LoadedImage {
-        planes: image,
-        hw: (h, w),
-        file_dims: image_dims,
-    } = load_image(&pair.image, format.channels, format.resize)?;
-    let (mask, mask_dims) = load_mask(&pair.mask, format)?;
+    let image = ImageFile::open(&pair.image)?;
+    let mask = ImageFile::open_mask(&pair.mask)?;
+    let (image_dims, mask_dims) = (image.dims(), mask.dims());
     if image_dims != mask_dims {
         bail!(
             "{} is {}×{} but its mask {} is {}×{}",
@@ -391,6 +1039,13 @@ pub fn load_pair(pair: &PairPaths, format: &Format) -> Result<Sample> {
             mask_dims.1
         );
     }
+    let _budget = DecodeBudget::reserve(image.pixels())?;
+    let LoadedImage {
+        planes: image,
+        hw: (h, w),
+        ..
+    } = decode_to_planar(image, format.channels, format.resize)?;
+    let (mask, _) = mask_classes(mask, format)?;
     Ok(Sample {
         stem: pair.stem.clone(),
         image,
@@ -418,9 +1073,10 @@ pub struct Dataset {
 /// `data.root` still holds the data of the old one would silently train on the wrong data.
 fn check_generated_with(root: &Path, synth: &synth::SynthConfig) -> Result<()> {
     let path = root.join("synth.toml");
-    let Ok(text) = std::fs::read_to_string(&path) else {
+    if !path.exists() && !path.is_symlink() {
         return Ok(()); // not generated by segtrain: the folder is the user's data
-    };
+    }
+    let text = crate::fsutil::read_text(&path, crate::fsutil::MAX_TEXT_BYTES, "synth.toml")?;
     let written: synth::SynthConfig =
         toml::from_str(&text).with_context(|| format!("{}: not a synth config", path.display()))?;
     let table = |s: &synth::SynthConfig| -> Result<toml::Table> {
@@ -460,6 +1116,11 @@ impl Dataset {
                 }
                 None => bail!("data.root: {} does not exist", root.display()),
             }
+        } else if !root.is_dir() {
+            bail!(
+                "data.root: {} is not a folder; it must hold images/ and masks/ (or train/ and val/)",
+                root.display()
+            );
         } else if let Some(synth) = &cfg.synth {
             check_generated_with(root, synth)?;
         }
@@ -476,6 +1137,13 @@ impl Dataset {
             )
         } else {
             let mut all = scan_pairs(root)?;
+            if all.is_empty() {
+                bail!(
+                    "{}: found 0 image/mask pair(s): {} holds no .png, .jpg or .jpeg image",
+                    root.display(),
+                    root.join("images").display()
+                );
+            }
             if all.len() < 2 {
                 bail!(
                     "{}: found {} image/mask pair(s); need at least 2 to hold one out for validation",
@@ -491,10 +1159,18 @@ impl Dataset {
             (all, val)
         };
         if train_pairs.is_empty() {
-            bail!("{}: no training images", root.display());
+            bail!(
+                "{}: no training images ({} holds no .png, .jpg or .jpeg image)",
+                root.display(),
+                root.join("train/images").display()
+            );
         }
         if val_pairs.is_empty() {
-            bail!("{}: the validation split is empty", root.display());
+            bail!(
+                "{}: the validation split is empty ({} holds no .png, .jpg or .jpeg image)",
+                root.display(),
+                root.join("val/images").display()
+            );
         }
         let train = load_pairs(&train_pairs, &format)?;
         // validation always at native resolution: metrics count the pixels of the real masks
@@ -550,5 +1226,114 @@ pub fn normalize(image: &mut [f32], mean: &[f32], std: &[f32]) {
     for (c, chunk) in image.chunks_mut(plane).enumerate() {
         let (m, s) = (mean[c], std[c]);
         chunk.iter_mut().for_each(|v| *v = (*v - m) / s);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn jpeg(w: u32, h: u32) -> Vec<u8> {
+        let mut bytes = vec![];
+        image::RgbImage::from_fn(w, h, |x, y| image::Rgb([(x * 9) as u8, (y * 5) as u8, 7]))
+            .write_to(
+                &mut std::io::Cursor::new(&mut bytes),
+                image::ImageFormat::Jpeg,
+            )
+            .unwrap();
+        bytes
+    }
+
+    #[test]
+    fn jpeg_structure_reads_the_frame_and_finds_the_end() {
+        let bytes = jpeg(37, 21);
+        let layout = jpeg_structure(&bytes).unwrap();
+        assert_eq!(layout.dims, (37, 21));
+        assert!(!layout.arithmetic && check_jpeg_data(&layout).is_ok());
+        // data after the end-of-image marker (cameras append some) is allowed
+        let mut trailing = bytes.clone();
+        trailing.extend(b"\xFF\xD8 appended thumbnail or video");
+        assert_eq!(jpeg_structure(&trailing).unwrap().dims, (37, 21));
+        // an end-of-image marker inside a segment (an EXIF thumbnail) is not the end
+        let mut app = bytes[..2].to_vec();
+        let thumbnail = b"Exif\0\0\xFF\xD8\xFF\xD9";
+        app.extend([0xFF, 0xE1]);
+        app.extend(((thumbnail.len() + 2) as u16).to_be_bytes());
+        app.extend(thumbnail);
+        app.extend(&bytes[2..]);
+        assert_eq!(jpeg_structure(&app).unwrap().dims, (37, 21));
+        assert!(jpeg_structure(&app[..app.len() - 2]).is_err());
+    }
+
+    #[test]
+    fn jpeg_structure_refuses_every_cut() {
+        let bytes = jpeg(16, 16);
+        for cut in 2..bytes.len() - 1 {
+            assert!(
+                jpeg_structure(&bytes[..cut]).is_err(),
+                "a JPEG cut at {cut} of {} bytes passed",
+                bytes.len()
+            );
+        }
+    }
+
+    #[test]
+    fn restart_markers_and_stuffed_bytes_stay_inside_the_image_data() {
+        // SOI, SOF0 8×8 grey, SOS, data with a stuffed 0xFF00 and a restart marker, EOI
+        let mut b = vec![0xFF, 0xD8, 0xFF, 0xC0, 0, 11, 8, 0, 8, 0, 8, 1, 1, 0x11, 0];
+        b.extend([0xFF, 0xDA, 0, 8, 1, 1, 0, 0, 63, 0]);
+        b.extend([0x12, 0xFF, 0x00, 0x34, 0xFF, 0xD0, 0x56, 0xFF, 0xD9]);
+        assert_eq!(
+            jpeg_structure(&b).unwrap(),
+            JpegLayout {
+                dims: (8, 8),
+                entropy_bytes: 7,
+                arithmetic: false
+            }
+        );
+    }
+
+    #[test]
+    fn decoding_budget_lets_one_largest_image_through_at_a_time() {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let largest = DecodeBudget::reserve(u64::MAX).unwrap();
+        let started = std::sync::Arc::new(AtomicBool::new(false));
+        let flag = started.clone();
+        let other = std::thread::spawn(move || {
+            let _small = DecodeBudget::reserve(1).unwrap();
+            flag.store(true, Ordering::SeqCst);
+        });
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        assert!(
+            !started.load(Ordering::SeqCst),
+            "decoded beside the largest image"
+        );
+        drop(largest);
+        other.join().unwrap();
+        assert!(started.load(Ordering::SeqCst));
+        // small images decode side by side
+        let a = DecodeBudget::reserve(1000).unwrap();
+        let b = DecodeBudget::reserve(1000).unwrap();
+        drop((a, b));
+    }
+
+    #[test]
+    fn describe_content_names_other_formats() {
+        assert_eq!(describe_content(b"GIF89a\x01\x00"), "a GIF file");
+        assert_eq!(describe_content(b"BM\x00\x00"), "a BMP file");
+        assert_eq!(describe_content(b"hello\n"), "text");
+        assert_eq!(
+            describe_content(b"\x00\x01\x02"),
+            "not a known image format"
+        );
+    }
+
+    #[test]
+    fn file_size_bound_follows_the_pixel_bound() {
+        assert_eq!(
+            max_image_file_bytes(MAX_IMAGE_PIXELS),
+            8 * MAX_IMAGE_PIXELS + (64 << 20)
+        );
+        assert_eq!(max_image_file_bytes(u64::MAX), u64::MAX);
     }
 }
