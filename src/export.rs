@@ -382,6 +382,13 @@ fn probe(model: &UNet, meta: &ModelMeta, device: &Device) -> Result<()> {
 
 /// Rewrites a model file with its float tensors cast to `dtype` (f32, f16 or bf16).
 pub fn convert(src: &Path, dst: &Path, dtype: DType) -> Result<()> {
+    let folder = match dst.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    // into a run folder: not while a run writes there; and a killed export's temporary goes
+    let _lock = crate::fsutil::DirLock::acquire_if_locked_folder(folder)?;
+    crate::fsutil::remove_dead_temporaries(folder)?;
     let (tensors, meta) = read(src, &Device::Cpu)?;
     let ordered = meta
         .unet

@@ -123,11 +123,23 @@ pub fn ensure_regular_file(path: &Path) -> Result<()> {
 /// read (`what` names the kind of file in the error, e.g. "config").
 pub fn read_bounded(path: &Path, max_bytes: u64, what: &str) -> Result<Vec<u8>> {
     ensure_regular_file(path)?;
-    let mut file = File::open(path).with_context(|| format!("cannot read {}", path.display()))?;
-    let len = file
+    // opened without blocking and checked again on the handle: a FIFO swapped in after the
+    // check above cannot block the read
+    let mut file = {
+        use std::os::unix::fs::OpenOptionsExt;
+        fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(path)
+            .with_context(|| format!("cannot read {}", path.display()))?
+    };
+    let meta = file
         .metadata()
-        .with_context(|| format!("cannot read {}", path.display()))?
-        .len();
+        .with_context(|| format!("cannot read {}", path.display()))?;
+    if !meta.is_file() {
+        anyhow::bail!("{}: not a regular file", path.display());
+    }
+    let len = meta.len();
     if len > max_bytes {
         anyhow::bail!(
             "{}: {len} bytes, larger than any {what} segtrain reads ({max_bytes} bytes at most)",
@@ -203,6 +215,16 @@ pub struct DirLock {
 }
 
 impl DirLock {
+    /// [`Self::acquire`] for a folder that segtrain writes under a lock (a run folder, an
+    /// import's output): where `dir/.lock` exists. None for any other folder.
+    pub fn acquire_if_locked_folder(dir: &Path) -> Result<Option<Self>> {
+        if dir.join(".lock").is_file() {
+            Self::acquire(dir).map(Some)
+        } else {
+            Ok(None)
+        }
+    }
+
     /// Takes the lock of `dir` (created if missing), or fails at once naming the process that
     /// holds it.
     pub fn acquire(dir: &Path) -> Result<Self> {

@@ -271,6 +271,7 @@ pub fn predict(
     let predictor = predictor(&model, &meta, opts.overlap, device);
     std::fs::create_dir_all(out)
         .with_context(|| format!("cannot create the output folder {}", out.display()))?;
+    crate::fsutil::remove_dead_temporaries(out)?;
     let mut written = vec![];
     for file in &files {
         let image = data::ImageFile::open(file)?;
@@ -279,7 +280,10 @@ pub fn predict(
         let (planar, (h, w)) = data::image_to_planar(&decoded, meta.unet.in_channels, None);
         let rgb = opts.overlay.then(|| decoded.to_rgb8());
         drop(decoded);
-        let probs = predictor.probabilities(&[(&planar, h, w)])?.remove(0);
+        let probs = predictor
+            .probabilities(&[(&planar, h, w)])
+            .with_context(|| format!("{} on {}", model_path.display(), file.display()))?
+            .remove(0);
         drop(planar);
         let labels = inference::labels(&probs, classes, opts.threshold);
         let (w32, h32) = (w as u32, h as u32);

@@ -406,3 +406,87 @@ fn a_run_folder_is_never_mixed_with_another_run() {
         model
     );
 }
+
+/// The temporaries a killed `predict` or `export` left (`.<name>.tmp-<pid>` of a dead process)
+/// are removed by the next one writing there; `calibrate` and `export` refuse to write into a
+/// run folder while its training runs.
+#[test]
+fn killed_writers_temporaries_go_and_running_runs_are_not_written_into() {
+    let dir = temp_dir("writers");
+    let data = tiny_dataset(&dir, "lesion", "lesion", 8, 32);
+    let config = config(&dir, &data);
+    let runs = dir.join("runs");
+    let (c, r) = (config.to_str().unwrap(), runs.to_str().unwrap());
+    ok(&["train", c, "--runs", r, "--set", "train.epochs=1"]);
+    let model = runs.join("resume/model.safetensors");
+    // PIDs above the kernel's limit (at most 2^22) belong to no process
+    let dead = |folder: &Path| {
+        std::fs::create_dir_all(folder).unwrap();
+        let p = folder.join(".x.png.tmp-4194305");
+        std::fs::write(&p, vec![0u8; 1000]).unwrap();
+        p
+    };
+    let predictions = dir.join("predictions");
+    let stale = dead(&predictions);
+    let image = std::fs::read_dir(data.join("images"))
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    ok(&[
+        "predict",
+        "--model",
+        model.to_str().unwrap(),
+        image.to_str().unwrap(),
+        "--out",
+        predictions.to_str().unwrap(),
+    ]);
+    assert!(!stale.exists(), "predict left a dead writer's temporary");
+    let exports = dir.join("exports");
+    let stale = dead(&exports);
+    let exported = exports.join("m.safetensors");
+    ok(&[
+        "export",
+        "--run",
+        &format!("{r}/resume"),
+        "--out",
+        exported.to_str().unwrap(),
+    ]);
+    assert!(!stale.exists() && exported.exists());
+
+    let busy = dir.join("busy");
+    let mut running = train_command(&config, &busy)
+        .args(["--set", "train.epochs=400"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let run = busy.join("resume");
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    while !run.join("model.safetensors").exists() {
+        assert!(std::time::Instant::now() < deadline, "no model written");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let pid = running.id().to_string();
+    let busy_model = run.join("model.safetensors");
+    let err = fails(&[
+        "calibrate",
+        "--model",
+        busy_model.to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+    ]);
+    assert!(err.contains("in use") && err.contains(&pid), "{err}");
+    let err = fails(&[
+        "export",
+        "--run",
+        runs.join("resume").to_str().unwrap(),
+        "--out",
+        run.join("half.safetensors").to_str().unwrap(),
+    ]);
+    assert!(err.contains("in use") && err.contains(&pid), "{err}");
+    let _ = Command::new("kill").args(["-INT", &pid]).status();
+    assert!(!running.wait().unwrap().success());
+    assert!(!run.join("half.safetensors").exists());
+}

@@ -97,11 +97,14 @@ fn default_size() -> usize {
     128
 }
 
+/// Most images a synthetic data set holds (a million 128² pairs take ≈ 50 GB on disk).
+pub const MAX_COUNT: usize = 100_000;
+
 impl SynthConfig {
     /// Checks the knobs; the message starts with the key.
     pub fn validate(&self) -> Result<()> {
-        if self.count == 0 {
-            bail!("count: must be >= 1");
+        if !(1..=MAX_COUNT).contains(&self.count) {
+            bail!("count: must lie in 1..={MAX_COUNT}, got {}", self.count);
         }
         if self.val_count >= self.count {
             bail!("val_count: must be below count = {}", self.count);
