@@ -29,3 +29,23 @@ study-noise:
 # cold ~25 min on 2 cores; `just check-cuda cuda cudnn` checks cuDNN too
 check-cuda *features="cuda":
     bash .ci/check-cuda {{features}}
+
+# real brain MRI from Debian's mricron-data (BSD-3; needs apt-get): the Colin27 T1 scan with the
+# hippocampus (AAL atlas regions 37 + 38) as the lesion stand-in, on the 40 axial slices that
+# hold it; validation = two blocks of 4 neighbouring slices (z 52-55, 72-75), not interleaved
+data-brain out="data/brain-hippocampus":
+    #!/usr/bin/env bash
+    set -euo pipefail
+    tmp=$(mktemp -d); trap 'rm -rf "$tmp"' EXIT
+    (cd "$tmp" && apt-get download mricron-data && dpkg -x mricron-data_*.deb x)
+    t="$tmp/x/usr/share/mricron/templates"
+    cargo run --release -- import --image "$t/ch2.nii.gz" --label "$t/aal.nii.gz" \
+        --label-map 37=1,38=1 --only-labelled --out "$tmp/slices"
+    rm -rf "{{out}}"
+    for f in "$tmp"/slices/images/*.png; do
+        b=$(basename "$f"); z=$((10#${b:5:4}))
+        if (( (z >= 52 && z <= 55) || (z >= 72 && z <= 75) )); then s=val; else s=train; fi
+        mkdir -p "{{out}}/$s/images" "{{out}}/$s/masks"
+        cp "$f" "{{out}}/$s/images/"; cp "$tmp/slices/masks/$b" "{{out}}/$s/masks/"
+    done
+    echo "{{out}}: $(ls "{{out}}/train/images" | wc -l) training and $(ls "{{out}}/val/images" | wc -l) validation slices"

@@ -537,7 +537,7 @@ fn predict_and_calibrate_refuse_hostile_models_and_leave_them_unchanged() {
             &["calibrate", "--model", &s(model), "--data", &s(&empty)],
             2048,
             60,
-            &["empty", "no labelled pixel", "left unchanged"],
+            &["empty", "found 0 image/mask pair(s)"],
         );
         fails_bounded(
             &["calibrate", "--model", &s(model), "--data", &s(&one)],
