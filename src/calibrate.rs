@@ -234,7 +234,7 @@ pub fn calibrate(model_path: &Path, data_dir: &Path, device: &Device) -> Result<
             temperature: t,
             ..meta.clone()
         };
-        let r = crate::predict::predictor(&model, &m, None, device)
+        let r = crate::predict::predictor(&model, &m, &Default::default(), device)
             .evaluate(&samples, format.ignore_mask_value())?
             .report();
         Ok((r.ece, r.brier))

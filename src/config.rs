@@ -79,6 +79,10 @@ pub struct DataConfig {
     /// Threads that prepare batches while the model trains.
     #[serde(default = "two")]
     pub workers: usize,
+    /// Predicted lesions (8-connected components of a class) smaller than this many pixels, at
+    /// native resolution, are removed — in validation, `eval` and `predict` (0: keep all).
+    #[serde(default)]
+    pub min_lesion_pixels: usize,
     /// Generate `root` with these settings when it does not exist.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub synth: Option<SynthConfig>,
@@ -202,6 +206,10 @@ pub struct TrainConfig {
     /// optimiser state, BatchNorm and loss stay f32).
     #[serde(default)]
     pub precision: Precision,
+    /// Validate with test-time augmentation: the mean probability over the flips and 90°
+    /// rotations that `data.augment` trains with (as `predict --tta`).
+    #[serde(default)]
+    pub val_tta: bool,
 }
 
 /// The type activations are computed in.

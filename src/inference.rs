@@ -52,6 +52,101 @@ pub fn labels(probs: &[f32], k: usize, threshold: f64) -> Vec<u8> {
         .collect()
 }
 
+/// A symmetry of the square: a transpose, then a flip of the rows, then of the columns (each
+/// optional). The 8 of them are the flips and 90° rotations training's augmentation draws.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Symmetry {
+    pub transpose: bool,
+    pub flip_rows: bool,
+    pub flip_cols: bool,
+}
+
+impl Symmetry {
+    pub const IDENTITY: Self = Self::new(false, false, false);
+
+    const fn new(transpose: bool, flip_rows: bool, flip_cols: bool) -> Self {
+        Self {
+            transpose,
+            flip_rows,
+            flip_cols,
+        }
+    }
+
+    /// The symmetries of test-time augmentation for a model trained with random flips and/or
+    /// 90° rotations: those it has seen (flips: the 4 row/column flips; rotations: the 4
+    /// rotations; both: all 8; neither: the identity alone).
+    pub fn seen_in_training(flip: bool, rotate90: bool) -> Vec<Self> {
+        let all = (0..8).map(|i| Self::new(i & 4 != 0, i & 2 != 0, i & 1 != 0));
+        all.filter(|s| match (flip, rotate90) {
+            (true, true) => true,
+            (true, false) => !s.transpose,
+            // a transpose with one flip is a quarter turn; both flips a half turn
+            (false, true) => s.transpose != (s.flip_rows == s.flip_cols),
+            (false, false) => *s == Self::IDENTITY,
+        })
+        .collect()
+    }
+
+    /// Applies the symmetry to each `side × side` plane of `v`.
+    pub fn apply(self, v: &[f32], side: usize) -> Vec<f32> {
+        let mut v = v.to_vec();
+        if self.transpose {
+            v = remap(&v, side, |y, x| (x, y));
+        }
+        if self.flip_rows {
+            v = remap(&v, side, |y, x| (side - 1 - y, x));
+        }
+        if self.flip_cols {
+            v = remap(&v, side, |y, x| (y, side - 1 - x));
+        }
+        v
+    }
+
+    /// Undoes [`Self::apply`] (each step is its own inverse: they are undone in reverse).
+    pub fn invert(self, v: &[f32], side: usize) -> Vec<f32> {
+        let mut v = v.to_vec();
+        if self.flip_cols {
+            v = remap(&v, side, |y, x| (y, side - 1 - x));
+        }
+        if self.flip_rows {
+            v = remap(&v, side, |y, x| (side - 1 - y, x));
+        }
+        if self.transpose {
+            v = remap(&v, side, |y, x| (x, y));
+        }
+        v
+    }
+}
+
+/// Each `side²` plane of `v` with pixel (y, x) taken from `source(y, x)`.
+fn remap(v: &[f32], side: usize, source: impl Fn(usize, usize) -> (usize, usize)) -> Vec<f32> {
+    let mut out = Vec::with_capacity(v.len());
+    for plane in v.chunks(side * side) {
+        for y in 0..side {
+            for x in 0..side {
+                let (sy, sx) = source(y, x);
+                out.push(plane[sy * side + sx]);
+            }
+        }
+    }
+    out
+}
+
+/// Removes, in place, the 8-connected components of each class of an `h × w` label map that
+/// have fewer than `min_pixels` pixels (they become background, 0).
+pub fn remove_small_lesions(labels: &mut [u8], (h, w): (usize, usize), min_pixels: usize) {
+    if min_pixels <= 1 {
+        return;
+    }
+    for component in crate::metrics::components(labels, h, w) {
+        if component.len() < min_pixels {
+            for i in component {
+                labels[i] = 0;
+            }
+        }
+    }
+}
+
 /// How an image is covered.
 #[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -77,6 +172,11 @@ pub struct Predictor<'a> {
     /// Images (whole-image mode) or windows per forward pass.
     pub batch: usize,
     pub device: &'a Device,
+    /// Test-time augmentation: probabilities averaged over these symmetries (empty or the
+    /// identity alone: none).
+    pub tta: Vec<Symmetry>,
+    /// Predicted lesions smaller than this are removed ([`remove_small_lesions`]; 0: none).
+    pub min_lesion_pixels: usize,
 }
 
 /// Window origins along an axis of length `len` (≥ patch; shorter axes get one window at 0):
@@ -139,8 +239,28 @@ impl Predictor<'_> {
         .max(1)
     }
 
-    /// Probabilities `(N, K, H, W)` on the host of a batch of normalised images.
+    /// Probabilities `(N, K, H, W)` on the host of a batch of normalised square images,
+    /// averaged over the test-time symmetries.
     fn forward(&self, batch: Vec<f32>, n: usize, (h, w): (usize, usize)) -> Result<Vec<f32>> {
+        if self.tta.len() <= 1 || h != w {
+            return self.forward_once(batch, n, (h, w));
+        }
+        let mut mean: Vec<f32> = vec![];
+        for s in &self.tta {
+            let probs = s.invert(&self.forward_once(s.apply(&batch, h), n, (h, w))?, h);
+            if mean.is_empty() {
+                mean = probs;
+            } else {
+                mean.iter_mut().zip(&probs).for_each(|(m, p)| *m += p);
+            }
+        }
+        let scale = 1.0 / self.tta.len() as f32;
+        mean.iter_mut().for_each(|m| *m *= scale);
+        Ok(mean)
+    }
+
+    /// Probabilities `(N, K, H, W)` on the host of a batch of normalised images.
+    fn forward_once(&self, batch: Vec<f32>, n: usize, (h, w): (usize, usize)) -> Result<Vec<f32>> {
         let c = self.model.config.in_channels;
         let x = Tensor::from_vec(batch, (n, c, h, w), self.device)?;
         let logits = self.model.forward(&x, false)?;
@@ -255,6 +375,13 @@ impl Predictor<'_> {
         Ok(out)
     }
 
+    /// The label map of an `h × w` image's probabilities ([`labels`]), small lesions removed.
+    pub fn labels(&self, probs: &[f32], hw: (usize, usize), threshold: f64) -> Vec<u8> {
+        let mut out = labels(probs, self.classes(), threshold);
+        remove_small_lesions(&mut out, hw, self.min_lesion_pixels);
+        out
+    }
+
     /// Per-image hit and miss counts of every scored class, predicted at native resolution.
     pub fn evaluate(&self, samples: &[Sample], ignore: Option<u8>) -> Result<Evaluation> {
         let k = self.classes();
@@ -265,7 +392,7 @@ impl Predictor<'_> {
                 .map(|s| (s.image.as_slice(), s.h, s.w))
                 .collect();
             for (probs, sample) in self.probabilities(&images)?.iter().zip(chunk) {
-                let pred = labels(probs, k, 0.5);
+                let pred = self.labels(probs, (sample.h, sample.w), 0.5);
                 let target = Target {
                     mask: &sample.mask,
                     h: sample.h,

@@ -50,9 +50,8 @@ enum Command {
     Eval {
         #[command(flatten)]
         on: ModelOnData,
-        /// Sliding-window overlap (patch-trained models; default: the model's).
-        #[arg(long)]
-        overlap: Option<f64>,
+        #[command(flatten)]
+        inference: InferenceArgs,
     },
     /// Predict masks for images (files or folders of images).
     Predict {
@@ -73,9 +72,8 @@ enum Command {
         /// Also write 16-bit probability maps (<stem>_prob.png = round(p·65535)).
         #[arg(long)]
         probabilities: bool,
-        /// Sliding-window overlap (patch-trained models; default: the model's).
-        #[arg(long)]
-        overlap: Option<f64>,
+        #[command(flatten)]
+        inference: InferenceArgs,
         #[arg(long, default_value = "auto")]
         device: String,
     },
@@ -125,6 +123,32 @@ enum PlotCommand {
         #[arg(long, default_value = "focal-curve")]
         out: PathBuf,
     },
+}
+
+/// How a trained model is applied (eval, predict).
+#[derive(clap::Args)]
+struct InferenceArgs {
+    /// Sliding-window overlap (patch-trained models; default: the model's).
+    #[arg(long)]
+    overlap: Option<f64>,
+    /// Test-time augmentation: average the probabilities over the flips and 90° rotations the
+    /// model was trained with.
+    #[arg(long)]
+    tta: bool,
+    /// Remove predicted lesions smaller than N pixels (default: the model's
+    /// data.min_lesion_pixels; 0 keeps all).
+    #[arg(long, value_name = "N")]
+    min_lesion_pixels: Option<usize>,
+}
+
+impl InferenceArgs {
+    fn checked(self) -> anyhow::Result<segtrain::predict::Inference> {
+        Ok(segtrain::predict::Inference {
+            overlap: check_overlap(self.overlap)?,
+            tta: self.tta,
+            min_lesion_pixels: self.min_lesion_pixels,
+        })
+    }
 }
 
 /// A trained model and a labelled data set.
@@ -397,11 +421,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     json,
                     device,
                 },
-            overlap,
+            inference,
         } => {
             let device = open_device(&device)?;
-            let report =
-                segtrain::predict::evaluate(&model, &data, check_overlap(overlap)?, &device)?;
+            let report = segtrain::predict::evaluate(&model, &data, inference.checked()?, &device)?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&report)?);
             } else {
@@ -439,7 +462,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             threshold,
             overlay,
             probabilities,
-            overlap,
+            inference,
             device,
         } => {
             let device = open_device(&device)?;
@@ -447,7 +470,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 threshold,
                 overlay,
                 probabilities,
-                overlap: check_overlap(overlap)?,
+                inference: inference.checked()?,
             };
             let written = segtrain::predict::predict(&model, &inputs, &out, opts, &device)?;
             println!("wrote {} files to {}", written.len(), out.display());

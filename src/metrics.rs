@@ -435,3 +435,35 @@ impl Calibration {
             .collect()
     }
 }
+
+/// The 8-connected components of the non-zero classes of an `h × w` label map (row-major): the
+/// pixel indices of each region of one class value, in scan order of their first pixel.
+pub fn components(labels: &[u8], h: usize, w: usize) -> Vec<Vec<usize>> {
+    let mut seen = vec![false; labels.len()];
+    let mut found = vec![];
+    let mut stack = vec![];
+    for start in 0..labels.len() {
+        let class = labels[start];
+        if class == 0 || seen[start] {
+            continue;
+        }
+        seen[start] = true;
+        stack.push(start);
+        let mut pixels = vec![];
+        while let Some(i) = stack.pop() {
+            pixels.push(i);
+            let (y, x) = (i / w, i % w);
+            for ny in y.saturating_sub(1)..=(y + 1).min(h - 1) {
+                for nx in x.saturating_sub(1)..=(x + 1).min(w - 1) {
+                    let j = ny * w + nx;
+                    if labels[j] == class && !seen[j] {
+                        seen[j] = true;
+                        stack.push(j);
+                    }
+                }
+            }
+        }
+        found.push(pixels);
+    }
+    found
+}

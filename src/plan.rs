@@ -165,34 +165,13 @@ fn measure(pair: &PairPaths) -> Result<ImageStats> {
     })
 }
 
-/// Areas of the 8-connected components of `mask` (`h × w`, row-major).
+/// Areas of the 8-connected lesions of a foreground mask (`h × w`, row-major).
 pub fn component_areas(mask: &[bool], h: usize, w: usize) -> Vec<f64> {
-    let mut seen = vec![false; mask.len()];
-    let mut areas = vec![];
-    let mut stack = vec![];
-    for start in 0..mask.len() {
-        if !mask[start] || seen[start] {
-            continue;
-        }
-        seen[start] = true;
-        stack.push(start);
-        let mut area = 0usize;
-        while let Some(i) = stack.pop() {
-            area += 1;
-            let (y, x) = (i / w, i % w);
-            for ny in y.saturating_sub(1)..=(y + 1).min(h - 1) {
-                for nx in x.saturating_sub(1)..=(x + 1).min(w - 1) {
-                    let j = ny * w + nx;
-                    if mask[j] && !seen[j] {
-                        seen[j] = true;
-                        stack.push(j);
-                    }
-                }
-            }
-        }
-        areas.push(area as f64);
-    }
-    areas
+    let labels: Vec<u8> = mask.iter().map(|&f| u8::from(f)).collect();
+    crate::metrics::components(&labels, h, w)
+        .iter()
+        .map(|c| c.len() as f64)
+        .collect()
 }
 
 /// Measures the training images of the data set at `root`.

@@ -23,8 +23,21 @@ pub struct PredictOptions {
     pub overlay: bool,
     /// Also write `<stem>_prob.png` (16-bit, p·65535; `_prob_c<k>` per class).
     pub probabilities: bool,
+    /// How the model is applied.
+    pub inference: Inference,
+}
+
+/// How a trained model is applied, beyond what its file records.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Inference {
     /// Sliding-window overlap instead of the model's.
     pub overlap: Option<f64>,
+    /// Test-time augmentation: the mean probability over the flips and 90° rotations the model
+    /// was trained with (its config's `data.augment`; all 8 when the file records none).
+    pub tta: bool,
+    /// Remove predicted lesions smaller than this many pixels (default: the model config's
+    /// `data.min_lesion_pixels`).
+    pub min_lesion_pixels: Option<usize>,
 }
 
 /// Why a path given or found as an input cannot be read, in words.
@@ -116,7 +129,7 @@ pub fn check_options(opts: &PredictOptions) -> Result<()> {
             opts.threshold
         );
     }
-    check_overlap(opts.overlap)
+    check_overlap(opts.inference.overlap)
 }
 
 /// A sliding-window overlap must lie in [0, 0.95) (NaN is refused).
@@ -220,20 +233,28 @@ fn check_outputs(
     Ok(())
 }
 
-/// The predictor of a loaded model, with an optional overlap override for sliding windows.
+/// The predictor of a loaded model, applied as `inference` says.
 pub fn predictor<'a>(
     model: &'a UNet,
     meta: &'a ModelMeta,
-    overlap: Option<f64>,
+    inference: &Inference,
     device: &'a Device,
 ) -> Predictor<'a> {
-    let window = match (meta.window, overlap) {
+    let window = match (meta.window, inference.overlap) {
         (Window::Sliding { patch, blend, .. }, Some(overlap)) => Window::Sliding {
             patch,
             overlap,
             blend,
         },
         (w, _) => w,
+    };
+    let trained = crate::config::Config::from_toml(&meta.config, &[]).ok();
+    let tta = match (&trained, inference.tta) {
+        (_, false) => vec![],
+        (Some(c), true) => {
+            inference::Symmetry::seen_in_training(c.data.augment.flip, c.data.augment.rotate90)
+        }
+        (None, true) => inference::Symmetry::seen_in_training(true, true),
     };
     Predictor {
         model,
@@ -244,6 +265,11 @@ pub fn predictor<'a>(
         std: &meta.std,
         batch: 8,
         device,
+        tta,
+        min_lesion_pixels: inference
+            .min_lesion_pixels
+            .or(trained.map(|c| c.data.min_lesion_pixels))
+            .unwrap_or(0),
     }
 }
 
@@ -268,7 +294,7 @@ pub fn predict(
     let (model, meta) = export::load(model_path, device)?;
     let classes = meta.unet.classes;
     check_outputs(inputs, &files, out, classes, &opts)?;
-    let predictor = predictor(&model, &meta, opts.overlap, device);
+    let predictor = predictor(&model, &meta, &opts.inference, device);
     std::fs::create_dir_all(out)
         .with_context(|| format!("cannot create the output folder {}", out.display()))?;
     crate::fsutil::remove_dead_temporaries(out)?;
@@ -404,14 +430,14 @@ pub fn labelled_images(data_dir: &Path, meta: &ModelMeta) -> Result<(Vec<data::S
 pub fn evaluate(
     model_path: &Path,
     data_dir: &Path,
-    overlap: Option<f64>,
+    inference: Inference,
     device: &Device,
 ) -> Result<Report> {
-    check_overlap(overlap)?;
+    check_overlap(inference.overlap)?;
     let (model, meta) = export::load(model_path, device)?;
     let (samples, format) = labelled_images(data_dir, &meta)?;
-    let evaluation =
-        predictor(&model, &meta, overlap, device).evaluate(&samples, format.ignore_mask_value())?;
+    let evaluation = predictor(&model, &meta, &inference, device)
+        .evaluate(&samples, format.ignore_mask_value())?;
     Ok(evaluation.report())
 }
 
@@ -424,7 +450,7 @@ mod tests {
             threshold: 0.5,
             overlay: true,
             probabilities: true,
-            overlap: None,
+            inference: Inference::default(),
         }
     }
 
@@ -454,7 +480,10 @@ mod tests {
         }
         for overlap in [f64::NAN, -0.1, 0.95, f64::NEG_INFINITY] {
             let o = PredictOptions {
-                overlap: Some(overlap),
+                inference: Inference {
+                    overlap: Some(overlap),
+                    ..Inference::default()
+                },
                 ..opts()
             };
             assert!(check_options(&o).is_err(), "overlap {overlap}");
@@ -462,7 +491,10 @@ mod tests {
         for (threshold, overlap) in [(0.0, Some(0.0)), (1.0, Some(0.9)), (0.3, None)] {
             let o = PredictOptions {
                 threshold,
-                overlap,
+                inference: Inference {
+                    overlap,
+                    ..Inference::default()
+                },
                 ..opts()
             };
             assert!(check_options(&o).is_ok());

@@ -34,6 +34,8 @@ fn predictor<'a>(m: &'a UNet, window: Window, stats: &'a [f32]) -> Predictor<'a>
         std: &stats[1..],
         batch: 4,
         device: &Device::Cpu,
+        tta: vec![],
+        min_lesion_pixels: 0,
     }
 }
 
@@ -374,4 +376,99 @@ fn patch_training_runs_on_odd_sized_images_and_reports_honest_metrics() {
     assert_eq!(report["images"], 6);
     assert_eq!(report["lesion_images"], 3);
     assert_eq!(report["empty_images"], 3);
+}
+
+/// Test-time augmentation: the symmetries undo themselves, the sets a model trained with
+/// flips and/or rotations has seen are groups of the right size, and the averaged prediction
+/// of the full group is equivariant: predicting a flipped or rotated image gives the flipped or
+/// rotated probabilities (a single pass is not).
+#[test]
+fn test_time_augmentation_is_equivariant_under_the_trained_symmetries() {
+    use segtrain::inference::Symmetry;
+    let side = 16;
+    let plane: Vec<f32> = (0..2 * side * side).map(|i| (i * 7 % 23) as f32).collect();
+    let all = Symmetry::seen_in_training(true, true);
+    assert_eq!(all.len(), 8);
+    for s in &all {
+        assert_eq!(s.invert(&s.apply(&plane, side), side), plane, "{s:?}");
+    }
+    let distinct: std::collections::BTreeSet<Vec<u32>> = all
+        .iter()
+        .map(|s| s.apply(&plane, side).iter().map(|v| *v as u32).collect())
+        .collect();
+    assert_eq!(distinct.len(), 8, "the 8 symmetries must differ");
+    for (flip, rotate) in [(true, false), (false, true)] {
+        let group = Symmetry::seen_in_training(flip, rotate);
+        assert_eq!(group.len(), 4);
+        // closed under composition: applying two members equals applying a member
+        for a in &group {
+            for b in &group {
+                let ab = b.apply(&a.apply(&plane, side), side);
+                assert!(
+                    group.iter().any(|c| c.apply(&plane, side) == ab),
+                    "{a:?} then {b:?} leaves the group of flip={flip} rotate={rotate}"
+                );
+            }
+        }
+    }
+    assert_eq!(
+        Symmetry::seen_in_training(false, false),
+        vec![Symmetry::IDENTITY]
+    );
+
+    let m = model(3);
+    let stats = [0.5f32, 0.25];
+    let image = edge_image(side, side, 5);
+    let window = Window::Whole { size: side };
+    let with_tta = Predictor {
+        tta: all.clone(),
+        ..predictor(&m, window, &stats)
+    };
+    let plain = predictor(&m, window, &stats);
+    let p = |pr: &Predictor, img: &[f32]| pr.probabilities(&[(img, side, side)]).unwrap().remove(0);
+    let base = p(&with_tta, &image);
+    let mut worst_plain = 0f32;
+    for s in &all {
+        let moved = s.apply(&image, side);
+        let expected = s.apply(&base, side);
+        let got = p(&with_tta, &moved);
+        for (g, e) in got.iter().zip(&expected) {
+            assert!((g - e).abs() < 1e-5, "{s:?}: {g} vs {e}");
+        }
+        let single = p(&plain, &moved);
+        let single_expected = s.apply(&p(&plain, &image), side);
+        for (g, e) in single.iter().zip(&single_expected) {
+            worst_plain = worst_plain.max((g - e).abs());
+        }
+    }
+    assert!(
+        worst_plain > 1e-4,
+        "the untrained model is already symmetric: no test"
+    );
+}
+
+/// Post-processing: predicted components smaller than `min_lesion_pixels` are removed, per
+/// class, 8-connected; larger ones are kept whole.
+#[test]
+fn small_predicted_lesions_are_removed() {
+    use segtrain::inference::remove_small_lesions;
+    #[rustfmt::skip]
+    let labels = vec![
+        1, 1, 0, 0, 2,
+        0, 1, 0, 0, 2,
+        0, 0, 0, 0, 0,
+        1, 0, 2, 2, 2,
+    ];
+    let mut three = labels.clone();
+    remove_small_lesions(&mut three, (4, 5), 3);
+    #[rustfmt::skip]
+    assert_eq!(three, vec![
+        1, 1, 0, 0, 0,
+        0, 1, 0, 0, 0,
+        0, 0, 0, 0, 0,
+        0, 0, 2, 2, 2,
+    ]);
+    let mut kept = labels.clone();
+    remove_small_lesions(&mut kept, (4, 5), 1);
+    assert_eq!(kept, labels);
 }

@@ -27,7 +27,7 @@ use crate::export::{self, ModelMeta};
 use crate::fsutil::{
     atomic_write, read_safetensors, remove_dead_temporaries, write_safetensors, DirLock,
 };
-use crate::inference::{Predictor, Window};
+use crate::inference::{Predictor, Symmetry, Window};
 use crate::loss::{Loss, PositivesAverage};
 use crate::metrics::Report;
 use crate::model::{self, is_trainable, UNet, UNetConfig};
@@ -376,6 +376,12 @@ pub fn train(config: &Config, opts: &TrainOptions) -> Result<Summary> {
             std: &dataset.std,
             batch: t.batch_size,
             device: &device,
+            tta: if t.val_tta {
+                Symmetry::seen_in_training(d.augment.flip, d.augment.rotate90)
+            } else {
+                vec![]
+            },
+            min_lesion_pixels: d.min_lesion_pixels,
         };
         let report = predictor.evaluate(&dataset.val, ignore)?.report();
         let images = progress.epoch_images.max(1) as f64;
