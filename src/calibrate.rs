@@ -215,7 +215,11 @@ fn fit(p: &Pixels, activation: Activation) -> Result<f64> {
 /// resolution, and stores the temperature in the model file (atomically).
 pub fn calibrate(model_path: &Path, data_dir: &Path, device: &Device) -> Result<Calibrated> {
     // the model of a run: no training may replace it while the temperature is fitted
-    let folder = model_path.parent().unwrap_or(Path::new("."));
+    let target = crate::fsutil::target_of(model_path)?;
+    let folder = match target.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
     let _lock = crate::fsutil::DirLock::acquire_if_locked_folder(folder)?;
     let (model, mut meta) = export::load(model_path, device)?;
     let (samples, format) = crate::predict::labelled_images(data_dir, &meta)?;

@@ -171,6 +171,13 @@ fn variants(opts: &CompareOptions) -> Result<Vec<Variant>> {
                 v.name
             );
         }
+        // every run folder name is checked before any run starts (and resumes alike)
+        for k in 0..opts.seeds {
+            let run = seeded(&v.config, &v.name, k).name;
+            crate::config::rules::name(&run).map_err(|m| {
+                anyhow!("the run name of variant `{}`: {m}; shorten the config's `name` or the sweep values", v.name)
+            })?;
+        }
     }
     Ok(variants)
 }

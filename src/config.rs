@@ -393,20 +393,7 @@ impl Config {
 
     fn validate(&self) -> Result<()> {
         let bad = |key: &str, msg: String| Err(anyhow!("{key}: {msg}"));
-        if self.name.is_empty()
-            || self.name.len() > 200
-            || self.name.contains(['/', '\\', '\0'])
-            || self.name == "."
-            || self.name == ".."
-        {
-            return bad(
-                "name",
-                format!(
-                    "`{}` is not usable as a folder name (1 to 200 bytes, no / or \\)",
-                    self.name.chars().take(200).collect::<String>()
-                ),
-            );
-        }
+        rules::name(&self.name).map_err(|m| anyhow!("name: {m}"))?;
         let d = &self.data;
         let m = &self.model;
         let t = &self.train;
@@ -671,6 +658,24 @@ pub mod rules {
     pub const MAX_ABS_MEAN: f64 = 1e6;
     pub const MIN_STD: f64 = 1e-6;
     pub const MAX_STD: f64 = 1e6;
+
+    /// A run name, used as a folder name: 1 to 200 bytes, no `/`, `\\` or control
+    /// characters, not `.` or `..`.
+    pub fn name(name: &str) -> Check {
+        if name.is_empty()
+            || name.len() > 200
+            || name.contains(['/', '\\'])
+            || name.chars().any(char::is_control)
+            || name == "."
+            || name == ".."
+        {
+            return Err(format!(
+                "`{}` is not usable as a folder name (1 to 200 bytes, no / or \\ or control characters)",
+                name.escape_debug().take(200).collect::<String>()
+            ));
+        }
+        Ok(())
+    }
 
     /// A count in `1..=max`.
     pub fn count(v: usize, max: usize) -> Check {

@@ -380,14 +380,48 @@ fn probe(model: &UNet, meta: &ModelMeta, device: &Device) -> Result<()> {
     Ok(())
 }
 
+/// Files a run folder holds besides checkpoints: an export never replaces them.
+const RUN_FILES: &[&str] = &[
+    ".lock",
+    "config.toml",
+    "metrics.csv",
+    "summary.json",
+    "model.safetensors",
+];
+
+/// Whether two paths name one existing file.
+fn fs_same_file(a: &Path, b: &Path) -> bool {
+    match (std::fs::canonicalize(a), std::fs::canonicalize(b)) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => false,
+    }
+}
+
 /// Rewrites a model file with its float tensors cast to `dtype` (f32, f16 or bf16).
 pub fn convert(src: &Path, dst: &Path, dtype: DType) -> Result<()> {
-    let folder = match dst.parent() {
+    let target = crate::fsutil::target_of(dst)?;
+    let folder = match target.parent() {
         Some(d) if !d.as_os_str().is_empty() => d,
         _ => Path::new("."),
     };
-    // into a run folder: not while a run writes there; and a killed export's temporary goes
-    let _lock = crate::fsutil::DirLock::acquire_if_locked_folder(folder)?;
+    // into a run folder: not while a run writes there, and never over the run's own files;
+    // a killed export's temporary goes
+    let lock = crate::fsutil::DirLock::acquire_if_locked_folder(folder)?;
+    let name = target.file_name().map(|n| n.to_string_lossy().to_string());
+    if lock.is_some()
+        && name
+            .as_deref()
+            .is_some_and(|n| n.starts_with("checkpoint") || RUN_FILES.contains(&n))
+    {
+        bail!(
+            "{}: a file of the run in {}; export to another name",
+            dst.display(),
+            folder.display()
+        );
+    }
+    if target == src || fs_same_file(&target, src) {
+        bail!("{}: --out is the model being exported", dst.display());
+    }
     crate::fsutil::remove_dead_temporaries(folder)?;
     let (tensors, meta) = read(src, &Device::Cpu)?;
     let ordered = meta

@@ -10,8 +10,10 @@ use candle_core::{Device, Tensor};
 use image::{ImageBuffer, ImageFormat};
 
 /// Replaces `path` with `bytes` atomically: a kill or a full disk at any instant leaves either
-/// the old file or the new one, never a mix.
+/// the old file or the new one, never a mix. A symbolic link is written through (the file it
+/// names is replaced); a folder, device, FIFO or socket in the way is an error, not replaced.
 pub fn atomic_write(path: &Path, bytes: &[u8]) -> Result<()> {
+    let path = &target_of(path)?;
     let dir = match path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d,
         _ => Path::new("."),
@@ -19,11 +21,7 @@ pub fn atomic_write(path: &Path, bytes: &[u8]) -> Result<()> {
     let name = path
         .file_name()
         .with_context(|| format!("{}: not a file path", path.display()))?;
-    let tmp = dir.join(format!(
-        ".{}.tmp-{}",
-        name.to_string_lossy(),
-        std::process::id()
-    ));
+    let tmp = dir.join(temporary_name(&name.to_string_lossy()));
     let result = (|| -> std::io::Result<()> {
         let mut f = File::create(&tmp)?;
         f.write_all(bytes)?;
@@ -39,6 +37,38 @@ pub fn atomic_write(path: &Path, bytes: &[u8]) -> Result<()> {
         let _ = fs::remove_file(&tmp);
     }
     result.with_context(|| format!("cannot write {}", path.display()))
+}
+
+/// The file a write to `path` replaces: `path`, or the file its symbolic link names; an error
+/// when something other than a regular file is there.
+pub fn target_of(path: &Path) -> Result<std::path::PathBuf> {
+    let path = match fs::symlink_metadata(path) {
+        Ok(m) if m.file_type().is_symlink() => fs::canonicalize(path)
+            .with_context(|| format!("{}: a link to nowhere", path.display()))?,
+        _ => path.to_path_buf(),
+    };
+    match fs::metadata(&path) {
+        Ok(m) if m.is_dir() => anyhow::bail!("{}: is a folder, not a file", path.display()),
+        Ok(m) if !m.is_file() => anyhow::bail!(
+            "{}: not a regular file (a device, FIFO or socket); refusing to replace it",
+            path.display()
+        ),
+        _ => Ok(path),
+    }
+}
+
+/// `.<name>.tmp-<pid>-<n>` (n counts this process's writes, so parallel writes of one name
+/// never share a temporary), the name shortened where the whole would pass the file-name
+/// limit of 255 bytes.
+fn temporary_name(name: &str) -> String {
+    static WRITES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = WRITES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let suffix = format!(".tmp-{}-{n}", std::process::id());
+    let mut keep = name.len().min(255 - 1 - suffix.len());
+    while !name.is_char_boundary(keep) {
+        keep -= 1;
+    }
+    format!(".{}{suffix}", &name[..keep])
 }
 
 /// Encodes `img` as PNG in memory and writes it with [`atomic_write`].
@@ -183,10 +213,11 @@ pub fn remove_dead_temporaries(dir: &Path) -> Result<()> {
         let Some(name) = path.file_name().and_then(|n| n.to_str()) else {
             continue;
         };
+        // `.<name>.tmp-<pid>` or `.<name>.tmp-<pid>-<n>`
         let pid = name
             .strip_prefix('.')
             .and_then(|n| n.rsplit_once(".tmp-"))
-            .and_then(|(_, pid)| pid.parse::<u32>().ok());
+            .and_then(|(_, rest)| rest.split('-').next()?.parse::<u32>().ok());
         if pid.is_some_and(|pid| !process_alive(pid)) {
             let _ = fs::remove_file(&path);
         }
@@ -287,17 +318,46 @@ mod tests {
     }
 
     #[test]
+    fn writes_replace_files_through_links_and_never_special_files() {
+        let dir = temp("targets");
+        let file = dir.join("model.safetensors");
+        fs::write(&file, b"old").unwrap();
+        let link = dir.join("link.safetensors");
+        std::os::unix::fs::symlink(&file, &link).unwrap();
+        atomic_write(&link, b"new").unwrap();
+        assert!(fs::symlink_metadata(&link)
+            .unwrap()
+            .file_type()
+            .is_symlink());
+        assert_eq!(fs::read(&file).unwrap(), b"new");
+        let fifo = dir.join("fifo");
+        let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+        // SAFETY: a valid NUL-terminated path
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        let err = atomic_write(&fifo, b"x").unwrap_err().to_string();
+        assert!(err.contains("not a regular file"), "{err}");
+        assert!(!fs::metadata(&fifo).unwrap().is_file());
+        let err = atomic_write(&dir, b"x").unwrap_err().to_string();
+        assert!(err.contains("is a folder"), "{err}");
+        // a name at the file-name limit still gets a temporary that fits
+        let long = dir.join("g".repeat(250));
+        atomic_write(&long, b"x").unwrap();
+        assert_eq!(fs::read(&long).unwrap(), b"x");
+    }
+
+    #[test]
     fn only_temporaries_of_dead_processes_are_removed() {
         let dir = temp("temporaries");
         // PIDs above the kernel's limit (at most 2^22) belong to no process
         let dead = dir.join(".model.safetensors.tmp-4194305");
+        let dead_numbered = dir.join(".mask.png.tmp-4194305-17");
         let live = dir.join(format!(".mask.png.tmp-{}", std::process::id()));
         let other = dir.join("notes.tmp-12");
-        for p in [&dead, &live, &other] {
+        for p in [&dead, &dead_numbered, &live, &other] {
             fs::write(p, b"x").unwrap();
         }
         remove_dead_temporaries(&dir).unwrap();
-        assert!(!dead.exists() && live.exists() && other.exists());
+        assert!(!dead.exists() && !dead_numbered.exists() && live.exists() && other.exists());
         remove_dead_temporaries(&dir.join("absent")).unwrap();
     }
 

@@ -56,9 +56,9 @@ impl Spread {
         let mut v = values.to_vec();
         v.sort_by(f64::total_cmp);
         Some(Self {
-            median: percentile(&v, 50.0),
             min: *v.first()?,
             max: *v.last()?,
+            median: percentile(&v, 50.0),
         })
     }
 }
@@ -87,8 +87,10 @@ pub struct Fingerprint {
     pub intensity: Vec<Intensity>,
     /// Share of pixels darker than 2 % of full scale: the black background of a scan slice.
     pub dark_share: f64,
-    /// Classes including background: 1 (binary masks) or the largest mask value + 1.
+    /// Classes including background: 1 (binary masks) or the largest class index + 1.
     pub classes: usize,
+    /// 255 in class-index masks whose other values are small: an "ignore" border.
+    pub ignore_index: Option<u8>,
     /// Foreground share of each image that has foreground.
     pub foreground: Option<Spread>,
     pub empty_share: f64,
@@ -120,7 +122,8 @@ struct ImageStats {
     /// Pixel values per channel, subsampled.
     samples: Vec<Vec<f32>>,
     dark: f64,
-    max_label: u32,
+    /// The mask's distinct non-zero values (colour masks: {1}), at most [`MAX_VALUES`] + 1.
+    values: std::collections::BTreeSet<u32>,
     foreground: f64,
     lesion_areas: Vec<f64>,
 }
@@ -148,18 +151,19 @@ fn measure(pair: &PairPaths) -> Result<ImageStats> {
         );
     }
     let fg: Vec<bool> = mask.values.iter().map(|&v| v > 0).collect();
-    let max_label = if mask.colour {
-        u32::from(fg.iter().any(|&f| f))
-    } else {
-        mask.values.iter().copied().max().unwrap_or(0)
-    };
+    let mut values = std::collections::BTreeSet::new();
+    for &v in &mask.values {
+        if v != 0 && values.len() <= MAX_VALUES {
+            values.insert(if mask.colour { 1 } else { v });
+        }
+    }
     Ok(ImageStats {
         h,
         w,
         grey,
         samples,
         dark,
-        max_label,
+        values,
         foreground: fg.iter().filter(|&&f| f).count() as f64 / (h * w) as f64,
         lesion_areas: component_areas(&fg, h, w),
     })
@@ -174,6 +178,32 @@ pub fn component_areas(mask: &[bool], h: usize, w: usize) -> Vec<f64> {
         .collect()
 }
 
+/// Most distinct mask values tracked: more are not class indices.
+const MAX_VALUES: usize = 256;
+
+/// Classes (and an ignore value) of masks holding these distinct non-zero values: one value
+/// (whatever it is: 1, 128, 255, 1000) is a binary mask; several are class indices 1..=K,
+/// with 255 beside small indices an ignore value; values above 255 cannot be class indices.
+pub fn mask_classes(values: &std::collections::BTreeSet<u32>) -> Result<(usize, Option<u8>)> {
+    if values.len() <= 1 {
+        return Ok((1, None));
+    }
+    let ignore = (values.contains(&255) && values.len() > 2).then_some(255u8);
+    let largest = values
+        .iter()
+        .copied()
+        .filter(|&v| Some(v) != ignore.map(u32::from))
+        .max()
+        .unwrap_or(0);
+    if largest > 254 || values.len() > MAX_VALUES {
+        bail!(
+            "{} distinct mask values up to {largest}: class indices are 0..=254 (import atlases with --label-map, or make the masks binary)",
+            values.len()
+        );
+    }
+    Ok((largest as usize + 1, ignore))
+}
+
 /// Measures the training images of the data set at `root`.
 pub fn fingerprint(root: &Path) -> Result<Fingerprint> {
     let fixed_split = root.join("train").is_dir() && root.join("val").is_dir();
@@ -185,6 +215,12 @@ pub fn fingerprint(root: &Path) -> Result<Fingerprint> {
     let pairs = data::scan_pairs(&folder)?;
     if pairs.is_empty() {
         bail!("{}: no image/mask pairs", folder.display());
+    }
+    if fixed_split && data::scan_pairs(&root.join("val"))?.is_empty() {
+        bail!(
+            "{}: no image/mask pairs to validate on (add some, or remove val/ and train/ to split the pairs)",
+            root.join("val").display()
+        );
     }
     let stats = pairs.par_iter().map(measure).collect::<Result<Vec<_>>>()?;
     let channels = if stats.iter().all(|s| s.grey) { 1 } else { 3 };
@@ -206,7 +242,16 @@ pub fn fingerprint(root: &Path) -> Result<Fingerprint> {
             }
         })
         .collect();
-    let max_label = stats.iter().map(|s| s.max_label).max().unwrap_or(0);
+    let values: std::collections::BTreeSet<u32> = stats
+        .iter()
+        .flat_map(|s| s.values.iter().copied())
+        .collect();
+    let (classes, ignore_index) = mask_classes(&values).with_context(|| {
+        format!(
+            "{}: the masks are neither binary nor class indices",
+            folder.display()
+        )
+    })?;
     let with_fg: Vec<&ImageStats> = stats.iter().filter(|s| s.foreground > 0.0).collect();
     let mut areas: Vec<f64> = stats.iter().flat_map(|s| s.lesion_areas.clone()).collect();
     areas.sort_by(f64::total_cmp);
@@ -223,12 +268,8 @@ pub fn fingerprint(root: &Path) -> Result<Fingerprint> {
         channels,
         intensity,
         dark_share: stats.iter().map(|s| s.dark).sum::<f64>() / stats.len() as f64,
-        // values 0/255 (or 0/1) are binary masks; 0..K with K small are class indices
-        classes: if max_label <= 1 || max_label == 255 || max_label == 65535 {
-            1
-        } else {
-            max_label as usize + 1
-        },
+        classes,
+        ignore_index,
         foreground: spread(&|s| s.foreground, &with_fg),
         empty_share: 1.0 - with_fg.len() as f64 / stats.len() as f64,
         lesions_per_image: spread(&|s| s.lesion_areas.len() as f64, &with_fg),
@@ -273,10 +314,14 @@ pub fn plan(root: &Path, opts: &PlanOptions) -> Result<String> {
         .canonicalize()
         .with_context(|| format!("cannot resolve {}", root.display()))?;
     let name = match &opts.name {
-        Some(n) => n.clone(),
+        Some(n) => {
+            crate::config::rules::name(n).map_err(|m| anyhow::anyhow!("--name: {m}"))?;
+            n.clone()
+        }
         None => root_abs
             .file_name()
             .map(|n| n.to_string_lossy().to_string())
+            .filter(|n| crate::config::rules::name(n).is_ok())
             .unwrap_or_else(|| "plan".into()),
     };
     let multiple = 1usize << DEPTH;
@@ -327,7 +372,7 @@ pub fn plan(root: &Path, opts: &PlanOptions) -> Result<String> {
         )?,
     }
     writeln!(w)?;
-    writeln!(w, "name = \"{}\"", name.replace(['"', '\\', '/'], "_"))?;
+    writeln!(w, "name = {}", toml::Value::String(name))?;
     writeln!(w, "seed = 0")?;
     writeln!(w)?;
     writeln!(w, "[data]")?;
@@ -378,7 +423,19 @@ pub fn plan(root: &Path, opts: &PlanOptions) -> Result<String> {
         writeln!(w, "# binary masks (any non-zero value is foreground)")?;
     }
     writeln!(w, "classes = {}", fp.classes)?;
-    if !fp.fixed_split {
+    if let Some(i) = fp.ignore_index {
+        writeln!(
+            w,
+            "# {i} beside the class indices: pixels left out of the loss and metrics"
+        )?;
+        writeln!(w, "ignore_index = {i}")?;
+    }
+    if !fp.fixed_split && fp.images == 1 {
+        writeln!(
+            w,
+            "# one image pair: it is trained and validated on (no held-out score)"
+        )?;
+    } else if !fp.fixed_split {
         writeln!(
             w,
             "# no train/ + val/ folders: 20 % of the pairs are held out (seeded)"
@@ -396,7 +453,12 @@ pub fn plan(root: &Path, opts: &PlanOptions) -> Result<String> {
     // batch and budget
     let batch =
         ((8.0 * (128.0 * 128.0) / (batch_side * batch_side) as f64).round() as usize).clamp(2, 8);
-    let train_images = fp.images - if fp.fixed_split { 0 } else { fp.images / 5 };
+    let train_images = fp.images
+        - if fp.fixed_split || fp.images == 1 {
+            0
+        } else {
+            (fp.images as f64 * 0.2).round() as usize
+        };
     let updates_per_pass = train_images.max(1).div_ceil(batch);
     let steps_per_epoch = updates_per_pass.clamp(if patch_mode { 25 } else { 1 }, 50);
     let step_seconds = match opts.step_seconds {
@@ -464,7 +526,12 @@ pub fn plan(root: &Path, opts: &PlanOptions) -> Result<String> {
         writeln!(w, "normalize = \"positives\"")?;
         writeln!(w, "alpha = 0.25")?;
     }
-    Config::from_toml(&text, &[]).context("the planned config does not validate (a bug)")?;
+    Config::from_toml(&text, &[]).with_context(|| {
+        format!(
+            "the config planned for {} does not validate",
+            root.display()
+        )
+    })?;
     Ok(text)
 }
 

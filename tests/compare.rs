@@ -192,4 +192,19 @@ fn compare_sweeps_a_key_and_refuses_unfair_configs() {
     assert!(err.contains("--sweep"), "{err}");
     let err = fails(&["compare", &dice, "--seeds", "0", "--out", out_s]);
     assert!(err.contains("--seeds"), "{err}");
+    // run names too long for a folder are refused before any run starts, not after the first
+    let long_out = dir.join("long");
+    let err = fails(&[
+        "compare",
+        &dice,
+        "--set",
+        &format!("name=\"{}\"", "n".repeat(198)),
+        "--out",
+        long_out.to_str().unwrap(),
+    ]);
+    assert!(
+        err.contains("run name") && err.contains("200 bytes"),
+        "{err}"
+    );
+    assert!(!long_out.join("runs").exists());
 }

@@ -240,6 +240,8 @@ fn check_loaded(
             std: &meta.std,
             batch: 2,
             device: &candle_core::Device::Cpu,
+            tta: vec![],
+            min_lesion_pixels: 0,
         };
         let image = vec![0.25f32; u.in_channels * 20 * 27];
         let probs = predictor.probabilities(&[(&image, 20, 27)]);

@@ -782,7 +782,7 @@ fn a_label_map_merges_and_renumbers_atlas_values() {
         let merged: Vec<u8> = emask.iter().map(|&c| u8::from(c > 0)).collect();
         assert_eq!(mask, merged, "{name}");
     }
-    for bad in ["37", "37=1,37=2", "x=1", "37=256", "37=-1"] {
+    for bad in ["37", "37=1,37=2", "x=1", "37=256", "37=-1", "484682508=1"] {
         assert!(segtrain::import::parse_label_map(bad).is_err(), "{bad}");
     }
     let mut half = atlas.clone();
@@ -792,6 +792,16 @@ fn a_label_map_merges_and_renumbers_atlas_values() {
     let e = err_text(run(&s, &l, &dir.join("half"), &map("37=1")));
     assert!(
         e.contains("label value 37.5 at voxel (0, 0, 0) is not an integer"),
+        "{e}"
+    );
+    // an atlas id above 2^24 cannot be told from its neighbours once read as f32: refused
+    let mut huge = atlas.clone();
+    huge.data[0] = 16_777_218.0;
+    let l = dir.join("huge.nii");
+    write_nifti(&l, &huge);
+    let e = err_text(run(&s, &l, &dir.join("huge"), &map("37=1")));
+    assert!(
+        e.contains("label value 16777218") && e.contains("2^24"),
         "{e}"
     );
 }

@@ -438,6 +438,31 @@ fn config_errors_name_the_table_key_and_problem() {
             "[[loss]]\nkind = \"focal\"\np_floor = 1.5",
             &["p_floor", "(0, 1)"],
         ),
+        // finite in f64, infinite in the f32 the losses compute in: refused up front
+        (
+            "[[loss]]\nkind = \"focal\"\ngamma = 4e38",
+            &["loss.0", "gamma", "<= 1e6"],
+        ),
+        (
+            "[[loss]]\nkind = \"dice\"\nweight = 3e38",
+            &["loss.0", "weight", "<= 1e6"],
+        ),
+        (
+            "[[loss]]\nkind = \"focal_tversky\"\nexponent = 1e308",
+            &["exponent", "<= 1e6"],
+        ),
+        (
+            "[[loss]]\nkind = \"tversky\"\nfp_weight = 1e308\nfn_weight = 1e308",
+            &["fp_weight", "<= 1e6"],
+        ),
+        (
+            "[[loss]]\nkind = \"cross_entropy\"\npos_weight = 1e308",
+            &["pos_weight", "<= 1e6"],
+        ),
+        (
+            "[[loss]]\nkind = \"quality_focal\"\nbeta = 1e308",
+            &["beta", "<= 1e6"],
+        ),
         ("[[loss]]\nkind = \"focal\"\np_floor = 0.0", &["p_floor"]),
         (
             "[[loss]]\nkind = \"focal\"\nnormalize = \"positive\"",

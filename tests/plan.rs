@@ -182,3 +182,130 @@ fn bad_plan_inputs_are_refused() {
     let err = fails(&["plan", data.to_str().unwrap(), "--step-seconds=-1"]);
     assert!(err.contains("--step-seconds"), "{err}");
 }
+
+/// Writes a data set of `n` grey 24² images whose masks hold `mask(i, x, y)` (16-bit PNGs when
+/// a value exceeds 255).
+fn masks_dataset(root: &Path, n: usize, mask: impl Fn(usize, u32, u32) -> u16) {
+    for sub in ["images", "masks"] {
+        std::fs::create_dir_all(root.join(sub)).unwrap();
+    }
+    for i in 0..n {
+        image::GrayImage::from_fn(24, 24, |x, y| {
+            image::Luma([((x * 9 + y * 5 + i as u32) % 250) as u8])
+        })
+        .save(root.join(format!("images/m{i}.png")))
+        .unwrap();
+        let values: Vec<u16> = (0..24 * 24).map(|p| mask(i, p % 24, p / 24)).collect();
+        if values.iter().all(|&v| v <= 255) {
+            let bytes: Vec<u8> = values.iter().map(|&v| v as u8).collect();
+            image::GrayImage::from_raw(24, 24, bytes).unwrap()
+        } else {
+            return image::ImageBuffer::<image::Luma<u16>, _>::from_raw(24, 24, values)
+                .unwrap()
+                .save(root.join(format!("masks/m{i}.png")))
+                .unwrap();
+        }
+        .save(root.join(format!("masks/m{i}.png")))
+        .unwrap();
+    }
+}
+
+/// What the masks hold decides the classes: one non-zero value (1, 128, 1000) is binary;
+/// several small ones are class indices, 255 beside them an ignore border; a value above 255
+/// among several cannot be a class index. No foreground at all still plans (and says so).
+#[test]
+fn the_classes_follow_from_the_mask_values() {
+    let dir = temp_dir("plan-classes");
+    let square = |x: u32, y: u32| (6..12).contains(&x) && (6..12).contains(&y);
+    let cases: Vec<(
+        &str,
+        Box<dyn Fn(usize, u32, u32) -> u16>,
+        &str,
+        Option<&str>,
+    )> = vec![
+        (
+            "half",
+            Box::new(move |_, x, y| if square(x, y) { 128 } else { 0 }),
+            "1",
+            None,
+        ),
+        (
+            "wide",
+            Box::new(move |_, x, y| if square(x, y) { 1000 } else { 0 }),
+            "1",
+            None,
+        ),
+        (
+            "ignore",
+            Box::new(move |i, x, y| match (x, square(x, y)) {
+                (0, _) => 255,
+                (_, true) => 1 + (i % 2) as u16,
+                _ => 0,
+            }),
+            "3",
+            Some("255"),
+        ),
+        ("empty", Box::new(|_, _, _| 0), "1", None),
+    ];
+    for (name, mask, classes, ignore) in cases {
+        let root = dir.join(name);
+        masks_dataset(&root, 5, mask);
+        let (config, text) = plan(&dir, &root, name);
+        assert_eq!(value(&text, "classes"), Some(classes), "{name}:\n{text}");
+        assert_eq!(value(&text, "ignore_index"), ignore, "{name}:\n{text}");
+        if name == "empty" {
+            assert!(text.contains("no image has foreground"), "{text}");
+        }
+        if name == "ignore" {
+            train(&dir, &config);
+        }
+    }
+    let atlas = dir.join("atlas");
+    masks_dataset(
+        &atlas,
+        4,
+        move |i, x, y| if square(x, y) { [1, 2, 300, 7][i] } else { 0 },
+    );
+    let err = fails(&["plan", atlas.to_str().unwrap(), "--step-seconds", "0.05"]);
+    assert!(err.contains("300") && err.contains("--label-map"), "{err}");
+}
+
+/// One image pair plans and trains (validated on itself, said so); a fixed split whose val/
+/// is empty and a name that cannot be a folder are refused naming the cause.
+#[test]
+fn a_single_pair_trains_and_bad_splits_and_names_are_refused() {
+    let dir = temp_dir("plan-single");
+    let one = dir.join("one");
+    masks_dataset(&one, 1, |_, x, y| u16::from(x > 10 && y > 10) * 255);
+    let (config, text) = plan(&dir, &one, "one");
+    assert!(text.contains("one image pair"), "{text}");
+    let out = common::segtrain(&common::train_args(&config, &dir.join("runs"), &[]));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("validating on the training image"),
+        "{stderr}"
+    );
+
+    let split = dir.join("split");
+    masks_dataset(&split.join("train"), 3, |_, x, _| u16::from(x > 10) * 255);
+    for sub in ["val/images", "val/masks"] {
+        std::fs::create_dir_all(split.join(sub)).unwrap();
+    }
+    let err = fails(&["plan", split.to_str().unwrap(), "--step-seconds", "0.05"]);
+    assert!(
+        err.contains("val") && err.contains("no image/mask pairs"),
+        "{err}"
+    );
+    for name in ["a\nb", "..", "x/y", ""] {
+        let err = fails(&[
+            "plan",
+            one.to_str().unwrap(),
+            "--step-seconds",
+            "0.05",
+            "--name",
+            name,
+        ]);
+        assert!(err.contains("--name"), "{name:?}: {err}");
+    }
+}

@@ -454,6 +454,47 @@ fn killed_writers_temporaries_go_and_running_runs_are_not_written_into() {
         exported.to_str().unwrap(),
     ]);
     assert!(!stale.exists() && exported.exists());
+    // never over the run's own files, nor over a FIFO or device
+    for own in [
+        "checkpoint.safetensors",
+        "config.toml",
+        ".lock",
+        "model.safetensors",
+    ] {
+        let target = runs.join("resume").join(own);
+        let before = std::fs::read(&target).unwrap();
+        let err = fails(&[
+            "export",
+            "--run",
+            &format!("{r}/resume"),
+            "--out",
+            target.to_str().unwrap(),
+        ]);
+        assert!(err.contains(own), "{own}: {err}");
+        // (the lock file holds the PID of its latest holder: the export took it)
+        if own != ".lock" {
+            assert_eq!(
+                std::fs::read(&target).unwrap(),
+                before,
+                "{own} was replaced"
+            );
+        }
+    }
+    let fifo = dir.join("fifo");
+    assert!(Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .unwrap()
+        .success());
+    let err = fails(&[
+        "export",
+        "--run",
+        &format!("{r}/resume"),
+        "--out",
+        fifo.to_str().unwrap(),
+    ]);
+    assert!(err.contains("not a regular file"), "{err}");
+    assert!(!std::fs::metadata(&fifo).unwrap().is_file());
 
     let busy = dir.join("busy");
     let mut running = train_command(&config, &busy)

@@ -1144,19 +1144,21 @@ impl Dataset {
                     root.join("images").display()
                 );
             }
-            if all.len() < 2 {
-                bail!(
-                    "{}: found {} image/mask pair(s); need at least 2 to hold one out for validation",
-                    root.display(),
-                    all.len()
+            if all.len() == 1 {
+                // nothing to hold out: the one pair is trained and validated on, said plainly
+                eprintln!(
+                    "{}: a single image/mask pair: validating on the training image (the scores measure fit, not generalisation)",
+                    root.display()
                 );
+                (all.clone(), all)
+            } else {
+                let split_seed = cfg.split_seed.unwrap_or(seed);
+                all.shuffle(&mut ChaCha8Rng::seed_from_u64(split_seed ^ 0x5EED_5711));
+                let n_val = ((all.len() as f64 * cfg.val_fraction).round() as usize)
+                    .clamp(1, all.len() - 1);
+                let val = all.split_off(all.len() - n_val);
+                (all, val)
             }
-            let split_seed = cfg.split_seed.unwrap_or(seed);
-            all.shuffle(&mut ChaCha8Rng::seed_from_u64(split_seed ^ 0x5EED_5711));
-            let n_val =
-                ((all.len() as f64 * cfg.val_fraction).round() as usize).clamp(1, all.len() - 1);
-            let val = all.split_off(all.len() - n_val);
-            (all, val)
         };
         if train_pairs.is_empty() {
             bail!(

@@ -136,7 +136,10 @@ impl LabelMap {
     }
 }
 
-/// Parses `VALUE=CLASS,…` (integers; classes 0..=255; each value named once).
+/// Largest |label value| a map takes: voxels are read as f32, exact up to 2^24.
+pub const MAX_MAPPED_LABEL: i64 = 1 << 24;
+
+/// Parses `VALUE=CLASS,…` (integers, |VALUE| ≤ 2^24; classes 0..=255; each value named once).
 pub fn parse_label_map(s: &str) -> Result<LabelMap, String> {
     let mut map = std::collections::BTreeMap::new();
     for item in s.split(',') {
@@ -151,6 +154,11 @@ pub fn parse_label_map(s: &str) -> Result<LabelMap, String> {
             .trim()
             .parse()
             .map_err(|_| format!("`{class}` in `{item}` is not a class 0..=255"))?;
+        if value.abs() > MAX_MAPPED_LABEL {
+            return Err(format!(
+                "label value {value} is beyond 2^24 = {MAX_MAPPED_LABEL}, where labels read as 32-bit floats are no longer exact"
+            ));
+        }
         if map.insert(value, class).is_some() {
             return Err(format!("label value {value} is mapped twice"));
         }

@@ -235,11 +235,20 @@ impl Sink for Classes<'_> {
         grow(&mut self.data, values.len(), total, self.exact)?;
         for &v in values {
             if let Some(map) = self.map {
-                if !(v.is_finite() && v.fract() == 0.0) {
+                // voxels arrive as f32, exact for integers up to 2^24 only: larger labels
+                // could merge with their neighbours, so they are refused, never guessed
+                let why = if !(v.is_finite() && v.fract() == 0.0) {
+                    Some("is not an integer")
+                } else if v.abs() > super::MAX_MAPPED_LABEL as f32 {
+                    Some("is beyond 2^24, where labels read as 32-bit floats are no longer exact (renumber the atlas)")
+                } else {
+                    None
+                };
+                if let Some(why) = why {
                     let i = self.data.len();
                     let [nx, ny, _] = self.dims;
                     bail!(
-                        "label value {v} at voxel ({}, {}, {}) is not an integer",
+                        "label value {v} at voxel ({}, {}, {}) {why}",
                         i % nx,
                         i / nx % ny,
                         i / (nx * ny)

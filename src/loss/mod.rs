@@ -168,9 +168,7 @@ impl Term {
                 anyhow!("{at}: `weight` must be a number, found {}", v.type_str())
             })?,
         };
-        if !(weight >= 0.0 && weight.is_finite()) {
-            bail!("{at}: `weight` must be a finite number >= 0, got {weight}");
-        }
+        check_non_negative("weight", weight, false).map_err(|m| anyhow!("{at}: {m}"))?;
         let activation =
             match options.remove("activation") {
                 None => defaults.activation,
@@ -448,8 +446,10 @@ pub fn class_weighted_mean(scores: &Tensor, class_weights: Option<&[f64]>) -> Re
 
 /// Checks a per-class list of non-negative weights with a positive sum.
 pub fn validate_weights(key: &str, w: &[f64]) -> std::result::Result<(), String> {
-    if w.iter().any(|x| !(x.is_finite() && *x >= 0.0)) {
-        return Err(format!("`{key}` must hold finite numbers >= 0, got {w:?}"));
+    if w.iter().any(|x| !(*x >= 0.0 && *x <= MAX_OPTION)) {
+        return Err(format!(
+            "`{key}` must hold numbers >= 0 and <= {MAX_OPTION:e}, got {w:?}"
+        ));
     }
     if w.iter().sum::<f64>() <= 0.0 {
         return Err(format!("`{key}` must not be all zero"));
@@ -475,13 +475,18 @@ pub fn check_len(
 
 /// Checks that `value` is finite and ≥ 0 (`strict`: > 0).
 pub fn check_non_negative(key: &str, value: f64, strict: bool) -> std::result::Result<(), String> {
-    let ok = value.is_finite() && if strict { value > 0.0 } else { value >= 0.0 };
+    let ok = value <= MAX_OPTION && if strict { value > 0.0 } else { value >= 0.0 };
     if ok {
         Ok(())
     } else {
         let bound = if strict { "> 0" } else { ">= 0" };
         Err(format!(
-            "`{key}` must be a finite number {bound}, got {value}"
+            "`{key}` must be a number {bound} and <= {MAX_OPTION:e}, got {value}"
         ))
     }
 }
+
+/// Largest value of a loss option or term weight: every option must stay far inside f32
+/// (3.4·10³⁸), where the losses compute, so that no value passes the check and then
+/// overflows.
+pub const MAX_OPTION: f64 = 1e6;
