@@ -210,6 +210,8 @@ fn masks_dataset(root: &Path, n: usize, mask: impl Fn(usize, u32, u32) -> u16) {
     }
 }
 
+type MaskFn = Box<dyn Fn(usize, u32, u32) -> u16>;
+
 /// What the masks hold decides the classes: one non-zero value (1, 128, 1000) is binary;
 /// several small ones are class indices, 255 beside them an ignore border; a value above 255
 /// among several cannot be a class index. No foreground at all still plans (and says so).
@@ -217,12 +219,7 @@ fn masks_dataset(root: &Path, n: usize, mask: impl Fn(usize, u32, u32) -> u16) {
 fn the_classes_follow_from_the_mask_values() {
     let dir = temp_dir("plan-classes");
     let square = |x: u32, y: u32| (6..12).contains(&x) && (6..12).contains(&y);
-    let cases: Vec<(
-        &str,
-        Box<dyn Fn(usize, u32, u32) -> u16>,
-        &str,
-        Option<&str>,
-    )> = vec![
+    let cases: Vec<(&str, MaskFn, &str, Option<&str>)> = vec![
         (
             "half",
             Box::new(move |_, x, y| if square(x, y) { 128 } else { 0 }),
