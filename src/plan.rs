@@ -15,6 +15,8 @@
 //!   update), at least 2.
 //! - **Budget**: epochs = the time budget (default 10 min) × 0.85 / the time of one epoch
 //!   (its updates, timed on this machine, plus validation), between 5 and 500.
+//! - **Post-processing**: predicted lesions smaller than a quarter of the 5th-percentile
+//!   training lesion are removed (`data.min_lesion_pixels`).
 //! - **Loss**: Dice + focal (γ = 2, mean), the MONAI `DiceFocalLoss` that plain PyTorch
 //!   baselines use; in patch mode the focal term is normalised by the running average of the
 //!   positives.
@@ -441,6 +443,15 @@ pub fn plan(root: &Path, opts: &PlanOptions) -> Result<String> {
             "# no train/ + val/ folders: 20 % of the pairs are held out (seeded)"
         )?;
         writeln!(w, "val_fraction = 0.2")?;
+    }
+    let min_lesion = (fp.lesion_area_p5 / 4.0).floor() as usize;
+    if min_lesion >= 2 {
+        writeln!(
+            w,
+            "# predicted lesions under a quarter of the 5th-percentile lesion ({:.0} px) are noise: removed in validation and predict",
+            fp.lesion_area_p5
+        )?;
+        writeln!(w, "min_lesion_pixels = {min_lesion}")?;
     }
     writeln!(w, "# normalisation: the training images' per-channel mean and std (computed at the start of training)")?;
     writeln!(w)?;
