@@ -66,14 +66,9 @@ fn collect(model: &UNet, meta: &ModelMeta, samples: &[Sample], device: &Device) 
     // `mask`: the target of each pixel of the `side²` input, None outside the image
     let mut run = |img: Vec<f32>, mask: Vec<Option<u8>>, side: usize| -> Result<()> {
         let x = Tensor::from_vec(img, (1, c, side, side), device)?;
-        let logits: Vec<f32> = model
-            .forward(&x, false)?
-            .flatten_all()?
-            .to_device(&Device::Cpu)?
-            .to_vec1()?;
-        if logits.iter().any(|v| !v.is_finite()) {
+        let Some(logits) = model.finite_logits(&x)? else {
             bail!("the model gives non-finite logits (NaN or infinite): it cannot be calibrated");
-        }
+        };
         let n = side * side;
         for (i, &t) in mask.iter().enumerate() {
             let Some(t) = t else { continue };

@@ -369,12 +369,7 @@ fn probe(model: &UNet, meta: &ModelMeta, device: &Device) -> Result<()> {
     let mut x = vec![0.5f32; c * side * side];
     crate::data::normalize(&mut x, &meta.mean, &meta.std);
     let x = Tensor::from_vec(x, (1, c, side, side), device)?;
-    let logits: Vec<f32> = model
-        .forward(&x, false)?
-        .flatten_all()?
-        .to_device(&Device::Cpu)?
-        .to_vec1()?;
-    if logits.iter().any(|v| !v.is_finite()) {
+    if model.finite_logits(&x)?.is_none() {
         bail!("the weights give non-finite outputs (NaN or infinite) on a grey test image: the model is unusable");
     }
     Ok(())

@@ -193,8 +193,13 @@ fn bad_inputs_fail_cleanly_and_name_the_problem() {
     let empty = dir.join("empty");
     std::fs::create_dir_all(empty.join("images")).unwrap();
     std::fs::create_dir_all(empty.join("masks")).unwrap();
+    // a fixed split whose val/ holds nothing (one pair without a split trains: it is
+    // validated on itself, see tests/plan.rs)
     let single = dir.join("single");
-    dataset(&single, 1);
+    dataset(&single.join("train"), 2);
+    for sub in ["val/images", "val/masks"] {
+        std::fs::create_dir_all(single.join(sub)).unwrap();
+    }
     let no_folders = dir.join("no-folders");
     std::fs::create_dir_all(&no_folders).unwrap();
     // model files with one defect each
@@ -359,7 +364,7 @@ fn bad_inputs_fail_cleanly_and_name_the_problem() {
         Case {
             name: "empty validation split",
             args: train(&config(&dir, &single, ""), &[]),
-            expect: vec!["found 1 image/mask pair", "validation"],
+            expect: vec!["the validation split is empty", "val/images"],
         },
         Case {
             name: "no images/ folder",

@@ -69,6 +69,27 @@ fn train_command(config: &Path, runs: &Path) -> Command {
     c
 }
 
+/// A 400-epoch run of `config` in `runs`, returned once it has written `file` into its folder.
+fn long_run(config: &Path, runs: &Path, file: &str, stderr: Stdio) -> std::process::Child {
+    let child = train_command(config, runs)
+        .args(["--set", "train.epochs=400"])
+        .stdout(Stdio::null())
+        .stderr(stderr)
+        .spawn()
+        .unwrap();
+    let path = runs.join("resume").join(file);
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    while !path.exists() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{} not written",
+            path.display()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    child
+}
+
 fn csv_epochs(run: &Path) -> Vec<String> {
     std::fs::read_to_string(run.join("metrics.csv"))
         .unwrap()
@@ -262,21 +283,8 @@ fn a_second_writer_of_a_run_folder_is_refused() {
     let config = config(&dir, &data);
     let runs = dir.join("runs");
     let (c, r) = (config.to_str().unwrap(), runs.to_str().unwrap());
-    let mut first = train_command(&config, &runs)
-        .args(["--set", "train.epochs=400"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut first = long_run(&config, &runs, "checkpoint.safetensors", Stdio::piped());
     let run = runs.join("resume");
-    let deadline = std::time::Instant::now() + Duration::from_secs(120);
-    while !run.join("checkpoint.safetensors").exists() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "no checkpoint written"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
     let pid = first.id().to_string();
     for extra in ["--resume", "--overwrite"] {
         let err = fails(&["train", c, "--runs", r, "--set", "train.epochs=400", extra]);
@@ -497,18 +505,8 @@ fn killed_writers_temporaries_go_and_running_runs_are_not_written_into() {
     assert!(!std::fs::metadata(&fifo).unwrap().is_file());
 
     let busy = dir.join("busy");
-    let mut running = train_command(&config, &busy)
-        .args(["--set", "train.epochs=400"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut running = long_run(&config, &busy, "model.safetensors", Stdio::null());
     let run = busy.join("resume");
-    let deadline = std::time::Instant::now() + Duration::from_secs(120);
-    while !run.join("model.safetensors").exists() {
-        assert!(std::time::Instant::now() < deadline, "no model written");
-        std::thread::sleep(Duration::from_millis(50));
-    }
     let pid = running.id().to_string();
     let busy_model = run.join("model.safetensors");
     let err = fails(&[

@@ -404,6 +404,17 @@ impl UNet {
         })
     }
 
+    /// Logits of `x` in evaluation mode, flattened on the host; None when any is NaN or
+    /// infinite (weights or inputs that overflow).
+    pub fn finite_logits(&self, x: &Tensor) -> Result<Option<Vec<f32>>> {
+        let logits: Vec<f32> = self
+            .forward(x, false)?
+            .flatten_all()?
+            .to_device(&Device::Cpu)?
+            .to_vec1()?;
+        Ok(logits.iter().all(|v| v.is_finite()).then_some(logits))
+    }
+
     /// Logits `(N, classes, H, W)` of images `(N, in_channels, H, W)`; H and W divisible by
     /// 2^depth. Runs the fast CPU kernels on the CPU, Candle's ops elsewhere.
     pub fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
