@@ -120,6 +120,19 @@ pub struct AugmentConfig {
     /// Smallest side of a random crop, as a fraction of the image, resized back (1 = off).
     #[serde(default = "one_f")]
     pub min_crop: f64,
+    /// Largest random rotation, in degrees, about the image centre (0 = off).
+    #[serde(default)]
+    pub rotate: f64,
+    /// Largest random zoom: a scale factor in [1 − scale, 1 + scale] about the centre (0 = off).
+    #[serde(default)]
+    pub scale: f64,
+    /// Random gamma of the raw intensities: v^γ with ln γ in [−gamma, gamma] (0 = off).
+    #[serde(default)]
+    pub gamma: f64,
+    /// Largest standard deviation of Gaussian noise added to the normalised image, in
+    /// standard deviations (each image draws its own in [0, noise]; 0 = off).
+    #[serde(default)]
+    pub noise: f64,
 }
 
 impl Default for AugmentConfig {
@@ -130,6 +143,10 @@ impl Default for AugmentConfig {
             brightness: default_jitter(),
             contrast: default_jitter(),
             min_crop: 1.0,
+            rotate: 0.0,
+            scale: 0.0,
+            gamma: 0.0,
+            noise: 0.0,
         }
     }
 }
@@ -470,6 +487,16 @@ impl Config {
                 "data.augment.min_crop",
                 format!("must lie in (0, 1], got {}", a.min_crop),
             );
+        }
+        for (key, value, max) in [
+            ("data.augment.rotate", a.rotate, 180.0),
+            ("data.augment.scale", a.scale, 0.9),
+            ("data.augment.gamma", a.gamma, 2.0),
+            ("data.augment.noise", a.noise, 2.0),
+        ] {
+            if !(0.0..=max).contains(&value) {
+                return bad(key, format!("must lie in [0, {max}], got {value}"));
+            }
         }
         rule("data.workers", rules::count(d.workers, rules::MAX_WORKERS))?;
         if let Some(s) = &d.synth {

@@ -183,7 +183,7 @@ fn patches_are_centred_on_foreground_as_often_as_asked() {
         rotate90: false,
         brightness: 0.0,
         contrast: 0.0,
-        min_crop: 1.0,
+        ..AugmentConfig::default()
     };
     let recipe = |fraction: f64| {
         BatchRecipe::new(
@@ -471,4 +471,57 @@ fn small_predicted_lesions_are_removed() {
     let mut kept = labels.clone();
     remove_small_lesions(&mut kept, (4, 5), 1);
     assert_eq!(kept, labels);
+}
+
+/// The real-scan augmentations: a rotation by 90° through `rotate_zoom` equals the exact
+/// quarter turn (interior pixels), a zoom of 1 and angle 0 is the identity, the mask stays
+/// binary and aligned with the image; with every option on, the image stays finite.
+#[test]
+fn rotations_zooms_gamma_and_noise_keep_image_and_mask_aligned() {
+    use rand::SeedableRng;
+    use segtrain::data::augment::{geometric, photometric, rotate_zoom};
+    let size = 9;
+    let image: Vec<f32> = (0..size * size).map(|i| i as f32 / 81.0).collect();
+    let mask: Vec<u8> = (0..size * size).map(|i| u8::from(i % 4 == 0)).collect();
+    let (same, same_mask) = rotate_zoom(&image, &mask, 1, size, 0.0, 1.0);
+    assert_eq!((same, same_mask), (image.clone(), mask.clone()));
+    let (turned, turned_mask) =
+        rotate_zoom(&image, &mask, 1, size, std::f64::consts::FRAC_PI_2, 1.0);
+    for y in 0..size {
+        for x in 0..size {
+            // output (x, y) samples input (c + dy, c - dx): a quarter turn
+            let (sx, sy) = (y, size - 1 - x);
+            assert!(
+                (turned[y * size + x] - image[sy * size + sx]).abs() < 1e-5,
+                "({x}, {y})"
+            );
+            assert_eq!(turned_mask[y * size + x], mask[sy * size + sx]);
+        }
+    }
+    // a zoom-out leaves a black border outside the input, and background in the mask there
+    let (small, small_mask) = rotate_zoom(&image, &vec![1; size * size], 1, size, 0.0, 0.5);
+    assert_eq!((small[0], small_mask[0]), (0.0, 0));
+    assert_eq!(small_mask[4 * size + 4], 1);
+
+    let off = AugmentConfig::default();
+    let on = AugmentConfig {
+        rotate: 15.0,
+        scale: 0.2,
+        gamma: 0.3,
+        noise: 0.1,
+        ..AugmentConfig::default()
+    };
+    let run = |cfg: &AugmentConfig| {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(5);
+        let (mut img, mut m) = (image.clone(), mask.clone());
+        geometric(&mut img, &mut m, 1, size, cfg, &mut rng);
+        segtrain::data::augment::gamma(&mut img, cfg, &mut rng);
+        photometric(&mut img, cfg, &mut rng);
+        (img, m)
+    };
+    let (a, ma) = run(&off);
+    let (b, mb) = run(&on);
+    assert_ne!(a, b);
+    assert!(mb.iter().all(|&v| v <= 1) && ma.iter().all(|&v| v <= 1));
+    assert!(b.iter().all(|v| v.is_finite()));
 }

@@ -1,6 +1,8 @@
 //! Training-time augmentation of one sample, driven by a seeded RNG: a random scale-crop,
-//! flips and 90° rotations (image and mask alike), then brightness and contrast jitter of the
-//! normalised image.
+//! a small rotation and zoom, flips and 90° rotations (image and mask alike), a gamma of the raw
+//! intensities, then brightness and contrast jitter and Gaussian noise of the normalised
+//! image. An option that is off draws nothing, so adding one leaves the others' streams as
+//! they were.
 
 use rand::Rng;
 use rand_chacha::ChaCha8Rng;
@@ -23,6 +25,19 @@ pub fn geometric(
         let oy = rng.random_range(0..=size - side);
         *image = crop_resize_bilinear(image, channels, size, (ox, oy, side));
         *mask = crop_resize_nearest(mask, size, (ox, oy, side));
+    }
+    if cfg.rotate > 0.0 || cfg.scale > 0.0 {
+        let angle = if cfg.rotate > 0.0 {
+            rng.random_range(-cfg.rotate..=cfg.rotate).to_radians()
+        } else {
+            0.0
+        };
+        let zoom = if cfg.scale > 0.0 {
+            rng.random_range(1.0 - cfg.scale..=1.0 + cfg.scale)
+        } else {
+            1.0
+        };
+        (*image, *mask) = rotate_zoom(image, mask, channels, size, angle, zoom);
     }
     let flip_x = cfg.flip && rng.random_bool(0.5);
     let flip_y = cfg.flip && rng.random_bool(0.5);
@@ -55,8 +70,62 @@ pub fn geometric(
     }
 }
 
+/// The image and mask turned by `angle` (radians) and zoomed by `zoom` about the centre:
+/// output pixel p samples the input at centre + R(−angle)·(p − centre)/zoom, bilinear for the
+/// image and nearest for the mask; outside the input the image is 0 (black) and the mask 0.
+pub fn rotate_zoom(
+    image: &[f32],
+    mask: &[u8],
+    channels: usize,
+    size: usize,
+    angle: f64,
+    zoom: f64,
+) -> (Vec<f32>, Vec<u8>) {
+    let c = (size as f64 - 1.0) / 2.0;
+    let (sin, cos) = angle.sin_cos();
+    let plane = size * size;
+    let mut out_image = vec![0f32; channels * plane];
+    let mut out_mask = vec![0u8; plane];
+    let last = (size - 1) as f64;
+    for y in 0..size {
+        for x in 0..size {
+            let (dx, dy) = ((x as f64 - c) / zoom, (y as f64 - c) / zoom);
+            let sx = c + cos * dx + sin * dy;
+            let sy = c - sin * dx + cos * dy;
+            if !(-0.5..=last + 0.5).contains(&sx) || !(-0.5..=last + 0.5).contains(&sy) {
+                continue;
+            }
+            let at = y * size + x;
+            out_mask[at] = mask[sy.round().clamp(0.0, last) as usize * size
+                + sx.round().clamp(0.0, last) as usize];
+            let (fx, fy) = (sx.clamp(0.0, last), sy.clamp(0.0, last));
+            let (x0, y0) = (fx.floor() as usize, fy.floor() as usize);
+            let (x1, y1) = ((x0 + 1).min(size - 1), (y0 + 1).min(size - 1));
+            let (wx, wy) = ((fx - x0 as f64) as f32, (fy - y0 as f64) as f32);
+            for ch in 0..channels {
+                let p = &image[ch * plane..(ch + 1) * plane];
+                let top = p[y0 * size + x0] + (p[y0 * size + x1] - p[y0 * size + x0]) * wx;
+                let bottom = p[y1 * size + x0] + (p[y1 * size + x1] - p[y1 * size + x0]) * wx;
+                out_image[ch * plane + at] = top + (bottom - top) * wy;
+            }
+        }
+    }
+    (out_image, out_mask)
+}
+
+/// A random gamma of raw intensities in [0, 1]: v^γ, ln γ uniform in [−gamma, gamma].
+pub fn gamma(image: &mut [f32], cfg: &AugmentConfig, rng: &mut ChaCha8Rng) {
+    if cfg.gamma > 0.0 {
+        let g = rng.random_range(-cfg.gamma..=cfg.gamma).exp() as f32;
+        image
+            .iter_mut()
+            .for_each(|v| *v = v.clamp(0.0, 1.0).powf(g));
+    }
+}
+
 /// Brightness (additive, in standard deviations) and contrast (multiplicative) jitter of a
-/// normalised image, the same for every channel.
+/// normalised image, the same for every channel, then Gaussian noise (Box–Muller, its standard
+/// deviation drawn per image in [0, noise]).
 pub fn photometric(image: &mut [f32], cfg: &AugmentConfig, rng: &mut ChaCha8Rng) {
     let gain = 1.0
         + if cfg.contrast > 0.0 {
@@ -73,6 +142,14 @@ pub fn photometric(image: &mut [f32], cfg: &AugmentConfig, rng: &mut ChaCha8Rng)
         image
             .iter_mut()
             .for_each(|v| *v = (*v as f64 * gain + shift) as f32);
+    }
+    if cfg.noise > 0.0 {
+        let sigma = rng.random_range(0.0..=cfg.noise);
+        for v in image.iter_mut() {
+            let (u1, u2): (f64, f64) = (rng.random_range(f64::EPSILON..1.0), rng.random());
+            let z = (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos();
+            *v += (sigma * z) as f32;
+        }
     }
 }
 

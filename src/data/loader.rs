@@ -192,6 +192,7 @@ impl BatchRecipe {
             };
             if let Some(cfg) = &self.augment {
                 augment::geometric(&mut image, &mut mask, c, s, cfg, &mut rng);
+                augment::gamma(&mut image, cfg, &mut rng);
             }
             normalize(&mut image, &self.mean, &self.std);
             if let Some(cfg) = &self.augment {
