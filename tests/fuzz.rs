@@ -4,9 +4,12 @@
 //! naming the file. CI runs a few hundred cases per target; `PROPTEST_CASES=100000 cargo test --release
 //! --test fuzz` runs a longer campaign.
 
+mod common;
+
 use std::collections::HashMap;
 use std::io::Write;
 
+use common::mutated;
 use proptest::prelude::*;
 
 const CONFIG: &str = r#"name = "fuzz"
@@ -37,30 +40,6 @@ kind = "tversky"
 fp_weight = 0.3
 fn_weight = 0.7
 "#;
-
-/// A valid input with a few bytes overwritten, inserted or cut.
-fn mutated(base: Vec<u8>) -> impl Strategy<Value = Vec<u8>> {
-    let len = base.len();
-    (
-        prop::collection::vec((0..len.max(1), any::<u8>()), 0..8),
-        0..len.max(1),
-        0..3usize,
-    )
-        .prop_map(move |(edits, cut, how)| {
-            let mut b = base.clone();
-            for (at, v) in edits {
-                if at < b.len() {
-                    b[at] = v;
-                }
-            }
-            match how {
-                0 => b.truncate(cut),
-                1 => b.insert(cut.min(b.len()), b'\n'),
-                _ => {}
-            }
-            b
-        })
-}
 
 fn png_bytes() -> Vec<u8> {
     let img = image::GrayImage::from_fn(12, 9, |x, y| image::Luma([(x * 20 + y) as u8]));

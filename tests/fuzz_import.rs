@@ -5,10 +5,13 @@
 //! oriented, sliced and imported. `PROPTEST_CASES=100000 cargo test --release --test
 //! fuzz_import` runs a longer campaign.
 
+mod common;
+
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use common::mutated;
 use ndarray::{Array, ShapeBuilder};
 use nifti::writer::WriterOptions;
 use nifti::NiftiHeader;
@@ -55,30 +58,6 @@ fn gzip(bytes: &[u8]) -> Vec<u8> {
     let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
     enc.write_all(bytes).unwrap();
     enc.finish().unwrap()
-}
-
-/// A valid input with a few bytes overwritten, inserted or cut (as tests/fuzz.rs).
-fn mutated(base: Vec<u8>) -> impl Strategy<Value = Vec<u8>> {
-    let len = base.len();
-    (
-        prop::collection::vec((0..len.max(1), any::<u8>()), 0..8),
-        0..len.max(1),
-        0..3usize,
-    )
-        .prop_map(move |(edits, cut, how)| {
-            let mut b = base.clone();
-            for (at, v) in edits {
-                if at < b.len() {
-                    b[at] = v;
-                }
-            }
-            match how {
-                0 => b.truncate(cut),
-                1 => b.insert(cut.min(b.len()), b'\n'),
-                _ => {}
-            }
-            b
-        })
 }
 
 /// A 5×4×3 int16 NIfTI-1 file with an sform, as bytes.

@@ -214,3 +214,29 @@ pub fn fails_bounded(args: &[&str], memory_mib: u64, seconds: u64, expect: &[&st
     }
     run.stderr
 }
+
+/// A valid input with a few bytes overwritten, and then cut or given an extra newline: the
+/// fuzz targets' mutation of a known-good file.
+pub fn mutated(base: Vec<u8>) -> impl proptest::strategy::Strategy<Value = Vec<u8>> {
+    use proptest::prelude::*;
+    let len = base.len();
+    (
+        prop::collection::vec((0..len.max(1), any::<u8>()), 0..8),
+        0..len.max(1),
+        0..3usize,
+    )
+        .prop_map(move |(edits, cut, how)| {
+            let mut b = base.clone();
+            for (at, v) in edits {
+                if at < b.len() {
+                    b[at] = v;
+                }
+            }
+            match how {
+                0 => b.truncate(cut),
+                1 => b.insert(cut.min(b.len()), b'\n'),
+                _ => {}
+            }
+            b
+        })
+}
