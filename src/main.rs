@@ -142,12 +142,13 @@ struct InferenceArgs {
 }
 
 impl InferenceArgs {
-    fn checked(self) -> anyhow::Result<segtrain::predict::Inference> {
-        Ok(segtrain::predict::Inference {
-            overlap: check_overlap(self.overlap)?,
+    /// The options as the library takes them (which checks them).
+    fn inference(self) -> segtrain::predict::Inference {
+        segtrain::predict::Inference {
+            overlap: self.overlap,
             tta: self.tta,
             min_lesion_pixels: self.min_lesion_pixels,
-        })
+        }
     }
 }
 
@@ -350,13 +351,6 @@ fn open_device(name: &str) -> anyhow::Result<candle_core::Device> {
     Ok(device)
 }
 
-fn check_overlap(overlap: Option<f64>) -> anyhow::Result<Option<f64>> {
-    if let Some(o) = overlap {
-        segtrain::config::rules::overlap(o).map_err(|m| anyhow::anyhow!("--overlap: {m}"))?;
-    }
-    Ok(overlap)
-}
-
 /// Ctrl-C finishes the current update, writes a checkpoint and stops; a second one stops at once.
 fn stop_on_ctrl_c() {
     let _ = ctrlc::set_handler(|| {
@@ -424,7 +418,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             inference,
         } => {
             let device = open_device(&device)?;
-            let report = segtrain::predict::evaluate(&model, &data, inference.checked()?, &device)?;
+            let report =
+                segtrain::predict::evaluate(&model, &data, inference.inference(), &device)?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&report)?);
             } else {
@@ -470,7 +465,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 threshold,
                 overlay,
                 probabilities,
-                inference: inference.checked()?,
+                inference: inference.inference(),
             };
             let written = segtrain::predict::predict(&model, &inputs, &out, opts, &device)?;
             println!("wrote {} files to {}", written.len(), out.display());

@@ -132,13 +132,12 @@ pub fn check_options(opts: &PredictOptions) -> Result<()> {
     check_overlap(opts.inference.overlap)
 }
 
-/// A sliding-window overlap must lie in [0, 0.95) (NaN is refused).
+/// A sliding-window overlap override obeys the config's rule ([`rules::overlap`]; NaN is
+/// refused).
 pub fn check_overlap(overlap: Option<f64>) -> Result<()> {
     match overlap {
-        Some(o) if !(0.0..0.95).contains(&o) => {
-            bail!("--overlap must lie in [0, 0.95), got {o}")
-        }
-        _ => Ok(()),
+        Some(o) => crate::config::rules::overlap(o).map_err(|m| anyhow!("--overlap: {m}")),
+        None => Ok(()),
     }
 }
 
