@@ -2017,3 +2017,24 @@ fn a_symlink_loop_in_a_folder_is_an_error_naming_it() {
     // nothing was written: the check comes before the first volume
     assert!(!out.join("images").exists() || names(&out, "images").is_empty());
 }
+
+/// A kill inside the removal of a finished staging folder can leave its commit record without
+/// the staged folders: the next import completes it (nothing left to move) instead of failing.
+#[test]
+fn a_commit_record_without_staged_folders_is_completed() {
+    let dir = temp_dir("import-bare-commit");
+    let (s, l) = identity_pair(&dir, "s.nii", "s_l.nii");
+    let out = dir.join("out");
+    run(&s, &l, &out, &opts(Axis::Z)).unwrap();
+    let before = slices(&out);
+    let stage = out.join(segtrain::import::STAGING).join("s_z");
+    std::fs::create_dir_all(&stage).unwrap();
+    let record: String = std::iter::once("s_z".to_string())
+        .chain(before.keys().cloned())
+        .map(|line| line + "\n")
+        .collect();
+    std::fs::write(stage.join("COMMIT"), record).unwrap();
+    run(&s, &l, &out, &opts(Axis::Z)).unwrap();
+    assert_eq!(slices(&out), before);
+    assert!(!out.join(segtrain::import::STAGING).exists());
+}

@@ -503,8 +503,13 @@ fn apply(out: &Path, stage: &Path, prefix: &str, names: &BTreeSet<String>) -> Re
     let (images, masks) = (out.join("images"), out.join("masks"));
     let staged = |sub: &str| -> Result<Vec<String>> {
         let dir = stage.join(sub);
-        let entries =
-            std::fs::read_dir(&dir).with_context(|| format!("cannot list {}", dir.display()))?;
+        // a kill inside `finish` (its recursive removal) can leave the record without the
+        // staged folders: everything was moved in already, nothing is left to move
+        let entries = match std::fs::read_dir(&dir) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(vec![]),
+            Err(e) => return Err(e).with_context(|| format!("cannot list {}", dir.display())),
+        };
         let mut files = Vec::new();
         for entry in entries {
             let entry = entry.with_context(|| format!("cannot list {}", dir.display()))?;
