@@ -10,7 +10,7 @@ use anyhow::{bail, Context, Result};
 use candle_core::{Device, Tensor};
 use serde::Serialize;
 
-use crate::data::{normalize, resize_nearest, resize_planar, Sample};
+use crate::data::{resize_nearest, resize_planar, Sample};
 use crate::export::{self, ModelMeta};
 use crate::inference::Window;
 use crate::loss::Activation;
@@ -85,13 +85,13 @@ fn collect(model: &UNet, meta: &ModelMeta, samples: &[Sample], device: &Device) 
         match meta.window {
             Window::Whole { size } => {
                 let mut x = resize_planar(&s.image, c, (s.h, s.w), (size, size));
-                normalize(&mut x, &meta.mean, &meta.std);
+                meta.normalizer.apply(&mut x);
                 let mask = resize_nearest(&s.mask, (s.h, s.w), (size, size));
                 run(x, mask.into_iter().map(Some).collect(), size)?;
             }
             Window::Sliding { patch, .. } => {
                 let mut img = s.image.clone();
-                normalize(&mut img, &meta.mean, &meta.std);
+                meta.normalizer.apply(&mut img);
                 // windows tiling the image, padded with zeros (the mean) past its edges
                 for y0 in (0..s.h).step_by(patch) {
                     for x0 in (0..s.w).step_by(patch) {

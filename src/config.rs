@@ -10,6 +10,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 
 use crate::data::synth::SynthConfig;
+use crate::data::Normalization;
 use crate::loss::{Activation, Loss, TermDefaults};
 use crate::model::UNetConfig;
 
@@ -69,7 +70,15 @@ pub struct DataConfig {
     /// Mask value excluded from the loss and metrics (class-index masks).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ignore_index: Option<i64>,
-    /// Per-channel normalisation; computed from the training images when absent.
+    /// Whose statistics normalise an image: `dataset` (the training images' per-channel mean
+    /// and std) or `image` (each image's own: z-score per image); see [`crate::data::intensity`].
+    #[serde(default)]
+    pub normalize: Normalization,
+    /// Percentiles `[lo, hi]` each image's channels are clamped to before normalising.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub clip_percentiles: Option<[f64; 2]>,
+    /// `dataset` normalisation's per-channel mean and std; computed from the training images
+    /// when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mean: Option<Vec<f64>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -463,6 +472,9 @@ impl Config {
                 format!("must lie in (0, 1), got {}", d.val_fraction),
             );
         }
+        if let Some(p) = d.clip_percentiles {
+            rule("data.clip_percentiles", rules::clip_percentiles(p))?;
+        }
         if let Some(mean) = &d.mean {
             rule("data.mean", rules::mean(mean, d.channels))?;
         }
@@ -807,6 +819,15 @@ pub mod rules {
                 "must hold finite numbers in [-{MAX_ABS_MEAN:e}, {MAX_ABS_MEAN:e}], got {m}"
             )),
             None => Ok(()),
+        }
+    }
+
+    /// Clipping percentiles: 0 ≤ lo < hi ≤ 100.
+    pub fn clip_percentiles([lo, hi]: [f64; 2]) -> Check {
+        if (0.0..=100.0).contains(&lo) && (0.0..=100.0).contains(&hi) && lo < hi {
+            Ok(())
+        } else {
+            Err(format!("needs 0 <= lo < hi <= 100, got [{lo}, {hi}]"))
         }
     }
 

@@ -11,6 +11,7 @@ use candle_nn::{VarBuilder, VarMap};
 use serde::{Deserialize, Serialize};
 
 use crate::config::rules;
+use crate::data::{Normalization, Normalizer};
 use crate::fsutil::{read_safetensors, write_safetensors};
 use crate::inference::Window;
 use crate::loss::Activation;
@@ -25,8 +26,7 @@ pub struct ModelMeta {
     /// How images are covered at inference: resized to `image_size`, or sliding windows.
     pub window: Window,
     pub activation: Activation,
-    pub mean: Vec<f32>,
-    pub std: Vec<f32>,
+    pub normalizer: Normalizer,
     /// Pixel value excluded from metrics.
     pub ignore_index: Option<i64>,
     /// Temperature dividing the logits (1 = none).
@@ -54,8 +54,10 @@ impl ModelMeta {
             ("depth".into(), u.depth.to_string()),
             ("window".into(), json(&self.window)?),
             ("activation".into(), self.activation.name().into()),
-            ("mean".into(), json(&self.mean)?),
-            ("std".into(), json(&self.std)?),
+            ("normalize".into(), json(&self.normalizer.mode)?),
+            ("clip_percentiles".into(), json(&self.normalizer.clip)?),
+            ("mean".into(), json(&self.normalizer.mean)?),
+            ("std".into(), json(&self.normalizer.std)?),
             ("ignore_index".into(), json(&self.ignore_index)?),
             ("temperature".into(), self.temperature.to_string()),
             ("config".into(), self.config.clone()),
@@ -169,6 +171,19 @@ impl ModelMeta {
         checked("mean", rules::mean(&mean, in_channels))?;
         let std: Vec<f64> = typed("std", parse_json("std")?, field)?;
         checked("std", rules::std(&std, in_channels))?;
+        // files written before per-image normalisation lack these two: `dataset`, no clipping
+        let optional = |k: &str| m.get(k).map(|_| parse_json(k)).transpose();
+        let mode: Normalization = match optional("normalize")? {
+            Some(v) => typed("normalize", v, field)?,
+            None => Normalization::Dataset,
+        };
+        let clip: Option<[f64; 2]> = match optional("clip_percentiles")? {
+            Some(v) => typed("clip_percentiles", v, field)?,
+            None => None,
+        };
+        if let Some(p) = clip {
+            checked("clip_percentiles", rules::clip_percentiles(p))?;
+        }
         let ignore_index: Option<i64> = typed("ignore_index", parse_json("ignore_index")?, field)?;
         if let Some(i) = ignore_index {
             checked("ignore_index", rules::ignore_index(i, classes))?;
@@ -185,8 +200,12 @@ impl ModelMeta {
             unet,
             window,
             activation,
-            mean: mean.iter().map(|&v| v as f32).collect(),
-            std: std.iter().map(|&v| v as f32).collect(),
+            normalizer: Normalizer {
+                mode,
+                clip,
+                mean: mean.iter().map(|&v| v as f32).collect(),
+                std: std.iter().map(|&v| v as f32).collect(),
+            },
             ignore_index,
             temperature,
             config: get("config")?.clone(),
@@ -367,7 +386,7 @@ pub fn load(path: &Path, device: &Device) -> Result<(UNet, ModelMeta)> {
 fn probe(model: &UNet, meta: &ModelMeta, device: &Device) -> Result<()> {
     let (c, side) = (meta.unet.in_channels, 1usize << meta.unet.depth);
     let mut x = vec![0.5f32; c * side * side];
-    crate::data::normalize(&mut x, &meta.mean, &meta.std);
+    meta.normalizer.apply(&mut x);
     let x = Tensor::from_vec(x, (1, c, side, side), device)?;
     if model.finite_logits(&x)?.is_none() {
         bail!("the weights give non-finite outputs (NaN or infinite) on a grey test image: the model is unusable");

@@ -10,7 +10,7 @@
 use candle_core::{Device, Result, Tensor};
 
 use crate::config::{rules, Blend};
-use crate::data::{normalize, resize_planar, Sample};
+use crate::data::{resize_planar, Normalizer, Sample};
 use crate::loss::Activation;
 use crate::metrics::{Evaluation, Target};
 use crate::model::UNet;
@@ -167,8 +167,7 @@ pub struct Predictor<'a> {
     pub activation: Activation,
     pub temperature: f64,
     pub window: Window,
-    pub mean: &'a [f32],
-    pub std: &'a [f32],
+    pub normalizer: &'a Normalizer,
     /// Images (whole-image mode) or windows per forward pass.
     pub batch: usize,
     pub device: &'a Device,
@@ -287,7 +286,7 @@ impl Predictor<'_> {
                     let mut batch = Vec::with_capacity(chunk.len() * c * size * size);
                     for &(img, h, w) in chunk {
                         let mut x = resize_planar(img, c, (h, w), (size, size));
-                        normalize(&mut x, self.mean, self.std);
+                        self.normalizer.apply(&mut x);
                         batch.extend(x);
                     }
                     let probs = self.forward(batch, chunk.len(), (size, size))?;
@@ -320,7 +319,7 @@ impl Predictor<'_> {
         let (ph, pw) = (h.max(patch), w.max(patch));
         // normalised, and padded with zeros (the mean) up to one patch
         let mut x = img.to_vec();
-        normalize(&mut x, self.mean, self.std);
+        self.normalizer.apply(&mut x);
         let mut padded = vec![0f32; c * ph * pw];
         for ch in 0..c {
             for y in 0..h {

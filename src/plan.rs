@@ -15,6 +15,10 @@
 //!   update), at least 2.
 //! - **Budget**: epochs = the time budget (default 10 min) × 0.85 / the time of one epoch
 //!   (its updates, timed on this machine, plus validation), between 5 and 500.
+//! - **Normalisation**: grey images by their own mean and std (`normalize = "image"`: scans
+//!   from several scanners, sequences or windows reach the network alike), colour photographs
+//!   by the data set's; each image clipped to its 0.5th..99.5th percentile when the outer 0.5 %
+//!   of the pixels span more than the other 99 % (raw CT, burnt-in text).
 //! - **Post-processing**: predicted lesions smaller than a quarter of the 5th-percentile
 //!   training lesion are removed (`data.min_lesion_pixels`).
 //! - **Loss**: Dice + focal (γ = 2, mean), the MONAI `DiceFocalLoss` that plain PyTorch
@@ -68,9 +72,11 @@ impl Spread {
 /// Intensity statistics of one channel, values in [0, 1].
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Intensity {
+    pub min: f64,
     pub p0_5: f64,
     pub p50: f64,
     pub p99_5: f64,
+    pub max: f64,
     pub mean: f64,
     pub std: f64,
 }
@@ -87,6 +93,9 @@ pub struct Fingerprint {
     /// 1 when every image is grey (R = G = B), else 3.
     pub channels: usize,
     pub intensity: Vec<Intensity>,
+    /// Each image's mean and standard deviation (grey level, all channels averaged).
+    pub image_means: Spread,
+    pub image_stds: Spread,
     /// Share of pixels darker than 2 % of full scale: the black background of a scan slice.
     pub dark_share: f64,
     /// Classes including background: 1 (binary masks) or the largest class index + 1.
@@ -123,6 +132,8 @@ struct ImageStats {
     grey: bool,
     /// Pixel values per channel, subsampled.
     samples: Vec<Vec<f32>>,
+    /// Mean and standard deviation of the grey level.
+    luma_moments: (f64, f64),
     dark: f64,
     /// The mask's distinct non-zero values (colour masks: {1}), at most [`MAX_VALUES`] + 1.
     values: std::collections::BTreeSet<u32>,
@@ -142,6 +153,12 @@ fn measure(pair: &PairPaths) -> Result<ImageStats> {
         .collect();
     let luma = |i: usize| (planes[0][i] + planes[1][i] + planes[2][i]) / 3.0;
     let dark = (0..h * w).filter(|&i| luma(i) < 0.02).count() as f64 / (h * w) as f64;
+    let n = (h * w) as f64;
+    let mean = (0..h * w).map(|i| luma(i) as f64).sum::<f64>() / n;
+    let var = (0..h * w)
+        .map(|i| (luma(i) as f64 - mean).powi(2))
+        .sum::<f64>()
+        / n;
     let mask = data::read_mask_values(&pair.mask)?;
     if (mask.width as usize, mask.height as usize) != (w, h) {
         bail!(
@@ -164,6 +181,7 @@ fn measure(pair: &PairPaths) -> Result<ImageStats> {
         w,
         grey,
         samples,
+        luma_moments: (mean, var.sqrt()),
         dark,
         values,
         foreground: fg.iter().filter(|&&f| f).count() as f64 / (h * w) as f64,
@@ -236,9 +254,11 @@ pub fn fingerprint(root: &Path) -> Result<Fingerprint> {
             let mean = v.iter().sum::<f64>() / v.len() as f64;
             let var = v.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / v.len() as f64;
             Intensity {
+                min: v[0],
                 p0_5: percentile(&v, 0.5),
                 p50: percentile(&v, 50.0),
                 p99_5: percentile(&v, 99.5),
+                max: v[v.len() - 1],
                 mean,
                 std: var.sqrt(),
             }
@@ -269,6 +289,8 @@ pub fn fingerprint(root: &Path) -> Result<Fingerprint> {
         widths: spread(&|s| s.w as f64, &all).expect("one image at least"),
         channels,
         intensity,
+        image_means: spread(&|s| s.luma_moments.0, &all).expect("one image at least"),
+        image_stds: spread(&|s| s.luma_moments.1, &all).expect("one image at least"),
         dark_share: stats.iter().map(|s| s.dark).sum::<f64>() / stats.len() as f64,
         classes,
         ignore_index,
@@ -348,11 +370,16 @@ pub fn plan(root: &Path, opts: &PlanOptions) -> Result<String> {
         fp.modality(),
         100.0 * fp.dark_share
     )?;
+    writeln!(
+        w,
+        "#   per image: mean grey level {:.3}..{:.3}, standard deviation {:.3}..{:.3}",
+        fp.image_means.min, fp.image_means.max, fp.image_stds.min, fp.image_stds.max
+    )?;
     for (c, i) in fp.intensity.iter().enumerate() {
         writeln!(
             w,
-            "#   channel {c}: percentiles 0.5/50/99.5 = {:.3}/{:.3}/{:.3}, mean {:.3}, std {:.3} (of full scale)",
-            i.p0_5, i.p50, i.p99_5, i.mean, i.std
+            "#   channel {c}: min {:.3}, percentiles 0.5/50/99.5 = {:.3}/{:.3}/{:.3}, max {:.3}, mean {:.3}, std {:.3} (of full scale)",
+            i.min, i.p0_5, i.p50, i.p99_5, i.max, i.mean, i.std
         )?;
     }
     match (&fp.foreground, &fp.lesions_per_image) {
@@ -453,7 +480,7 @@ pub fn plan(root: &Path, opts: &PlanOptions) -> Result<String> {
         )?;
         writeln!(w, "min_lesion_pixels = {min_lesion}")?;
     }
-    writeln!(w, "# normalisation: the training images' per-channel mean and std (computed at the start of training)")?;
+    write_normalisation(w, &fp)?;
     writeln!(w)?;
     writeln!(w, "[model]")?;
     writeln!(w, "# the tested default U-Net: base width {BASE_WIDTH}, depth {DEPTH} (sides multiples of {multiple})")?;
@@ -544,6 +571,42 @@ pub fn plan(root: &Path, opts: &PlanOptions) -> Result<String> {
         )
     })?;
     Ok(text)
+}
+
+/// The `normalize` and `clip_percentiles` decisions (see the module's rules), with comments.
+fn write_normalisation(w: &mut String, fp: &Fingerprint) -> Result<()> {
+    if fp.channels == 1 {
+        writeln!(
+            w,
+            "# grey images: each normalised by its own mean and std (z-score per image, nnU-Net's rule for MRI);"
+        )?;
+        writeln!(
+            w,
+            "# their brightness and contrast vary (mean {:.3}..{:.3}, std {:.3}..{:.3}) with scanner, sequence and window",
+            fp.image_means.min, fp.image_means.max, fp.image_stds.min, fp.image_stds.max
+        )?;
+        writeln!(w, "normalize = \"image\"")?;
+    } else {
+        writeln!(
+            w,
+            "# colour photographs: the training images' per-channel mean and std (colour carries meaning)"
+        )?;
+    }
+    let outliers: Vec<usize> = fp
+        .intensity
+        .iter()
+        .enumerate()
+        .filter(|(_, i)| i.max - i.p99_5 > i.p99_5 - i.p0_5 || i.p0_5 - i.min > i.p99_5 - i.p0_5)
+        .map(|(c, _)| c)
+        .collect();
+    if !outliers.is_empty() {
+        writeln!(
+            w,
+            "# channel(s) {outliers:?}: the brightest or darkest 0.5 % of the pixels span more than the other 99 %: clipped to the 0.5th..99.5th percentile of each image"
+        )?;
+        writeln!(w, "clip_percentiles = [0.5, 99.5]")?;
+    }
+    Ok(())
 }
 
 /// Median seconds of a training update (forward, Dice + focal, backward, AdamW) of the planned

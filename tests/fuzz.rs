@@ -199,8 +199,8 @@ fn check_loaded(
     prop_assert!(rules::activation(meta.activation, u.classes).is_ok());
     prop_assert!(rules::temperature(meta.temperature).is_ok());
     let f64s = |v: &[f32]| v.iter().map(|&x| x as f64).collect::<Vec<_>>();
-    prop_assert!(rules::mean(&f64s(&meta.mean), u.in_channels).is_ok());
-    prop_assert!(rules::std(&f64s(&meta.std), u.in_channels).is_ok());
+    prop_assert!(rules::mean(&f64s(&meta.normalizer.mean), u.in_channels).is_ok());
+    prop_assert!(rules::std(&f64s(&meta.normalizer.std), u.in_channels).is_ok());
     let side = match meta.window {
         Window::Whole { size } => size,
         Window::Sliding { patch, overlap, .. } => {
@@ -215,8 +215,7 @@ fn check_loaded(
             activation: meta.activation,
             temperature: meta.temperature,
             window: meta.window,
-            mean: &meta.mean,
-            std: &meta.std,
+            normalizer: &meta.normalizer,
             batch: 2,
             device: &candle_core::Device::Cpu,
             tta: vec![],

@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device, Tensor};
 use common::{fails_bounded, ok, temp_dir, tiny_config, tiny_dataset};
 use segtrain::config::{rules, Config};
+use segtrain::data::{Normalization, Normalizer};
 use segtrain::export::{self, ModelMeta};
 use segtrain::inference::Window;
 use segtrain::loss::Activation;
@@ -29,8 +30,7 @@ fn tiny_model(path: &Path, classes: usize, window: Window) {
         unet,
         window,
         activation: Activation::default_for(classes),
-        mean: vec![0.5; 3],
-        std: vec![0.25; 3],
+        normalizer: Normalizer::dataset(vec![0.5; 3], vec![0.25; 3]),
         ignore_index: None,
         temperature: 1.0,
         config: "name = \"tiny\"\n".into(),
@@ -289,6 +289,36 @@ fn every_metadata_field_is_checked_and_named() {
         ),
         (
             &whole,
+            "normalize",
+            Some("\"percentile\"".into()),
+            vec!["`normalize`", "unknown variant"],
+        ),
+        (
+            &whole,
+            "normalize",
+            Some("image".into()),
+            vec!["`normalize`"],
+        ),
+        (
+            &whole,
+            "clip_percentiles",
+            Some("[99, 1]".into()),
+            vec!["`clip_percentiles`", "0 <= lo < hi <= 100"],
+        ),
+        (
+            &whole,
+            "clip_percentiles",
+            Some("[1, 1000]".into()),
+            vec!["`clip_percentiles`"],
+        ),
+        (
+            &whole,
+            "clip_percentiles",
+            Some("[1]".into()),
+            vec!["`clip_percentiles`"],
+        ),
+        (
+            &whole,
             "temperature",
             Some("0".into()),
             vec!["`temperature`", "> 0"],
@@ -403,6 +433,32 @@ fn every_metadata_field_is_checked_and_named() {
         Some("30"),
     );
     assert_refused(&old_bad, &["`image_size`", "2^depth"]);
+}
+
+#[test]
+fn normalisation_round_trips_and_older_files_mean_dataset_statistics() {
+    let dir = temp_dir("normalisation-meta");
+    let src = dir.join("model.safetensors");
+    tiny_model(&src, 1, Window::Whole { size: 32 });
+    // per-image z-score with clipping is written and read back
+    let (tensors, mut meta) = read(&src);
+    meta.insert("normalize".into(), "\"image\"".into());
+    meta.insert("clip_percentiles".into(), "[0.5,99.5]".into());
+    let image = dir.join("image.safetensors");
+    write(&image, tensors, meta);
+    let n = export::load(&image, &Device::Cpu).unwrap().1.normalizer;
+    assert_eq!(n.mode, Normalization::Image);
+    assert_eq!(n.clip, Some([0.5, 99.5]));
+    // a file written before these fields existed normalises with the data set's statistics
+    let old = relabel(&src, &dir.join("old.safetensors"), "normalize", None);
+    let old = relabel(
+        &old,
+        &dir.join("older.safetensors"),
+        "clip_percentiles",
+        None,
+    );
+    let n = export::load(&old, &Device::Cpu).unwrap().1.normalizer;
+    assert_eq!(n, Normalizer::dataset(vec![0.5; 3], vec![0.25; 3]));
 }
 
 #[test]
@@ -595,7 +651,7 @@ fn extreme_config_values_are_refused_with_their_bound() {
     let dir = temp_dir("hostile-config");
     let cfg = tiny_config(&dir, &dir.join("no-data"), "");
     let runs = dir.join("runs");
-    let cases: [(&[&str], &[&str]); 14] = [
+    let cases: [(&[&str], &[&str]); 17] = [
         (
             &["data.image_size=1073741824"],
             &["data.image_size", "≤ 16384"],
@@ -634,6 +690,18 @@ fn extreme_config_values_are_refused_with_their_bound() {
             &["model.activation", "2 classes"],
         ),
         (&["data.overlap=1.0"], &["data.overlap", "[0, 0.95)"]),
+        (
+            &["data.clip_percentiles=[99.5, 0.5]"],
+            &["data.clip_percentiles", "0 <= lo < hi <= 100"],
+        ),
+        (
+            &["data.clip_percentiles=[-1, 50]"],
+            &["data.clip_percentiles"],
+        ),
+        (
+            &["data.normalize=\"per_image\""],
+            &["data.normalize", "unknown value `per_image`", "dataset, image"],
+        ),
     ];
     for (sets, expect) in cases {
         let mut extra = vec![];

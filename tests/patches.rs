@@ -7,7 +7,7 @@ use candle_core::Device;
 use common::{ok, temp_dir};
 use segtrain::config::{AugmentConfig, Blend};
 use segtrain::data::loader::{epoch_batches, BatchRecipe, Crop};
-use segtrain::data::Sample;
+use segtrain::data::{Normalizer, Sample};
 use segtrain::inference::{window_starts, Predictor, Window};
 use segtrain::loss::Activation;
 use segtrain::metrics::{image_counts, Evaluation};
@@ -24,14 +24,13 @@ fn model(seed: u64) -> UNet {
     segtrain::train::detached_model(&vars, cfg, &Device::Cpu).unwrap()
 }
 
-fn predictor<'a>(m: &'a UNet, window: Window, stats: &'a [f32]) -> Predictor<'a> {
+fn predictor<'a>(m: &'a UNet, window: Window, normalizer: &'a Normalizer) -> Predictor<'a> {
     Predictor {
         model: m,
         activation: Activation::Sigmoid,
         temperature: 1.0,
         window,
-        mean: &stats[..1],
-        std: &stats[1..],
+        normalizer,
         batch: 4,
         device: &Device::Cpu,
         tta: vec![],
@@ -53,7 +52,7 @@ fn edge_image(h: usize, w: usize, edge: usize) -> Vec<f32> {
 #[test]
 fn a_window_covering_the_image_equals_the_whole_image_forward() {
     let m = model(1);
-    let stats = [0.5f32, 0.25];
+    let stats = Normalizer::dataset(vec![0.5], vec![0.25]);
     let img = edge_image(32, 32, 13);
     let sliding = predictor(
         &m,
@@ -78,14 +77,14 @@ fn a_window_covering_the_image_equals_the_whole_image_forward() {
 #[test]
 fn overlapping_windows_blend_without_seams() {
     let m = model(2);
-    let stats = [0.5f32, 0.25];
+    let stats = Normalizer::dataset(vec![0.5], vec![0.25]);
     let (h, w, patch) = (64, 96, 32);
     let img = edge_image(h, w, 45);
     // the fully convolutional forward over the whole image is the seamless reference
     let reference = predictor(&m, Window::Whole { size: 0 }, &stats);
     let full = {
         let mut x = img.clone();
-        segtrain::data::normalize(&mut x, &stats[..1], &stats[1..]);
+        stats.apply(&mut x);
         let t = candle_core::Tensor::from_vec(x, (1, 1, h, w), &Device::Cpu).unwrap();
         let logits = reference.model.forward(&t, false).unwrap();
         candle_nn::ops::sigmoid(&logits)
@@ -140,7 +139,7 @@ fn overlapping_windows_blend_without_seams() {
 #[test]
 fn sliding_windows_cover_images_smaller_and_odder_than_a_patch() {
     let m = model(3);
-    let stats = [0.5f32, 0.25];
+    let stats = Normalizer::dataset(vec![0.5], vec![0.25]);
     for (h, w) in [(45, 120), (20, 20), (33, 64)] {
         let img = edge_image(h, w, w / 3);
         let p = predictor(
@@ -193,7 +192,7 @@ fn patches_are_centred_on_foreground_as_often_as_asked() {
                 size: 48,
                 foreground: fraction,
             },
-            (vec![0.5], vec![0.25]),
+            Normalizer::dataset(vec![0.5], vec![0.25]),
             Some(no_aug.clone()),
             None,
         )
@@ -417,7 +416,7 @@ fn test_time_augmentation_is_equivariant_under_the_trained_symmetries() {
     );
 
     let m = model(3);
-    let stats = [0.5f32, 0.25];
+    let stats = Normalizer::dataset(vec![0.5], vec![0.25]);
     let image = edge_image(side, side, 5);
     let window = Window::Whole { size: side };
     let with_tta = Predictor {

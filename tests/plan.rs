@@ -100,6 +100,9 @@ fn grey_scans_with_mostly_empty_slices() {
     // the budget: at 0.05 s per update the epochs fill it, clamped to 5..500
     let epochs: usize = value(&text, "epochs").unwrap().parse().unwrap();
     assert!((5..=500).contains(&epochs));
+    // grey scans: z-score per image; synthetic MRI has no outliers to clip
+    assert_eq!(value(&text, "normalize"), Some("\"image\""), "{text}");
+    assert_eq!(value(&text, "clip_percentiles"), None, "{text}");
     let out = train(&dir, &config);
     assert!(out.contains("best epoch"), "{out}");
 }
@@ -112,6 +115,8 @@ fn rgb_photographs_and_class_index_masks() {
     assert_commented(&text);
     assert_eq!(value(&text, "channels"), Some("3"), "{text}");
     assert!(text.contains("colour photographs"), "{text}");
+    // colour carries meaning: the data set's statistics, not each image's
+    assert_eq!(value(&text, "normalize"), None, "{text}");
     train(&dir, &config);
 
     let multi = tiny_dataset(&dir, "multi", "multiclass", 10, 40);
@@ -305,4 +310,121 @@ fn a_single_pair_trains_and_bad_splits_and_names_are_refused() {
         ]);
         assert!(err.contains("--name"), "{name:?}: {err}");
     }
+}
+
+/// `data.normalize = "image"` with clipping is recorded in the model file and applied by
+/// `predict`: an image and a copy of it at twice the brightness (exact in 8 bits) get the same
+/// probabilities, as the per-image z-score (and the clip percentiles) cancel the factor; the
+/// same weights with the data set's statistics do not.
+#[test]
+fn per_image_normalisation_is_recorded_and_applied_by_predict() {
+    let dir = temp_dir("plan-normalise");
+    let data = tiny_dataset(&dir, "mri", "mri", 8, 32);
+    let config = common::tiny_config(&dir, &data, "");
+    ok(&common::train_args(
+        &config,
+        &dir.join("runs"),
+        &[
+            "--set",
+            "data.channels=1",
+            "--set",
+            "data.normalize=\"image\"",
+            "--set",
+            "data.clip_percentiles=[1, 99]",
+            // PyTorch's head init (logits near 0): probabilities that vary across the image
+            "--set",
+            "model.prior=0",
+        ],
+    ));
+    let model = dir.join("runs/tiny/model.safetensors");
+    let (tensors, mut meta) =
+        segtrain::fsutil::read_safetensors(&model, &candle_core::Device::Cpu).unwrap();
+    assert_eq!(meta["normalize"], "\"image\"");
+    assert_eq!(meta["clip_percentiles"], "[1.0,99.0]");
+    // the same weights, normalised with the data set's statistics
+    meta.insert("normalize".into(), "\"dataset\"".into());
+    let dataset_model = dir.join("dataset.safetensors");
+    let list: Vec<_> = tensors.into_iter().collect();
+    segtrain::fsutil::write_safetensors(&dataset_model, &list, Some(meta)).unwrap();
+
+    let source = std::fs::read_dir(data.join("images"))
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    let grey = image::open(&source).unwrap().to_luma8();
+    let (w, h) = grey.dimensions();
+    let dark = image::GrayImage::from_fn(w, h, |x, y| image::Luma([grey.get_pixel(x, y)[0] / 2]));
+    let bright = image::GrayImage::from_fn(w, h, |x, y| image::Luma([dark.get_pixel(x, y)[0] * 2]));
+    dark.save(dir.join("dark.png")).unwrap();
+    bright.save(dir.join("bright.png")).unwrap();
+    // largest difference between the probability maps (in 1/65535) of the two images
+    let gap = |model: &Path, out: &str| -> (u16, u16) {
+        let out = dir.join(out);
+        ok(&[
+            "predict",
+            "--model",
+            model.to_str().unwrap(),
+            dir.join("dark.png").to_str().unwrap(),
+            dir.join("bright.png").to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "--probabilities",
+        ]);
+        let read = |n: &str| {
+            image::open(out.join(format!("{n}_prob.png")))
+                .unwrap()
+                .to_luma16()
+                .into_raw()
+        };
+        let (a, b) = (read("dark"), read("bright"));
+        let spread = a.iter().max().unwrap() - a.iter().min().unwrap();
+        let gap = a.iter().zip(&b).map(|(x, y)| x.abs_diff(*y)).max().unwrap();
+        (gap, spread)
+    };
+    let (image_gap, spread) = gap(&model, "pred-image");
+    assert!(
+        spread > 100,
+        "the probabilities are flat ({spread}/65535): the comparison says nothing"
+    );
+    assert!(
+        image_gap <= 2,
+        "per-image normalisation: {image_gap}/65535 apart"
+    );
+    let (dataset_gap, _) = gap(&dataset_model, "pred-dataset");
+    assert!(
+        dataset_gap > 100,
+        "data-set normalisation: only {dataset_gap}/65535 apart"
+    );
+}
+
+/// A few pixels far brighter than the rest (burnt-in text on a dim scan) are clipped to each
+/// image's 99.5th percentile; the planned config trains.
+#[test]
+fn outlying_intensities_are_clipped() {
+    let dir = temp_dir("plan-clip");
+    let data = dir.join("dim");
+    masks_dataset(&data, 6, |i, x, y| {
+        u16::from(x.abs_diff(8 + i as u32) <= 2 && y.abs_diff(12) <= 2)
+    });
+    for i in 0..6 {
+        let path = data.join(format!("images/m{i}.png"));
+        let dim = image::GrayImage::from_fn(24, 24, |x, y| {
+            image::Luma([if x < 2 && y == 0 {
+                255
+            } else {
+                20 + ((x * 3 + y + i) % 40) as u8
+            }])
+        });
+        dim.save(&path).unwrap();
+    }
+    let (config, text) = plan(&dir, &data, "dim");
+    assert_eq!(
+        value(&text, "clip_percentiles"),
+        Some("[0.5, 99.5]"),
+        "{text}"
+    );
+    assert!(text.contains("span more than the other 99 %"), "{text}");
+    train(&dir, &config);
 }

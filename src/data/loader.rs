@@ -13,7 +13,7 @@ use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-use super::{augment, normalize, Sample};
+use super::{augment, Normalizer, Sample};
 use crate::config::AugmentConfig;
 
 /// A SplitMix64 step: decorrelates consecutive seeds.
@@ -57,7 +57,7 @@ pub enum Crop {
     Whole,
     /// A `size × size` patch, centred on a random foreground pixel with probability
     /// `foreground` (when the sample has one), anywhere otherwise; padded where the image is
-    /// smaller (image: the channel mean, mask: ignore or background).
+    /// smaller (image: the value that normalises to 0, mask: ignore or background).
     Patch { size: usize, foreground: f64 },
 }
 
@@ -117,8 +117,7 @@ pub struct BatchRecipe {
     pub foreground: Arc<Vec<Vec<u32>>>,
     pub channels: usize,
     pub crop: Crop,
-    pub mean: Vec<f32>,
-    pub std: Vec<f32>,
+    pub normalizer: Normalizer,
     /// None: no augmentation.
     pub augment: Option<AugmentConfig>,
     /// The mask value of padding outside an image (ignore_index, or background).
@@ -131,7 +130,7 @@ impl BatchRecipe {
         samples: Vec<Sample>,
         channels: usize,
         crop: Crop,
-        (mean, std): (Vec<f32>, Vec<f32>),
+        normalizer: Normalizer,
         augment: Option<AugmentConfig>,
         ignore: Option<u8>,
     ) -> Self {
@@ -154,8 +153,7 @@ impl BatchRecipe {
             foreground: Arc::new(foreground),
             channels,
             crop,
-            mean,
-            std,
+            normalizer,
             augment,
             pad_label: ignore.unwrap_or(0),
         }
@@ -177,6 +175,8 @@ impl BatchRecipe {
         let items = indices.iter().enumerate().map(|(slot, &i)| {
             let sample = &self.samples[i];
             let mut rng = ChaCha8Rng::seed_from_u64(mix_seed(seed, slot as u64));
+            // the whole image's statistics, before augmentation
+            let norm = self.normalizer.for_image(&sample.image);
             let (mut image, mut mask) = match self.crop {
                 Crop::Whole => (sample.image.clone(), sample.mask.clone()),
                 Crop::Patch { size, foreground } => {
@@ -187,14 +187,14 @@ impl BatchRecipe {
                     });
                     let y0 = origin(sample.h, size, centre.map(|c| c.0), &mut rng);
                     let x0 = origin(sample.w, size, centre.map(|c| c.1), &mut rng);
-                    cut(sample, c, size, (y0, x0), (&self.mean, self.pad_label))
+                    cut(sample, c, size, (y0, x0), (norm.centre(), self.pad_label))
                 }
             };
             if let Some(cfg) = &self.augment {
                 augment::geometric(&mut image, &mut mask, c, s, cfg, &mut rng);
                 augment::gamma(&mut image, cfg, &mut rng);
             }
-            normalize(&mut image, &self.mean, &self.std);
+            norm.apply(&mut image);
             if let Some(cfg) = &self.augment {
                 augment::photometric(&mut image, cfg, &mut rng);
             }

@@ -12,6 +12,7 @@
 //! which refuses files claiming more than [`max_image_pixels`] before decoding them.
 
 pub mod augment;
+pub mod intensity;
 pub mod loader;
 pub mod synth;
 
@@ -25,6 +26,7 @@ use rand_chacha::ChaCha8Rng;
 use rayon::prelude::*;
 
 use crate::config::DataConfig;
+pub use intensity::{Normalization, Normalizer};
 
 /// One image/mask pair on disk.
 #[derive(Debug, Clone)]
@@ -1065,8 +1067,7 @@ pub struct Dataset {
     pub train: Vec<Sample>,
     pub val: Vec<Sample>,
     pub format: Format,
-    pub mean: Vec<f32>,
-    pub std: Vec<f32>,
+    pub normalizer: Normalizer,
 }
 
 /// A generated data set must match `data.synth`: changing a knob (say `label_noise`) while
@@ -1183,7 +1184,11 @@ impl Dataset {
                 s.iter().map(|&v| v as f32).collect(),
             ),
             (m, s) => {
-                let (cm, cs) = channel_stats(&train, format.channels);
+                let (cm, cs) = Normalizer::dataset_moments(
+                    train.iter().map(|s| s.image.as_slice()),
+                    format.channels,
+                    cfg.clip_percentiles,
+                );
                 (
                     m.as_ref()
                         .map_or(cm, |m| m.iter().map(|&v| v as f32).collect()),
@@ -1196,38 +1201,13 @@ impl Dataset {
             train,
             val,
             format,
-            mean,
-            std,
+            normalizer: Normalizer {
+                mode: cfg.normalize,
+                clip: cfg.clip_percentiles,
+                mean,
+                std,
+            },
         })
-    }
-}
-
-/// Per-channel mean and standard deviation of planar images (std floored at 1e-3).
-pub fn channel_stats(samples: &[Sample], channels: usize) -> (Vec<f32>, Vec<f32>) {
-    (0..channels)
-        .map(|c| {
-            let (mut sum, mut sq, mut n) = (0f64, 0f64, 0f64);
-            for s in samples {
-                let plane = s.h * s.w;
-                for &v in &s.image[c * plane..(c + 1) * plane] {
-                    sum += v as f64;
-                    sq += (v as f64) * (v as f64);
-                    n += 1.0;
-                }
-            }
-            let mean = sum / n;
-            let var = (sq / n - mean * mean).max(0.0);
-            (mean as f32, (var.sqrt().max(1e-3)) as f32)
-        })
-        .unzip()
-}
-
-/// `(x − mean) / std` per channel of a planar image, in place.
-pub fn normalize(image: &mut [f32], mean: &[f32], std: &[f32]) {
-    let plane = image.len() / mean.len();
-    for (c, chunk) in image.chunks_mut(plane).enumerate() {
-        let (m, s) = (mean[c], std[c]);
-        chunk.iter_mut().for_each(|v| *v = (*v - m) / s);
     }
 }
 

@@ -339,9 +339,8 @@ pub fn import_with(
         bail!("--every must be at least 1");
     }
     if let Intensity::Percentile(lo, hi) = opts.intensity {
-        if !(0.0 <= lo && lo < hi && hi <= 100.0) {
-            bail!("--percentile {lo},{hi}: need 0 <= LO < HI <= 100");
-        }
+        crate::config::rules::clip_percentiles([lo, hi])
+            .map_err(|m| anyhow!("--percentile {lo},{hi}: {m}"))?;
     }
     if let Intensity::Window(lo, hi) = opts.intensity {
         if !(lo.is_finite() && hi.is_finite() && lo < hi) {

@@ -199,8 +199,8 @@ pub fn train(config: &Config, opts: &TrainOptions) -> Result<Summary> {
     let mut optimizer = AdamW::new(params, config.train.weight_decay)?;
     let precision = config.train.precision;
     let mut progress = Progress {
-        mean: dataset.mean.clone(),
-        std: dataset.std.clone(),
+        mean: dataset.normalizer.mean.clone(),
+        std: dataset.normalizer.std.clone(),
         loss_scale: (precision == Precision::F16).then_some(LossScale {
             scale: LossScale::INITIAL,
             finite_run: 0,
@@ -209,7 +209,7 @@ pub fn train(config: &Config, opts: &TrainOptions) -> Result<Summary> {
     };
     if !checkpoints.is_empty() {
         progress = load_newest_checkpoint(&checkpoints, &vars, &mut optimizer, &device, opts)?;
-        if progress.mean != dataset.mean || progress.std != dataset.std {
+        if progress.mean != dataset.normalizer.mean || progress.std != dataset.normalizer.std {
             bail!(
                 "{}: the data set changed since the checkpoint was written",
                 run_dir.display()
@@ -242,7 +242,7 @@ pub fn train(config: &Config, opts: &TrainOptions) -> Result<Summary> {
         dataset.train.clone(),
         dataset.format.channels,
         crop,
-        (dataset.mean.clone(), dataset.std.clone()),
+        dataset.normalizer.clone(),
         Some(d.augment.clone()),
         ignore,
     );
@@ -259,8 +259,7 @@ pub fn train(config: &Config, opts: &TrainOptions) -> Result<Summary> {
             unet,
             window,
             activation,
-            mean: dataset.mean.clone(),
-            std: dataset.std.clone(),
+            normalizer: dataset.normalizer.clone(),
             ignore_index: config.data.ignore_index,
             temperature: 1.0,
             config: resolved.clone(),
@@ -372,8 +371,7 @@ pub fn train(config: &Config, opts: &TrainOptions) -> Result<Summary> {
             activation,
             temperature: 1.0,
             window,
-            mean: &dataset.mean,
-            std: &dataset.std,
+            normalizer: &dataset.normalizer,
             batch: t.batch_size,
             device: &device,
             tta: if t.val_tta {
