@@ -578,11 +578,11 @@ fn write_normalisation(w: &mut String, fp: &Fingerprint) -> Result<()> {
     if fp.channels == 1 {
         writeln!(
             w,
-            "# grey images: each normalised by its own mean and std (z-score per image, nnU-Net's rule for MRI);"
+            "# grey images: each normalised by its own mean and std (z-score per image, nnU-Net's rule for MRI),"
         )?;
         writeln!(
             w,
-            "# their brightness and contrast vary (mean {:.3}..{:.3}, std {:.3}..{:.3}) with scanner, sequence and window",
+            "# so that scans of other scanners, sequences or windows reach the network alike (here: means {:.3}..{:.3}, stds {:.3}..{:.3})",
             fp.image_means.min, fp.image_means.max, fp.image_stds.min, fp.image_stds.max
         )?;
         writeln!(w, "normalize = \"image\"")?;
