@@ -12,12 +12,11 @@ use std::sync::atomic::Ordering;
 
 use anyhow::{anyhow, bail, Context, Result};
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
-use serde::Serialize;
 
 use crate::config::{first_difference, Config};
 use crate::export;
 use crate::fsutil::{atomic_write, DirLock};
-use crate::metrics::Diagram;
+use crate::metrics::{self, Better, Diagram, Metric, METRICS};
 use crate::report::plot::{self, Chart, Series};
 use crate::report::Csv;
 use crate::train::{self, Summary, TrainOptions, STOP};
@@ -51,24 +50,6 @@ struct RunResult {
     /// metrics.csv of the run.
     metrics: Csv,
     diagram: Diagram,
-}
-
-/// One row of `results.csv`.
-#[derive(Serialize)]
-struct ResultRow<'a> {
-    variant: &'a str,
-    seed: u64,
-    dice: f64,
-    iou: f64,
-    precision: f64,
-    recall: f64,
-    lesion_dice: Option<f64>,
-    empty_fp_rate: Option<f64>,
-    hd95: Option<f64>,
-    ece: f64,
-    brier: f64,
-    best_epoch: usize,
-    train_seconds: f64,
 }
 
 /// Trains every variant with every seed (skipping finished runs) and writes the report.
@@ -269,90 +250,67 @@ fn run_result(variant: &str, seed: u64, summary: Summary) -> Result<RunResult> {
     })
 }
 
-/// Which way a column improves.
-#[derive(Clone, Copy, PartialEq)]
-enum Better {
-    Higher,
-    Lower,
-    Neither,
+/// What a report column shows of a run.
+#[derive(Clone, Copy)]
+enum Shown {
+    Metric(&'static Metric),
+    BestEpoch,
+    TrainSeconds,
 }
 
-/// A report column: its title, how to read it from a run, and which way is better.
+/// A report column: its title, what it shows, which way is better (None: neither).
 struct Column {
     title: &'static str,
-    value: fn(&Summary) -> Option<f64>,
-    better: Better,
+    shown: Shown,
+    better: Option<Better>,
     digits: usize,
 }
 
-const COLUMNS: [Column; 11] = [
-    Column {
-        title: "Dice",
-        value: |s| Some(s.val_dice),
-        better: Better::Higher,
-        digits: 4,
-    },
-    Column {
-        title: "IoU",
-        value: |s| Some(s.val_iou),
-        better: Better::Higher,
-        digits: 4,
-    },
-    Column {
-        title: "precision",
-        value: |s| Some(s.val_precision),
-        better: Better::Higher,
-        digits: 4,
-    },
-    Column {
-        title: "recall",
-        value: |s| Some(s.val_recall),
-        better: Better::Higher,
-        digits: 4,
-    },
-    Column {
-        title: "lesion-image Dice",
-        value: |s| s.val_lesion_dice,
-        better: Better::Higher,
-        digits: 4,
-    },
-    Column {
-        title: "false alarms on empty images",
-        value: |s| s.val_empty_fp_rate,
-        better: Better::Lower,
-        digits: 3,
-    },
-    Column {
-        title: "HD95 (px)",
-        value: |s| s.val_hd95,
-        better: Better::Lower,
-        digits: 2,
-    },
-    Column {
-        title: "ECE",
-        value: |s| Some(s.val_ece),
-        better: Better::Lower,
-        digits: 4,
-    },
-    Column {
-        title: "Brier",
-        value: |s| Some(s.val_brier),
-        better: Better::Lower,
-        digits: 4,
-    },
-    Column {
-        title: "best epoch",
-        value: |s| Some(s.best_epoch as f64),
-        better: Better::Neither,
-        digits: 1,
-    },
-    Column {
-        title: "training s",
-        value: |s| Some(s.train_seconds),
-        better: Better::Lower,
-        digits: 0,
-    },
-];
+impl Column {
+    fn value(&self, s: &Summary) -> Option<f64> {
+        match self.shown {
+            Shown::Metric(m) => s.val.get(m.name),
+            Shown::BestEpoch => Some(s.best_epoch as f64),
+            Shown::TrainSeconds => Some(s.train_seconds),
+        }
+    }
+}
+
+/// The report's columns: the registry's metrics, then the best epoch and the training time.
+fn columns() -> Vec<Column> {
+    METRICS
+        .iter()
+        .map(|m| Column {
+            title: m.title,
+            shown: Shown::Metric(m),
+            better: Some(m.better),
+            digits: m.digits,
+        })
+        .chain([
+            Column {
+                title: "best epoch",
+                shown: Shown::BestEpoch,
+                better: None,
+                digits: 1,
+            },
+            Column {
+                title: "training s",
+                shown: Shown::TrainSeconds,
+                better: Some(Better::Lower),
+                digits: 0,
+            },
+        ])
+        .collect()
+}
+
+/// `a, b and c`.
+fn listed(items: &[&str]) -> String {
+    match items {
+        [] => String::new(),
+        [one] => one.to_string(),
+        [rest @ .., last] => format!("{} and {last}", rest.join(", ")),
+    }
+}
 
 /// Mean and sample standard deviation (0 for one value) of the defined values.
 #[derive(Clone, Copy)]
@@ -404,24 +362,18 @@ fn write_report(
 ) -> Result<PathBuf> {
     std::fs::create_dir_all(&opts.out)
         .with_context(|| format!("cannot create {}", opts.out.display()))?;
-    let mut csv = csv::Writer::from_writer(vec![]);
+    // one row per run: the variant, the seed, the registry's metrics, the best epoch, the time
+    let mut csv = csv::WriterBuilder::new()
+        .has_headers(false)
+        .from_writer(vec![]);
+    let mut header = vec!["variant", "seed"];
+    header.extend(metrics::names());
+    header.extend(["best_epoch", "train_seconds"]);
+    csv.write_record(&header)?;
     for r in results {
         let s = &r.summary;
-        csv.serialize(ResultRow {
-            variant: &r.variant,
-            seed: r.seed,
-            dice: s.val_dice,
-            iou: s.val_iou,
-            precision: s.val_precision,
-            recall: s.val_recall,
-            lesion_dice: s.val_lesion_dice,
-            empty_fp_rate: s.val_empty_fp_rate,
-            hd95: s.val_hd95,
-            ece: s.val_ece,
-            brier: s.val_brier,
-            best_epoch: s.best_epoch,
-            train_seconds: s.train_seconds,
-        })?;
+        let values: Vec<Option<f64>> = s.val.iter().map(|(_, v)| v).collect();
+        csv.serialize((&r.variant, r.seed, values, s.best_epoch, s.train_seconds))?;
     }
     atomic_write(&opts.out.join("results.csv"), &csv.into_inner()?)?;
     write_plots(&opts.out, variants, results)?;
@@ -431,13 +383,13 @@ fn write_report(
         let values: Vec<f64> = results
             .iter()
             .filter(|r| r.variant == v.name)
-            .filter_map(|r| (c.value)(&r.summary))
+            .filter_map(|r| c.value(&r.summary))
             .filter(|x| x.is_finite())
             .collect();
         spread(&values)
     };
-    let columns: Vec<&Column> = COLUMNS
-        .iter()
+    let columns: Vec<Column> = columns()
+        .into_iter()
         .filter(|c| variants.iter().any(|v| of(v, c).is_some()))
         .collect();
     let table: Vec<Vec<Option<Spread>>> = variants
@@ -451,7 +403,7 @@ fn write_report(
             .collect();
         let mean = |i: usize| table[i][j].map_or(f64::NAN, |s| s.mean);
         order.sort_by(|&a, &b| match columns[j].better {
-            Better::Lower => mean(a).total_cmp(&mean(b)),
+            Some(Better::Lower) => mean(a).total_cmp(&mean(b)),
             _ => mean(b).total_cmp(&mean(a)),
         });
         order
@@ -493,7 +445,7 @@ fn write_report(
         .map(|j| {
             let d = columns[j].digits;
             let first = ranking(j).first().copied();
-            (columns[j].better != Better::Neither && variants.len() > 1)
+            (columns[j].better.is_some() && variants.len() > 1)
                 .then(|| {
                     first
                         .and_then(|i| table[i][j])
@@ -529,14 +481,24 @@ fn write_report(
             cells.join(" | ")
         );
     }
+    let titles = |better: Better| -> String {
+        let t: Vec<&str> = columns
+            .iter()
+            .filter(|c| c.better == Some(better))
+            .map(|c| c.title)
+            .collect();
+        listed(&t)
+    };
     md += &format!(
-        "\n{} at each run's selected epoch (`train.select_by = {}`). **Bold**: the best of the column — higher is better for Dice, IoU, precision, recall and lesion-image Dice; lower for false alarms, HD95 (pixels; see the README for how empty masks count), ECE (15 bins), Brier score and training seconds.\n\n",
+        "\n{} at each run's selected epoch (`train.select_by = {}`). **Bold**: the best of the column — higher is better for {}; lower for {} (see the README's Metrics section for their definitions).\n\n",
         if opts.seeds > 1 {
             "Mean ± sample standard deviation over the seeds,"
         } else {
             "Values"
         },
-        serde_json::to_value(t.select_by)?.as_str().unwrap_or("?"),
+        t.select_by.metric().name,
+        titles(Better::Higher),
+        titles(Better::Lower),
     );
 
     md += "## Is the best better than the seed-to-seed spread?\n\n";
@@ -546,7 +508,7 @@ fn write_report(
         md += "One seed per variant: there is no seed-to-seed spread to judge the differences by. Repeat with `--seeds 3` before trusting a ranking.\n\n";
     } else {
         for (j, c) in columns.iter().enumerate() {
-            if c.better == Better::Neither || c.title == "training s" {
+            if !matches!(c.shown, Shown::Metric(_)) {
                 continue;
             }
             let order = ranking(j);

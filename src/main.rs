@@ -378,8 +378,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             println!(
                 "best epoch {}: val dice {:.4}, iou {:.4}; {:.1} s/epoch, {:.1} images/s; model: {}",
                 summary.best_epoch,
-                summary.val_dice,
-                summary.val_iou,
+                summary.val.get("dice").unwrap_or(f64::NAN),
+                summary.val.get("iou").unwrap_or(f64::NAN),
                 summary.seconds_per_epoch,
                 summary.images_per_second,
                 summary.run_dir.join("model.safetensors").display()
@@ -423,28 +423,19 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             if json {
                 println!("{}", serde_json::to_string_pretty(&report)?);
             } else {
-                println!("images     {}", report.images);
-                println!("dice       {:.4}", report.dice);
-                println!("iou        {:.4}", report.iou);
-                println!("precision  {:.4}", report.precision);
-                println!("recall     {:.4}", report.recall);
-                match report.lesion_dice {
-                    Some(d) => println!(
-                        "lesion-image dice  {d:.4}  ({} images with a lesion)",
-                        report.lesion_images
-                    ),
-                    None => println!("lesion-image dice  -  (no image with a lesion)"),
-                }
-                if let Some(f) = report.empty_fp_rate {
-                    println!(
-                        "false alarms on empty images  {:.1}%  ({} empty images)",
-                        100.0 * f,
-                        report.empty_images
-                    );
+                println!(
+                    "images         {} ({} with a lesion, {} empty)",
+                    report.images, report.lesion_images, report.empty_images
+                );
+                for m in segtrain::metrics::METRICS {
+                    match (m.value)(&report) {
+                        Some(v) => println!("{:<14} {v:.d$}", m.name, d = m.digits),
+                        None => println!("{:<14} -", m.name),
+                    }
                 }
                 if report.dice_per_class.len() > 1 {
                     for (k, d) in report.dice_per_class.iter().enumerate() {
-                        println!("dice class {}  {d:.4}", k + 1);
+                        println!("dice class {:<3} {d:.4}", k + 1);
                     }
                 }
             }

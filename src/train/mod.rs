@@ -2,8 +2,8 @@
 //! validation every epoch, the best model exported, checkpoints to resume from.
 //!
 //! A run writes to `runs/<name>/`: `config.toml` (resolved), `metrics.csv` (a row per epoch),
-//! `checkpoint.safetensors` (+ the previous one), `model.safetensors` (best validation Dice)
-//! and `summary.json`. Every file is replaced atomically.
+//! `checkpoint.safetensors` (+ the previous one), `model.safetensors` (the best epoch by
+//! `train.select_by`) and `summary.json`. Every file is replaced atomically.
 
 pub mod optim;
 pub mod schedule;
@@ -29,7 +29,7 @@ use crate::fsutil::{
 };
 use crate::inference::{Predictor, Symmetry, Window};
 use crate::loss::{Loss, PositivesAverage};
-use crate::metrics::Report;
+use crate::metrics::{Report, Scores};
 use crate::model::{self, is_trainable, UNet, UNetConfig};
 use optim::AdamW;
 
@@ -81,18 +81,9 @@ impl Default for TrainOptions {
 pub struct Summary {
     pub name: String,
     pub best_epoch: usize,
-    pub val_dice: f64,
-    pub val_iou: f64,
-    pub val_precision: f64,
-    pub val_recall: f64,
-    /// Mean Dice over the validation images that contain a lesion.
-    pub val_lesion_dice: Option<f64>,
-    /// Share of the lesion-free validation images with a false alarm.
-    pub val_empty_fp_rate: Option<f64>,
-    /// Mean HD95 in pixels (see [`Report::hd95`]).
-    pub val_hd95: Option<f64>,
-    pub val_ece: f64,
-    pub val_brier: f64,
+    /// The registry's metrics of that epoch, as `val_<name>` keys.
+    #[serde(flatten)]
+    pub val: Scores,
     pub selected_by: Selection,
     pub epochs: usize,
     pub steps: u64,
@@ -113,7 +104,9 @@ struct EpochRow {
     lr: f64,
     loss: f64,
     terms: Vec<f64>,
-    val: Report,
+    val: Scores,
+    /// Pooled Dice of each scored class (columns only for more than one).
+    dice_per_class: Vec<f64>,
     seconds: f64,
     images_per_second: f64,
 }
@@ -126,7 +119,10 @@ struct Progress {
     batch: usize,
     /// Optimiser updates so far (also the BatchNorm `num_batches_tracked`).
     step: u64,
-    best_dice: Option<f64>,
+    /// The `train.select_by` score of the best epoch so far (None: undefined there).
+    #[serde(rename = "best_dice")]
+    best_score: Option<f64>,
+    /// 0 before the first epoch is validated.
     best_epoch: usize,
     train_seconds: f64,
     skipped: u64,
@@ -390,17 +386,18 @@ pub fn train(config: &Config, opts: &TrainOptions) -> Result<Summary> {
             lr,
             loss: progress.epoch_loss / images,
             terms: progress.epoch_terms.iter().map(|s| s / images).collect(),
-            val: report.clone(),
+            val: Scores::of(&report),
+            dice_per_class: report.dice_per_class.clone(),
             seconds: progress.epoch_seconds,
             images_per_second: progress.epoch_images as f64 / progress.epoch_seconds.max(1e-9),
         };
-        let line = epoch_line(&row, t.epochs, &term_names);
+        let line = epoch_line(&row, &report, t.epochs, &term_names);
         opts.suspend(|| println!("{line}"));
         rows.push(row);
         write_metrics(&run_dir, &rows, &term_names)?;
-        let score = selection_score(t.select_by, &report);
-        if progress.best_dice.is_none_or(|best| score > best) {
-            progress.best_dice = Some(score);
+        let score = t.select_by.metric().selection_score(&report);
+        if improves(t.select_by, score, &progress) {
+            progress.best_score = score;
             progress.best_epoch = epoch + 1;
             let weights = export::state_dict(&unet, &vars, progress.step, DType::F32)?;
             export::save(
@@ -430,15 +427,7 @@ pub fn train(config: &Config, opts: &TrainOptions) -> Result<Summary> {
     let summary = Summary {
         name: config.name.clone(),
         best_epoch: progress.best_epoch,
-        val_dice: best.val.dice,
-        val_iou: best.val.iou,
-        val_precision: best.val.precision,
-        val_recall: best.val.recall,
-        val_lesion_dice: best.val.lesion_dice,
-        val_empty_fp_rate: best.val.empty_fp_rate,
-        val_hd95: best.val.hd95,
-        val_ece: best.val.ece,
-        val_brier: best.val.brier,
+        val: best.val.clone(),
         selected_by: t.select_by,
         epochs: t.epochs,
         steps: progress.step,
@@ -470,11 +459,16 @@ pub fn window_of(d: &DataConfig) -> Window {
     }
 }
 
-/// The validation score that picks the saved model.
-fn selection_score(select_by: Selection, r: &Report) -> f64 {
-    match select_by {
-        Selection::LesionDice => r.lesion_dice.unwrap_or(r.dice),
-        Selection::Dice => r.dice,
+/// Whether an epoch of `train.select_by` score `score` replaces the best so far: the first
+/// validated epoch does; later ones by a strictly better score, a defined score beating an
+/// undefined one.
+fn improves(select_by: Selection, score: Option<f64>, p: &Progress) -> bool {
+    if p.best_epoch == 0 {
+        return true;
+    }
+    match (score, p.best_score) {
+        (Some(score), Some(best)) => select_by.metric().better.prefers(score, best),
+        (score, best) => score.is_some() && best.is_none(),
     }
 }
 
@@ -771,19 +765,10 @@ fn load_checkpoint(
     Ok(progress)
 }
 
-/// The validation metrics of a `metrics.csv` row, by column name (None: undefined).
-fn metric_columns(r: &Report) -> Vec<(String, Option<f64>)> {
-    let mut cols = vec![
-        ("val_dice".to_string(), Some(r.dice)),
-        ("val_iou".into(), Some(r.iou)),
-        ("val_precision".into(), Some(r.precision)),
-        ("val_recall".into(), Some(r.recall)),
-        ("val_lesion_dice".into(), r.lesion_dice),
-        ("val_empty_fp_rate".into(), r.empty_fp_rate),
-        ("val_hd95".into(), r.hd95),
-        ("val_ece".into(), Some(r.ece)),
-        ("val_brier".into(), Some(r.brier)),
-    ];
+/// The validation metrics of a `metrics.csv` row, by column name (None: undefined): the
+/// registry's, then the Dice of each class.
+fn metric_columns(r: &EpochRow) -> Vec<(String, Option<f64>)> {
+    let mut cols: Vec<(String, Option<f64>)> = r.val.iter().map(|(m, v)| (m.column(), v)).collect();
     if r.dice_per_class.len() > 1 {
         cols.extend(
             r.dice_per_class
@@ -805,7 +790,7 @@ fn write_metrics(run_dir: &Path, rows: &[EpochRow], terms: &[&str]) -> Result<()
     );
     header.extend(["seconds", "images_per_second"].map(String::from));
     if let Some(r) = rows.first() {
-        header.extend(metric_columns(&r.val).into_iter().map(|(k, _)| k));
+        header.extend(metric_columns(r).into_iter().map(|(k, _)| k));
     }
     let mut out = header.join(",") + "\n";
     for r in rows {
@@ -818,7 +803,7 @@ fn write_metrics(run_dir: &Path, rows: &[EpochRow], terms: &[&str]) -> Result<()
         cols.push(format!("{:.3}", r.seconds));
         cols.push(format!("{:.2}", r.images_per_second));
         cols.extend(
-            metric_columns(&r.val)
+            metric_columns(r)
                 .into_iter()
                 .map(|(_, v)| v.map_or(String::new(), |v| v.to_string())),
         );
@@ -859,19 +844,8 @@ fn read_metrics(run_dir: &Path, before: usize) -> Result<Vec<EpochRow>> {
             lr: get("lr").unwrap_or(f64::NAN),
             loss: get("train_loss").unwrap_or(f64::NAN),
             terms,
-            val: Report {
-                dice: get("val_dice").unwrap_or(f64::NAN),
-                iou: get("val_iou").unwrap_or(f64::NAN),
-                precision: get("val_precision").unwrap_or(f64::NAN),
-                recall: get("val_recall").unwrap_or(f64::NAN),
-                lesion_dice: get("val_lesion_dice"),
-                empty_fp_rate: get("val_empty_fp_rate"),
-                hd95: get("val_hd95"),
-                ece: get("val_ece").unwrap_or(f64::NAN),
-                brier: get("val_brier").unwrap_or(f64::NAN),
-                dice_per_class: classes,
-                ..Report::default()
-            },
+            val: Scores::from_columns(get),
+            dice_per_class: classes,
             seconds: get("seconds").unwrap_or(0.0),
             images_per_second: get("images_per_second").unwrap_or(0.0),
         });
@@ -916,21 +890,17 @@ fn running_message(p: &Progress, terms: &[&str]) -> String {
     )
 }
 
-fn epoch_line(r: &EpochRow, epochs: usize, terms: &[&str]) -> String {
+/// The console line of a validated epoch: a digest of `report`, the epoch's validation.
+fn epoch_line(r: &EpochRow, report: &Report, epochs: usize, terms: &[&str]) -> String {
     let mut honest = String::new();
-    if let Some(d) = r.val.lesion_dice {
+    if let Some(d) = report.lesion_dice {
         honest += &format!("  lesion-image dice {d:.4}");
     }
-    if let Some(f) = r.val.empty_fp_rate {
+    if let Some(f) = report.empty_fp_rate {
         honest += &format!(" false alarms on empty images {:.0}%", 100.0 * f);
     }
-    let per_class = if r.val.dice_per_class.len() > 1 {
-        let d: Vec<String> = r
-            .val
-            .dice_per_class
-            .iter()
-            .map(|v| format!("{v:.3}"))
-            .collect();
+    let per_class = if r.dice_per_class.len() > 1 {
+        let d: Vec<String> = r.dice_per_class.iter().map(|v| format!("{v:.3}")).collect();
         format!(" (classes {})", d.join(" "))
     } else {
         String::new()
@@ -945,10 +915,10 @@ fn epoch_line(r: &EpochRow, epochs: usize, terms: &[&str]) -> String {
         r.epoch,
         r.loss,
         parts.join(", "),
-        r.val.dice,
-        r.val.iou,
-        r.val.precision,
-        r.val.recall,
+        report.dice,
+        report.iou,
+        report.precision,
+        report.recall,
         r.images_per_second,
         r.seconds
     )
@@ -956,7 +926,29 @@ fn epoch_line(r: &EpochRow, epochs: usize, terms: &[&str]) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::{experiment_difference, LossScale};
+    use super::{experiment_difference, improves, LossScale, Progress};
+    use crate::config::Selection;
+
+    #[test]
+    fn select_by_ranks_epochs_by_its_metric_in_its_direction() {
+        let brier: Selection = serde_json::from_str("\"brier\"").unwrap();
+        let mut p = Progress::default();
+        assert!(improves(brier, None, &p), "the first epoch is selected");
+        p.best_epoch = 1;
+        p.best_score = Some(0.3);
+        assert!(improves(brier, Some(0.2), &p), "lower is better");
+        assert!(!improves(brier, Some(0.4), &p));
+        assert!(
+            !improves(brier, Some(0.3), &p),
+            "a tie keeps the earlier epoch"
+        );
+        assert!(!improves(brier, None, &p));
+        let dice: Selection = serde_json::from_str("\"dice\"").unwrap();
+        assert!(improves(dice, Some(0.4), &p), "higher is better");
+        p.best_score = None;
+        assert!(improves(brier, Some(0.4), &p), "defined beats undefined");
+        assert!(!improves(brier, None, &p));
+    }
 
     fn same_experiment(previous: &str, resolved: &str) -> bool {
         experiment_difference(previous, resolved).is_none()
