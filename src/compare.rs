@@ -8,7 +8,8 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
 use anyhow::{anyhow, bail, Context, Result};
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
@@ -19,7 +20,7 @@ use crate::fsutil::{atomic_write, DirLock};
 use crate::metrics::{self, Better, Diagram, Metric, METRICS};
 use crate::report::plot::{self, Chart, Series};
 use crate::report::Csv;
-use crate::train::{self, Summary, TrainOptions, STOP};
+use crate::train::{self, Summary, TrainOptions};
 
 /// What to compare and where.
 #[derive(Debug, Clone)]
@@ -33,6 +34,8 @@ pub struct CompareOptions {
     pub sweep: Option<String>,
     pub out: PathBuf,
     pub device: Option<String>,
+    /// Set to stop the run in progress after its current update with a checkpoint.
+    pub stop: Arc<AtomicBool>,
 }
 
 /// One configuration to train: a config file, or a config file with one sweep value.
@@ -87,9 +90,10 @@ pub fn compare(opts: &CompareOptions) -> Result<PathBuf> {
                         runs_dir: runs_dir.clone(),
                         progress: true,
                         bars: Some(bars.clone()),
+                        stop: opts.stop.clone(),
                     };
                     train::train(&config, &run).map_err(|e| {
-                        if STOP.load(Ordering::SeqCst) {
+                        if opts.stop.load(Ordering::SeqCst) {
                             anyhow!(
                                 "interrupted during {}; its checkpoint is saved: run the same `segtrain compare` command again to continue (finished runs are skipped)",
                                 config.name

@@ -1,5 +1,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use segtrain::config::Config;
@@ -351,21 +353,24 @@ fn open_device(name: &str) -> anyhow::Result<candle_core::Device> {
     Ok(device)
 }
 
-/// Ctrl-C finishes the current update, writes a checkpoint and stops; a second one stops at once.
-fn stop_on_ctrl_c() {
-    let _ = ctrlc::set_handler(|| {
-        if segtrain::train::STOP.swap(true, std::sync::atomic::Ordering::SeqCst) {
+/// Ctrl-C sets the returned flag, with which training finishes the current update, writes a
+/// checkpoint and stops; a second one stops at once.
+fn stop_on_ctrl_c() -> Arc<AtomicBool> {
+    let stop = Arc::new(AtomicBool::new(false));
+    let flag = stop.clone();
+    let _ = ctrlc::set_handler(move || {
+        if flag.swap(true, Ordering::SeqCst) {
             std::process::exit(130);
         }
         eprintln!("\nstopping after this update (Ctrl-C again to stop now)");
     });
+    stop
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Train(a) => {
             let config = Config::load(&a.config, &a.sets)?;
-            stop_on_ctrl_c();
             let opts = TrainOptions {
                 device: a.device,
                 resume: a.resume,
@@ -373,6 +378,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 runs_dir: a.runs,
                 progress: true,
                 bars: None,
+                stop: stop_on_ctrl_c(),
             };
             let summary = segtrain::train::train(&config, &opts)?;
             println!(
@@ -394,7 +400,6 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             out,
             device,
         } => {
-            stop_on_ctrl_c();
             let report = segtrain::compare::compare(&segtrain::compare::CompareOptions {
                 configs,
                 seeds,
@@ -402,6 +407,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 sweep,
                 out,
                 device,
+                stop: stop_on_ctrl_c(),
             })?;
             println!("{}", std::fs::read_to_string(&report)?);
             println!("report: {}", report.display());
