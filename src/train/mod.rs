@@ -5,9 +5,9 @@
 //! `checkpoint.safetensors` (+ the previous one), `model.safetensors` (the best epoch by
 //! `train.select_by`) and `summary.json`. Every file is replaced atomically.
 //!
-//! The parts: [`run_dir`] (the run folder), [`checkpoint`] (what is saved and when),
-//! [`record`] (`metrics.csv` and the summary's numbers), [`display`] (progress bars and epoch
-//! lines), [`step`] (one update); this module holds the loop.
+//! The parts: `run_dir` (the run folder), `checkpoint` (what is saved and when), `record`
+//! (`metrics.csv` and the summary's numbers), `display` (progress bars and epoch lines),
+//! [`step`] (one update); this module holds the loop.
 
 mod checkpoint;
 mod display;
@@ -143,8 +143,9 @@ struct Run<'a> {
     progress: Progress,
     checkpoints: Checkpointer,
     log: EpochLog,
-    /// Updates per epoch, in all, and of warm-up.
+    /// Updates per epoch.
     per_epoch: usize,
+    /// Updates in all, and of warm-up (the learning-rate schedule's).
     total_steps: usize,
     warmup: usize,
 }
