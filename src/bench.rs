@@ -10,12 +10,13 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::Serialize;
 
-use crate::config::rules;
+use crate::config::{rules, Precision};
 use crate::kernels::profile::time;
 use crate::kernels::Kernels;
 use crate::loss::Loss;
-use crate::model::{self, is_trainable, UNetConfig};
+use crate::model::{self, UNetConfig};
 use crate::train::optim::AdamW;
+use crate::train::step::{self, trainable, StepOutcome, StepSettings, StepState};
 
 /// What to measure.
 #[derive(Debug, Clone)]
@@ -192,22 +193,13 @@ fn result(what: &str, o: &BenchOptions, times: Timings, flops_per_image: f64) ->
     }
 }
 
-/// Forward + DiceFocal loss + backward + AdamW, `steps` times.
+/// Training's update ([`crate::train::step::train_step`]: forward, DiceFocal loss, backward,
+/// gradient clipping at the shipped configs' norm of 5, AdamW) in f32, `steps` times.
 pub fn train_step(o: &BenchOptions) -> Result<BenchResult> {
     o.validate(Bench::TrainStep)?;
     let cfg = o.unet();
     let (model, vars) = model::init(cfg, Some(0.01), 0, &Device::Cpu)?;
-    let params: Vec<(String, Var)> = {
-        let data = vars.data().lock().expect("variable map lock");
-        let mut p: Vec<_> = data
-            .iter()
-            .filter(|(k, _)| is_trainable(k))
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect();
-        p.sort_by(|a, b| a.0.cmp(&b.0));
-        p
-    };
-    let mut opt = AdamW::new(params, 1e-4)?;
+    let mut opt = AdamW::new(trainable(&vars), 1e-4)?;
     let loss = Loss::from_toml_str(DICE_FOCAL)?;
     let x = Tensor::randn(
         0f32,
@@ -216,12 +208,19 @@ pub fn train_step(o: &BenchOptions) -> Result<BenchResult> {
         &Device::Cpu,
     )?;
     let y = sparse_target(o.batch, o.size, 0.05, 1)?;
+    let settings = StepSettings {
+        lr: 1e-3,
+        grad_clip: Some(5.0),
+        dtype: DType::F32,
+        kernels: o.kernels,
+    };
+    let mut state = StepState::new(Precision::F32);
     let times = timings(o.warmup, o.steps, || {
-        let logits = time("step: forward", || model.forward_using(o.kernels, &x, true))?;
-        let value = time("step: loss", || loss.forward(&logits, &y))?;
-        let grads = time("step: backward", || value.total.backward())?;
-        time("step: optimizer", || opt.step(&grads, 1e-3, 1.0))?;
-        Ok(())
+        match step::train_step(&model, &loss, &mut opt, (&x, &y), settings, &mut state)? {
+            StepOutcome::Done { .. } => Ok(()),
+            StepOutcome::NonFinite(what) => bail!("benchmark step: {what}"),
+            StepOutcome::Overflow => bail!("benchmark step: the gradient overflowed"),
+        }
     })?;
     Ok(result(
         "train_step",

@@ -8,19 +8,19 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
 use anyhow::{anyhow, bail, Context, Result};
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
-use serde::Serialize;
 
 use crate::config::{first_difference, Config};
 use crate::export;
 use crate::fsutil::{atomic_write, DirLock};
-use crate::metrics::Diagram;
+use crate::metrics::{self, Better, Diagram, Metric, METRICS};
 use crate::report::plot::{self, Chart, Series};
 use crate::report::Csv;
-use crate::train::{self, Summary, TrainOptions, STOP};
+use crate::train::{self, Summary, TrainOptions};
 
 /// What to compare and where.
 #[derive(Debug, Clone)]
@@ -34,6 +34,8 @@ pub struct CompareOptions {
     pub sweep: Option<String>,
     pub out: PathBuf,
     pub device: Option<String>,
+    /// Set to stop the run in progress after its current update with a checkpoint.
+    pub stop: Arc<AtomicBool>,
 }
 
 /// One configuration to train: a config file, or a config file with one sweep value.
@@ -51,24 +53,6 @@ struct RunResult {
     /// metrics.csv of the run.
     metrics: Csv,
     diagram: Diagram,
-}
-
-/// One row of `results.csv`.
-#[derive(Serialize)]
-struct ResultRow<'a> {
-    variant: &'a str,
-    seed: u64,
-    dice: f64,
-    iou: f64,
-    precision: f64,
-    recall: f64,
-    lesion_dice: Option<f64>,
-    empty_fp_rate: Option<f64>,
-    hd95: Option<f64>,
-    ece: f64,
-    brier: f64,
-    best_epoch: usize,
-    train_seconds: f64,
 }
 
 /// Trains every variant with every seed (skipping finished runs) and writes the report.
@@ -106,9 +90,10 @@ pub fn compare(opts: &CompareOptions) -> Result<PathBuf> {
                         runs_dir: runs_dir.clone(),
                         progress: true,
                         bars: Some(bars.clone()),
+                        stop: opts.stop.clone(),
                     };
                     train::train(&config, &run).map_err(|e| {
-                        if STOP.load(Ordering::SeqCst) {
+                        if opts.stop.load(Ordering::SeqCst) {
                             anyhow!(
                                 "interrupted during {}; its checkpoint is saved: run the same `segtrain compare` command again to continue (finished runs are skipped)",
                                 config.name
@@ -269,90 +254,67 @@ fn run_result(variant: &str, seed: u64, summary: Summary) -> Result<RunResult> {
     })
 }
 
-/// Which way a column improves.
-#[derive(Clone, Copy, PartialEq)]
-enum Better {
-    Higher,
-    Lower,
-    Neither,
+/// What a report column shows of a run.
+#[derive(Clone, Copy)]
+enum Shown {
+    Metric(&'static Metric),
+    BestEpoch,
+    TrainSeconds,
 }
 
-/// A report column: its title, how to read it from a run, and which way is better.
+/// A report column: its title, what it shows, which way is better (None: neither).
 struct Column {
     title: &'static str,
-    value: fn(&Summary) -> Option<f64>,
-    better: Better,
+    shown: Shown,
+    better: Option<Better>,
     digits: usize,
 }
 
-const COLUMNS: [Column; 11] = [
-    Column {
-        title: "Dice",
-        value: |s| Some(s.val_dice),
-        better: Better::Higher,
-        digits: 4,
-    },
-    Column {
-        title: "IoU",
-        value: |s| Some(s.val_iou),
-        better: Better::Higher,
-        digits: 4,
-    },
-    Column {
-        title: "precision",
-        value: |s| Some(s.val_precision),
-        better: Better::Higher,
-        digits: 4,
-    },
-    Column {
-        title: "recall",
-        value: |s| Some(s.val_recall),
-        better: Better::Higher,
-        digits: 4,
-    },
-    Column {
-        title: "lesion-image Dice",
-        value: |s| s.val_lesion_dice,
-        better: Better::Higher,
-        digits: 4,
-    },
-    Column {
-        title: "false alarms on empty images",
-        value: |s| s.val_empty_fp_rate,
-        better: Better::Lower,
-        digits: 3,
-    },
-    Column {
-        title: "HD95 (px)",
-        value: |s| s.val_hd95,
-        better: Better::Lower,
-        digits: 2,
-    },
-    Column {
-        title: "ECE",
-        value: |s| Some(s.val_ece),
-        better: Better::Lower,
-        digits: 4,
-    },
-    Column {
-        title: "Brier",
-        value: |s| Some(s.val_brier),
-        better: Better::Lower,
-        digits: 4,
-    },
-    Column {
-        title: "best epoch",
-        value: |s| Some(s.best_epoch as f64),
-        better: Better::Neither,
-        digits: 1,
-    },
-    Column {
-        title: "training s",
-        value: |s| Some(s.train_seconds),
-        better: Better::Lower,
-        digits: 0,
-    },
-];
+impl Column {
+    fn value(&self, s: &Summary) -> Option<f64> {
+        match self.shown {
+            Shown::Metric(m) => s.val.get(m.name),
+            Shown::BestEpoch => Some(s.best_epoch as f64),
+            Shown::TrainSeconds => Some(s.train_seconds),
+        }
+    }
+}
+
+/// The report's columns: the registry's metrics, then the best epoch and the training time.
+fn columns() -> Vec<Column> {
+    METRICS
+        .iter()
+        .map(|m| Column {
+            title: m.title,
+            shown: Shown::Metric(m),
+            better: Some(m.better),
+            digits: m.digits,
+        })
+        .chain([
+            Column {
+                title: "best epoch",
+                shown: Shown::BestEpoch,
+                better: None,
+                digits: 1,
+            },
+            Column {
+                title: "training s",
+                shown: Shown::TrainSeconds,
+                better: Some(Better::Lower),
+                digits: 0,
+            },
+        ])
+        .collect()
+}
+
+/// `a, b and c`.
+fn listed(items: &[&str]) -> String {
+    match items {
+        [] => String::new(),
+        [one] => one.to_string(),
+        [rest @ .., last] => format!("{} and {last}", rest.join(", ")),
+    }
+}
 
 /// Mean and sample standard deviation (0 for one value) of the defined values.
 #[derive(Clone, Copy)]
@@ -404,58 +366,9 @@ fn write_report(
 ) -> Result<PathBuf> {
     std::fs::create_dir_all(&opts.out)
         .with_context(|| format!("cannot create {}", opts.out.display()))?;
-    let mut csv = csv::Writer::from_writer(vec![]);
-    for r in results {
-        let s = &r.summary;
-        csv.serialize(ResultRow {
-            variant: &r.variant,
-            seed: r.seed,
-            dice: s.val_dice,
-            iou: s.val_iou,
-            precision: s.val_precision,
-            recall: s.val_recall,
-            lesion_dice: s.val_lesion_dice,
-            empty_fp_rate: s.val_empty_fp_rate,
-            hd95: s.val_hd95,
-            ece: s.val_ece,
-            brier: s.val_brier,
-            best_epoch: s.best_epoch,
-            train_seconds: s.train_seconds,
-        })?;
-    }
-    atomic_write(&opts.out.join("results.csv"), &csv.into_inner()?)?;
+    write_results_csv(&opts.out, results)?;
     write_plots(&opts.out, variants, results)?;
-
-    // per variant and column: mean ± std over seeds; columns no run defines are left out
-    let of = |v: &Variant, c: &Column| -> Option<Spread> {
-        let values: Vec<f64> = results
-            .iter()
-            .filter(|r| r.variant == v.name)
-            .filter_map(|r| (c.value)(&r.summary))
-            .filter(|x| x.is_finite())
-            .collect();
-        spread(&values)
-    };
-    let columns: Vec<&Column> = COLUMNS
-        .iter()
-        .filter(|c| variants.iter().any(|v| of(v, c).is_some()))
-        .collect();
-    let table: Vec<Vec<Option<Spread>>> = variants
-        .iter()
-        .map(|v| columns.iter().map(|c| of(v, c)).collect())
-        .collect();
-    // per column, the variants from best to worst
-    let ranking = |j: usize| -> Vec<usize> {
-        let mut order: Vec<usize> = (0..variants.len())
-            .filter(|&i| table[i][j].is_some())
-            .collect();
-        let mean = |i: usize| table[i][j].map_or(f64::NAN, |s| s.mean);
-        order.sort_by(|&a, &b| match columns[j].better {
-            Better::Lower => mean(a).total_cmp(&mean(b)),
-            _ => mean(b).total_cmp(&mean(a)),
-        });
-        order
-    };
+    let table = Table::new(variants, results);
 
     let first = &variants[0].config;
     let seeds: Vec<String> = (0..opts.seeds)
@@ -479,81 +392,178 @@ fn write_report(
             .map_or(String::new(), |s| format!(" (and the sweep `{s}`)")),
         results.first().map_or(0, |r| r.summary.val_images.len()),
     );
+    md += &table.markdown(variants, opts.seeds);
     md += &format!(
-        "| variant | loss | {} |\n|---|---|{}\n",
-        columns
-            .iter()
-            .map(|c| c.title)
-            .collect::<Vec<_>>()
-            .join(" | "),
-        "---|".repeat(columns.len())
-    );
-    // the best mean of each column, as printed: ties (to the printed digits) share the mark
-    let best: Vec<Option<String>> = (0..columns.len())
-        .map(|j| {
-            let d = columns[j].digits;
-            let first = ranking(j).first().copied();
-            (columns[j].better != Better::Neither && variants.len() > 1)
-                .then(|| {
-                    first
-                        .and_then(|i| table[i][j])
-                        .map(|s| format!("{:.d$}", s.mean))
-                })
-                .flatten()
-        })
-        .collect();
-    for (i, v) in variants.iter().enumerate() {
-        let cells: Vec<String> = (0..columns.len())
-            .map(|j| match table[i][j] {
-                None => "—".into(),
-                Some(s) => {
-                    let d = columns[j].digits;
-                    let mean = format!("{:.d$}", s.mean);
-                    let text = if opts.seeds > 1 {
-                        format!("{mean} ± {:.d$}", s.std)
-                    } else {
-                        mean.clone()
-                    };
-                    if best[j].as_ref() == Some(&mean) {
-                        format!("**{text}**")
-                    } else {
-                        text
-                    }
-                }
-            })
-            .collect();
-        md += &format!(
-            "| {} | {} | {} |\n",
-            v.name,
-            loss_label(&v.config),
-            cells.join(" | ")
-        );
-    }
-    md += &format!(
-        "\n{} at each run's selected epoch (`train.select_by = {}`). **Bold**: the best of the column — higher is better for Dice, IoU, precision, recall and lesion-image Dice; lower for false alarms, HD95 (pixels; see the README for how empty masks count), ECE (15 bins), Brier score and training seconds.\n\n",
+        "\n{} at each run's selected epoch (`train.select_by = {}`). **Bold**: the best of the column — higher is better for {}; lower for {} (see the README's Metrics section for their definitions).\n\n",
         if opts.seeds > 1 {
             "Mean ± sample standard deviation over the seeds,"
         } else {
             "Values"
         },
-        serde_json::to_value(t.select_by)?.as_str().unwrap_or("?"),
+        t.select_by.metric().name,
+        table.titles(Better::Higher),
+        table.titles(Better::Lower),
     );
-
     md += "## Is the best better than the seed-to-seed spread?\n\n";
-    if variants.len() < 2 {
-        md += "One variant: nothing to compare.\n\n";
-    } else if opts.seeds < 2 {
-        md += "One seed per variant: there is no seed-to-seed spread to judge the differences by. Repeat with `--seeds 3` before trusting a ranking.\n\n";
-    } else {
-        for (j, c) in columns.iter().enumerate() {
-            if c.better == Better::Neither || c.title == "training s" {
+    md += &table.verdicts(variants, opts.seeds);
+    md += "## Plots\n\n![Validation Dice per epoch](val_dice.png)\n\n![Training loss per term](train_loss.png)\n\n![Reliability diagrams](reliability.png)\n\n";
+    md += &format!(
+        "Curves are means over the seeds; reliability diagrams pool the seeds' validation pixels. One row per run in `results.csv`; the runs are in `{}`.\n",
+        opts.out.join("runs").display()
+    );
+    let path = opts.out.join("report.md");
+    atomic_write(&path, md.as_bytes())?;
+    Ok(path)
+}
+
+/// `results.csv`: one row per run — the variant, the seed, the registry's metrics, the best
+/// epoch and the training time.
+fn write_results_csv(out: &Path, results: &[RunResult]) -> Result<()> {
+    let mut csv = csv::WriterBuilder::new()
+        .has_headers(false)
+        .from_writer(vec![]);
+    let mut header = vec!["variant", "seed"];
+    header.extend(metrics::names());
+    header.extend(["best_epoch", "train_seconds"]);
+    csv.write_record(&header)?;
+    for r in results {
+        let s = &r.summary;
+        let values: Vec<Option<f64>> = s.val.iter().map(|(_, v)| v).collect();
+        csv.serialize((&r.variant, r.seed, values, s.best_epoch, s.train_seconds))?;
+    }
+    atomic_write(&out.join("results.csv"), &csv.into_inner()?)
+}
+
+/// The report's table: per variant and column, the mean ± std over the seeds; columns no run
+/// defines are left out.
+struct Table {
+    columns: Vec<Column>,
+    /// `cells[variant][column]`.
+    cells: Vec<Vec<Option<Spread>>>,
+}
+
+impl Table {
+    fn new(variants: &[Variant], results: &[RunResult]) -> Self {
+        let of = |v: &Variant, c: &Column| -> Option<Spread> {
+            let values: Vec<f64> = results
+                .iter()
+                .filter(|r| r.variant == v.name)
+                .filter_map(|r| c.value(&r.summary))
+                .filter(|x| x.is_finite())
+                .collect();
+            spread(&values)
+        };
+        let columns: Vec<Column> = columns()
+            .into_iter()
+            .filter(|c| variants.iter().any(|v| of(v, c).is_some()))
+            .collect();
+        let cells = variants
+            .iter()
+            .map(|v| columns.iter().map(|c| of(v, c)).collect())
+            .collect();
+        Self { columns, cells }
+    }
+
+    /// The variants that define column `j`, from best to worst.
+    fn ranking(&self, j: usize) -> Vec<usize> {
+        let mut order: Vec<usize> = (0..self.cells.len())
+            .filter(|&i| self.cells[i][j].is_some())
+            .collect();
+        let mean = |i: usize| self.cells[i][j].map_or(f64::NAN, |s| s.mean);
+        order.sort_by(|&a, &b| match self.columns[j].better {
+            Some(Better::Lower) => mean(a).total_cmp(&mean(b)),
+            _ => mean(b).total_cmp(&mean(a)),
+        });
+        order
+    }
+
+    /// The titles of the columns that improve in direction `better`, listed.
+    fn titles(&self, better: Better) -> String {
+        let t: Vec<&str> = self
+            .columns
+            .iter()
+            .filter(|c| c.better == Some(better))
+            .map(|c| c.title)
+            .collect();
+        listed(&t)
+    }
+
+    /// The Markdown table, the best of each column in bold.
+    fn markdown(&self, variants: &[Variant], seeds: usize) -> String {
+        let columns = &self.columns;
+        let mut md = format!(
+            "| variant | loss | {} |\n|---|---|{}\n",
+            columns
+                .iter()
+                .map(|c| c.title)
+                .collect::<Vec<_>>()
+                .join(" | "),
+            "---|".repeat(columns.len())
+        );
+        // the best mean of each column, as printed: ties (to the printed digits) share the mark
+        let best: Vec<Option<String>> = (0..columns.len())
+            .map(|j| {
+                let d = columns[j].digits;
+                let first = self.ranking(j).first().copied();
+                (columns[j].better.is_some() && variants.len() > 1)
+                    .then(|| {
+                        first
+                            .and_then(|i| self.cells[i][j])
+                            .map(|s| format!("{:.d$}", s.mean))
+                    })
+                    .flatten()
+            })
+            .collect();
+        for (i, v) in variants.iter().enumerate() {
+            let cells: Vec<String> = (0..columns.len())
+                .map(|j| match self.cells[i][j] {
+                    None => "—".into(),
+                    Some(s) => {
+                        let d = columns[j].digits;
+                        let mean = format!("{:.d$}", s.mean);
+                        let text = if seeds > 1 {
+                            format!("{mean} ± {:.d$}", s.std)
+                        } else {
+                            mean.clone()
+                        };
+                        if best[j].as_ref() == Some(&mean) {
+                            format!("**{text}**")
+                        } else {
+                            text
+                        }
+                    }
+                })
+                .collect();
+            md += &format!(
+                "| {} | {} | {} |\n",
+                v.name,
+                loss_label(&v.config),
+                cells.join(" | ")
+            );
+        }
+        md
+    }
+
+    /// For each metric, whether the best variant beats the runner-up by more than the
+    /// seed-to-seed spread (the larger of the two standard deviations).
+    fn verdicts(&self, variants: &[Variant], seeds: usize) -> String {
+        if variants.len() < 2 {
+            return "One variant: nothing to compare.\n\n".into();
+        }
+        if seeds < 2 {
+            return "One seed per variant: there is no seed-to-seed spread to judge the differences by. Repeat with `--seeds 3` before trusting a ranking.\n\n".into();
+        }
+        let mut md = String::new();
+        for (j, c) in self.columns.iter().enumerate() {
+            if !matches!(c.shown, Shown::Metric(_)) {
                 continue;
             }
-            let order = ranking(j);
+            let order = self.ranking(j);
             let (Some(&a), Some(&b)) = (order.first(), order.get(1)) else {
                 continue;
             };
-            let (sa, sb) = (table[a][j].expect("ranked"), table[b][j].expect("ranked"));
+            let spread = |i: usize| self.cells[i][j].expect("ranked");
+            let (sa, sb) = (spread(a), spread(b));
             let gap = (sa.mean - sb.mean).abs();
             let noise = sa.std.max(sb.std);
             let d = c.digits + 1;
@@ -567,16 +577,8 @@ fn write_report(
                 c.title, variants[a].name, sa.mean, variants[b].name, sb.mean
             );
         }
-        md += "\n";
+        md + "\n"
     }
-    md += "## Plots\n\n![Validation Dice per epoch](val_dice.png)\n\n![Training loss per term](train_loss.png)\n\n![Reliability diagrams](reliability.png)\n\n";
-    md += &format!(
-        "Curves are means over the seeds; reliability diagrams pool the seeds' validation pixels. One row per run in `results.csv`; the runs are in `{}`.\n",
-        opts.out.join("runs").display()
-    );
-    let path = opts.out.join("report.md");
-    atomic_write(&path, md.as_bytes())?;
-    Ok(path)
 }
 
 /// The mean over a variant's runs of a metrics.csv column, per epoch.

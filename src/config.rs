@@ -12,6 +12,7 @@ use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use crate::data::synth::SynthConfig;
 use crate::data::Normalization;
 use crate::loss::{Activation, Loss, TermDefaults};
+use crate::metrics::{self, metric, Metric};
 use crate::model::UNetConfig;
 
 /// One experiment: data, model, schedule and loss.
@@ -261,15 +262,42 @@ impl Precision {
     }
 }
 
-/// Which validation metric picks the best epoch.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Selection {
-    /// Mean Dice over the validation images that contain a lesion (pooled Dice when none does).
-    #[default]
-    LesionDice,
-    /// Dice pooled over all validation pixels.
-    Dice,
+/// Which validation metric picks the best epoch: any of [`crate::metrics::METRICS`], by name.
+/// The default is the mean Dice over the validation images that contain a lesion (pooled Dice
+/// when none does).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Selection(&'static Metric);
+
+impl Selection {
+    /// The metric of `name`; an unknown name is serde's unknown-variant error, which
+    /// [`explain_de_error`] turns into the list of names with the nearest one.
+    fn by_name<E: serde::de::Error>(name: &str) -> std::result::Result<Self, E> {
+        metric(name)
+            .map(Self)
+            .ok_or_else(|| E::unknown_variant(name, metrics::names()))
+    }
+
+    pub fn metric(self) -> &'static Metric {
+        self.0
+    }
+}
+
+impl Default for Selection {
+    fn default() -> Self {
+        Self(metric("lesion_dice").expect("lesion_dice is a registered metric"))
+    }
+}
+
+impl Serialize for Selection {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        s.serialize_str(self.0.name)
+    }
+}
+
+impl<'de> Deserialize<'de> for Selection {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        Self::by_name(&String::deserialize(d)?)
+    }
 }
 
 /// What training does with a batch whose loss or gradient is NaN or infinite.

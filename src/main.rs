@@ -1,5 +1,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use segtrain::config::Config;
@@ -351,21 +353,24 @@ fn open_device(name: &str) -> anyhow::Result<candle_core::Device> {
     Ok(device)
 }
 
-/// Ctrl-C finishes the current update, writes a checkpoint and stops; a second one stops at once.
-fn stop_on_ctrl_c() {
-    let _ = ctrlc::set_handler(|| {
-        if segtrain::train::STOP.swap(true, std::sync::atomic::Ordering::SeqCst) {
+/// Ctrl-C sets the returned flag, with which training finishes the current update, writes a
+/// checkpoint and stops; a second one stops at once.
+fn stop_on_ctrl_c() -> Arc<AtomicBool> {
+    let stop = Arc::new(AtomicBool::new(false));
+    let flag = stop.clone();
+    let _ = ctrlc::set_handler(move || {
+        if flag.swap(true, Ordering::SeqCst) {
             std::process::exit(130);
         }
         eprintln!("\nstopping after this update (Ctrl-C again to stop now)");
     });
+    stop
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Train(a) => {
             let config = Config::load(&a.config, &a.sets)?;
-            stop_on_ctrl_c();
             let opts = TrainOptions {
                 device: a.device,
                 resume: a.resume,
@@ -373,13 +378,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 runs_dir: a.runs,
                 progress: true,
                 bars: None,
+                stop: stop_on_ctrl_c(),
             };
             let summary = segtrain::train::train(&config, &opts)?;
             println!(
                 "best epoch {}: val dice {:.4}, iou {:.4}; {:.1} s/epoch, {:.1} images/s; model: {}",
                 summary.best_epoch,
-                summary.val_dice,
-                summary.val_iou,
+                summary.val.get("dice").unwrap_or(f64::NAN),
+                summary.val.get("iou").unwrap_or(f64::NAN),
                 summary.seconds_per_epoch,
                 summary.images_per_second,
                 summary.run_dir.join("model.safetensors").display()
@@ -394,7 +400,6 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             out,
             device,
         } => {
-            stop_on_ctrl_c();
             let report = segtrain::compare::compare(&segtrain::compare::CompareOptions {
                 configs,
                 seeds,
@@ -402,6 +407,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 sweep,
                 out,
                 device,
+                stop: stop_on_ctrl_c(),
             })?;
             println!("{}", std::fs::read_to_string(&report)?);
             println!("report: {}", report.display());
@@ -423,28 +429,19 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             if json {
                 println!("{}", serde_json::to_string_pretty(&report)?);
             } else {
-                println!("images     {}", report.images);
-                println!("dice       {:.4}", report.dice);
-                println!("iou        {:.4}", report.iou);
-                println!("precision  {:.4}", report.precision);
-                println!("recall     {:.4}", report.recall);
-                match report.lesion_dice {
-                    Some(d) => println!(
-                        "lesion-image dice  {d:.4}  ({} images with a lesion)",
-                        report.lesion_images
-                    ),
-                    None => println!("lesion-image dice  -  (no image with a lesion)"),
-                }
-                if let Some(f) = report.empty_fp_rate {
-                    println!(
-                        "false alarms on empty images  {:.1}%  ({} empty images)",
-                        100.0 * f,
-                        report.empty_images
-                    );
+                println!(
+                    "images         {} ({} with a lesion, {} empty)",
+                    report.images, report.lesion_images, report.empty_images
+                );
+                for m in segtrain::metrics::METRICS {
+                    match (m.value)(&report) {
+                        Some(v) => println!("{:<14} {v:.d$}", m.name, d = m.digits),
+                        None => println!("{:<14} -", m.name),
+                    }
                 }
                 if report.dice_per_class.len() > 1 {
                     for (k, d) in report.dice_per_class.iter().enumerate() {
-                        println!("dice class {}  {d:.4}", k + 1);
+                        println!("dice class {:<3} {d:.4}", k + 1);
                     }
                 }
             }

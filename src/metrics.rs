@@ -1,7 +1,14 @@
 //! Segmentation metrics from hard predictions: Dice, IoU, precision and recall, per class,
-//! pooled over a data set and per image.
+//! pooled over a data set and per image; boundary distances and calibration; and the registry
+//! of validation metrics ([`METRICS`]) that runs, comparisons, `eval` and `train.select_by`
+//! read them through.
 
-use serde::Serialize;
+use std::collections::HashMap;
+use std::sync::LazyLock;
+
+use serde::de::{IgnoredAny, MapAccess, Visitor};
+use serde::ser::SerializeMap;
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 /// Pixel counts of one class.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
@@ -229,6 +236,221 @@ impl Evaluation {
             reliability: self.calibration.diagram(),
             images: self.images.len(),
         }
+    }
+}
+
+/// Which way a metric improves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Better {
+    Higher,
+    Lower,
+}
+
+impl Better {
+    /// True when `a` is strictly better than `b`.
+    pub fn prefers(self, a: f64, b: f64) -> bool {
+        match self {
+            Better::Higher => a > b,
+            Better::Lower => a < b,
+        }
+    }
+}
+
+/// One validation metric of the registry [`METRICS`].
+#[derive(Debug)]
+pub struct Metric {
+    /// Its name: the field of [`Report`] (and of `eval --json`), the value of
+    /// `train.select_by`, the column of compare's `results.csv`; `val_<name>` in `metrics.csv`
+    /// and `summary.json` ([`Metric::column`]).
+    pub name: &'static str,
+    /// Its column title in compare's `report.md`.
+    pub title: &'static str,
+    pub better: Better,
+    /// Digits after the point in tables.
+    pub digits: usize,
+    /// Its value in a report; None where it is undefined.
+    pub value: fn(&Report) -> Option<f64>,
+    /// The metric `train.select_by` uses instead where this one is undefined; without one, an
+    /// epoch where it is undefined is never selected over one where it is defined.
+    pub fallback: Option<&'static str>,
+}
+
+impl PartialEq for Metric {
+    fn eq(&self, other: &Self) -> bool {
+        self.name == other.name
+    }
+}
+
+impl Eq for Metric {}
+
+impl Metric {
+    /// Its column in `metrics.csv` and key in `summary.json`: `val_<name>` (validation).
+    pub fn column(&self) -> String {
+        format!("val_{}", self.name)
+    }
+
+    /// The score `train.select_by` ranks epochs by: the value, else the fallback's.
+    pub fn selection_score(&self, r: &Report) -> Option<f64> {
+        (self.value)(r).or_else(|| {
+            self.fallback
+                .and_then(metric)
+                .and_then(|f| f.selection_score(r))
+        })
+    }
+}
+
+/// Every validation metric, in the order of the columns of `metrics.csv`, `results.csv` and
+/// `report.md`, of the keys of `summary.json` and of the lines of `eval`. A metric is computed
+/// in [`Evaluation::report`] and added here; everything else derives from this table.
+pub const METRICS: &[Metric] = &[
+    Metric {
+        name: "dice",
+        title: "Dice",
+        better: Better::Higher,
+        digits: 4,
+        value: |r| Some(r.dice),
+        fallback: None,
+    },
+    Metric {
+        name: "iou",
+        title: "IoU",
+        better: Better::Higher,
+        digits: 4,
+        value: |r| Some(r.iou),
+        fallback: None,
+    },
+    Metric {
+        name: "precision",
+        title: "precision",
+        better: Better::Higher,
+        digits: 4,
+        value: |r| Some(r.precision),
+        fallback: None,
+    },
+    Metric {
+        name: "recall",
+        title: "recall",
+        better: Better::Higher,
+        digits: 4,
+        value: |r| Some(r.recall),
+        fallback: None,
+    },
+    Metric {
+        name: "lesion_dice",
+        title: "lesion-image Dice",
+        better: Better::Higher,
+        digits: 4,
+        value: |r| r.lesion_dice,
+        // no validation image with a lesion: the pooled Dice
+        fallback: Some("dice"),
+    },
+    Metric {
+        name: "empty_fp_rate",
+        title: "false alarms on empty images",
+        better: Better::Lower,
+        digits: 3,
+        value: |r| r.empty_fp_rate,
+        fallback: None,
+    },
+    Metric {
+        name: "hd95",
+        title: "HD95 (px)",
+        better: Better::Lower,
+        digits: 2,
+        value: |r| r.hd95,
+        fallback: None,
+    },
+    Metric {
+        name: "ece",
+        title: "ECE",
+        better: Better::Lower,
+        digits: 4,
+        value: |r| Some(r.ece),
+        fallback: None,
+    },
+    Metric {
+        name: "brier",
+        title: "Brier",
+        better: Better::Lower,
+        digits: 4,
+        value: |r| Some(r.brier),
+        fallback: None,
+    },
+];
+
+/// The metric of the registry named `name`.
+pub fn metric(name: &str) -> Option<&'static Metric> {
+    METRICS.iter().find(|m| m.name == name)
+}
+
+/// The names of the registry's metrics, in its order.
+pub fn names() -> &'static [&'static str] {
+    static NAMES: LazyLock<Vec<&'static str>> =
+        LazyLock::new(|| METRICS.iter().map(|m| m.name).collect());
+    &NAMES
+}
+
+/// The registry's metrics of one report, in [`METRICS`] order (None: undefined). Serialised
+/// as a map of [`Metric::column`] keys (`summary.json`).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Scores(Vec<Option<f64>>);
+
+impl Scores {
+    pub fn of(r: &Report) -> Self {
+        Self(METRICS.iter().map(|m| (m.value)(r)).collect())
+    }
+
+    /// Scores by column name (`val_<name>`) from `get`; a missing column is undefined.
+    pub fn from_columns(get: impl Fn(&str) -> Option<f64>) -> Self {
+        Self(METRICS.iter().map(|m| get(&m.column())).collect())
+    }
+
+    /// The value of the metric named `name` (None: undefined, not recorded or not a metric).
+    pub fn get(&self, name: &str) -> Option<f64> {
+        let i = METRICS.iter().position(|m| m.name == name)?;
+        self.0.get(i).copied().flatten()
+    }
+
+    /// Each metric with its value, in registry order.
+    pub fn iter(&self) -> impl Iterator<Item = (&'static Metric, Option<f64>)> + '_ {
+        METRICS
+            .iter()
+            .enumerate()
+            .map(|(i, m)| (m, self.0.get(i).copied().flatten()))
+    }
+}
+
+impl Serialize for Scores {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let mut map = serializer.serialize_map(Some(METRICS.len()))?;
+        for (m, v) in self.iter() {
+            map.serialize_entry(&m.column(), &v)?;
+        }
+        map.end()
+    }
+}
+
+impl<'de> Deserialize<'de> for Scores {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Columns;
+        impl<'de> Visitor<'de> for Columns {
+            type Value = Scores;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a map of validation metrics")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Scores, A::Error> {
+                let mut found = HashMap::new();
+                while let Some(key) = map.next_key::<String>()? {
+                    if METRICS.iter().any(|m| m.column() == key) {
+                        found.insert(key, map.next_value::<Option<f64>>()?);
+                    } else {
+                        map.next_value::<IgnoredAny>()?;
+                    }
+                }
+                Ok(Scores::from_columns(|c| found.get(c).copied().flatten()))
+            }
+        }
+        deserializer.deserialize_map(Columns)
     }
 }
 
@@ -466,4 +688,74 @@ pub fn components(labels: &[u8], h: usize, w: usize) -> Vec<Vec<usize>> {
         found.push(pixels);
     }
     found
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{metric, Better, Report, Scores, METRICS};
+
+    #[test]
+    fn the_registry_keeps_the_file_columns_and_its_names_are_unique() {
+        let columns: Vec<String> = METRICS.iter().map(|m| m.column()).collect();
+        // the columns of metrics.csv and keys of summary.json that existing runs hold stay
+        for old in [
+            "val_dice",
+            "val_iou",
+            "val_precision",
+            "val_recall",
+            "val_lesion_dice",
+            "val_empty_fp_rate",
+            "val_hd95",
+            "val_ece",
+            "val_brier",
+        ] {
+            assert!(columns.iter().any(|c| c == old), "{old} is gone");
+        }
+        for (i, m) in METRICS.iter().enumerate() {
+            assert_eq!(metric(m.name), Some(m), "{} is found by name", m.name);
+            assert!(METRICS[..i].iter().all(|n| n.name != m.name));
+            if let Some(f) = m.fallback {
+                assert!(
+                    metric(f).is_some(),
+                    "{}: fallback `{f}` unregistered",
+                    m.name
+                );
+            }
+        }
+        // every metric is a field of the report of `eval --json`
+        let report = serde_json::to_value(Report::default()).unwrap();
+        for m in METRICS {
+            assert!(report.get(m.name).is_some(), "Report lacks `{}`", m.name);
+        }
+    }
+
+    #[test]
+    fn scores_read_back_by_column_and_selection_falls_back() {
+        let report = Report {
+            dice: 0.5,
+            hd95: Some(3.0),
+            ece: 0.25,
+            ..Report::default()
+        };
+        let scores = Scores::of(&report);
+        let json = serde_json::to_string(&scores).unwrap();
+        assert!(json.contains("\"val_hd95\":3.0") && json.contains("\"val_lesion_dice\":null"));
+        let back: Scores = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, scores);
+        assert_eq!(back.get("ece"), Some(0.25));
+        assert_eq!(back.get("lesion_dice"), None);
+        assert_eq!(back.get("no such metric"), None);
+        // a summary written before a metric existed reads it as undefined
+        let old: Scores = serde_json::from_str("{\"val_dice\": 0.5, \"other\": [1]}").unwrap();
+        assert_eq!((old.get("dice"), old.get("ece")), (Some(0.5), None));
+        // lesion-image Dice without a lesion image selects by the pooled Dice
+        let lesion = metric("lesion_dice").unwrap();
+        assert_eq!(lesion.selection_score(&report), Some(0.5));
+        assert_eq!(
+            metric("empty_fp_rate").unwrap().selection_score(&report),
+            None
+        );
+        assert!(Better::Lower.prefers(1.0, 2.0) && !Better::Higher.prefers(1.0, 2.0));
+        assert!(!Better::Higher.prefers(1.0, 1.0));
+    }
 }

@@ -437,8 +437,20 @@ impl UNet {
     /// Mixed precision: the forward (and so the backward) pass in `dtype` (f32, bf16 or f16)
     /// on copies of the f32 weights, BatchNorm in f32, f32 logits. f32 is [`Self::forward`].
     pub fn forward_in(&self, x: &Tensor, train: bool, dtype: DType) -> Result<Tensor> {
+        self.forward_in_using(Kernels::for_device(x.device()), x, train, dtype)
+    }
+
+    /// [`Self::forward_in`] with a chosen implementation for f32 (half precision runs
+    /// Candle's ops).
+    pub fn forward_in_using(
+        &self,
+        kernels: Kernels,
+        x: &Tensor,
+        train: bool,
+        dtype: DType,
+    ) -> Result<Tensor> {
         if dtype == DType::F32 {
-            return self.forward(x, train);
+            return self.forward_using(kernels, x, train);
         }
         self.forward_using(Kernels::Candle, &x.to_dtype(dtype)?, train)?
             .to_dtype(DType::F32)

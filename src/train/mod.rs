@@ -2,39 +2,50 @@
 //! validation every epoch, the best model exported, checkpoints to resume from.
 //!
 //! A run writes to `runs/<name>/`: `config.toml` (resolved), `metrics.csv` (a row per epoch),
-//! `checkpoint.safetensors` (+ the previous one), `model.safetensors` (best validation Dice)
-//! and `summary.json`. Every file is replaced atomically.
+//! `checkpoint.safetensors` (+ the previous one), `model.safetensors` (the best epoch by
+//! `train.select_by`) and `summary.json`. Every file is replaced atomically.
+//!
+//! The parts: `run_dir` (the run folder), `checkpoint` (what is saved and when), `record`
+//! (`metrics.csv` and the summary's numbers), `display` (progress bars and epoch lines),
+//! [`step`] (one update); this module holds the loop.
 
+mod checkpoint;
+mod display;
 pub mod optim;
+mod record;
+mod run_dir;
 pub mod schedule;
+pub mod step;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Instant;
 
-use anyhow::{anyhow, bail, Context, Result};
-use candle_core::{DType, Device, Tensor, Var};
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
-use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
+use indicatif::{MultiProgress, ProgressBar};
 use serde::{Deserialize, Serialize};
 
-use crate::config::{Config, DataConfig, NonFinite, Precision, Selection};
+use crate::config::{Config, DataConfig, NonFinite, Selection};
 use crate::data::loader::{epoch_batches, mix_seed, BatchRecipe, Crop, TrainLoader};
 use crate::data::Dataset;
 use crate::device::DeviceChoice;
 use crate::export::{self, ModelMeta};
-use crate::fsutil::{
-    atomic_write, read_safetensors, remove_dead_temporaries, write_safetensors, DirLock,
-};
+use crate::fsutil::atomic_write;
 use crate::inference::{Predictor, Symmetry, Window};
-use crate::loss::{Loss, PositivesAverage};
-use crate::metrics::Report;
-use crate::model::{self, is_trainable, UNet, UNetConfig};
+use crate::kernels::Kernels;
+use crate::loss::Loss;
+use crate::metrics::{Report, Scores};
+use crate::model::{self, UNet, UNetConfig};
+use checkpoint::{Checkpointer, Progress};
+use display::{epoch_line, progress_bar, running_message};
 use optim::AdamW;
-
-/// Set (by a Ctrl-C handler) to stop training after the current update with a checkpoint.
-pub static STOP: AtomicBool = AtomicBool::new(false);
+use record::{EpochLog, EpochRow};
+use run_dir::{experiment_difference, RunDir};
+use step::{train_step, trainable, StepOutcome, StepSettings, StepState};
 
 /// How to run a training job, beyond its config.
 #[derive(Debug, Clone)]
@@ -51,6 +62,8 @@ pub struct TrainOptions {
     pub progress: bool,
     /// Draw the epoch bar below these (a comparison's overall bar) and print through them.
     pub bars: Option<MultiProgress>,
+    /// Set (by a Ctrl-C handler, say) to stop after the current update with a checkpoint.
+    pub stop: Arc<AtomicBool>,
 }
 
 impl TrainOptions {
@@ -60,6 +73,10 @@ impl TrainOptions {
             Some(bars) => bars.suspend(print),
             None => print(),
         }
+    }
+
+    fn stopped(&self) -> bool {
+        self.stop.load(Ordering::SeqCst)
     }
 }
 
@@ -72,6 +89,7 @@ impl Default for TrainOptions {
             runs_dir: PathBuf::from("runs"),
             progress: true,
             bars: None,
+            stop: Arc::default(),
         }
     }
 }
@@ -81,18 +99,9 @@ impl Default for TrainOptions {
 pub struct Summary {
     pub name: String,
     pub best_epoch: usize,
-    pub val_dice: f64,
-    pub val_iou: f64,
-    pub val_precision: f64,
-    pub val_recall: f64,
-    /// Mean Dice over the validation images that contain a lesion.
-    pub val_lesion_dice: Option<f64>,
-    /// Share of the lesion-free validation images with a false alarm.
-    pub val_empty_fp_rate: Option<f64>,
-    /// Mean HD95 in pixels (see [`Report::hd95`]).
-    pub val_hd95: Option<f64>,
-    pub val_ece: f64,
-    pub val_brier: f64,
+    /// The registry's metrics of that epoch, as `val_<name>` keys.
+    #[serde(flatten)]
+    pub val: Scores,
     pub selected_by: Selection,
     pub epochs: usize,
     pub steps: u64,
@@ -106,274 +115,260 @@ pub struct Summary {
     pub run_dir: PathBuf,
 }
 
-/// One row of `metrics.csv`.
-#[derive(Debug, Clone)]
-struct EpochRow {
-    epoch: usize,
-    lr: f64,
-    loss: f64,
-    terms: Vec<f64>,
-    val: Report,
-    seconds: f64,
-    images_per_second: f64,
-}
-
-/// Everything a checkpoint restores besides tensors.
-#[derive(Debug, Clone, Default, Serialize, serde::Deserialize)]
-struct Progress {
-    /// The epoch in progress (0-based) and the next batch within it.
-    epoch: usize,
-    batch: usize,
-    /// Optimiser updates so far (also the BatchNorm `num_batches_tracked`).
-    step: u64,
-    best_dice: Option<f64>,
-    best_epoch: usize,
-    train_seconds: f64,
-    skipped: u64,
-    /// Sums over the batches of the epoch in progress: loss, each term, images, seconds.
-    epoch_loss: f64,
-    epoch_terms: Vec<f64>,
-    epoch_images: usize,
-    epoch_seconds: f64,
-    mean: Vec<f32>,
-    std: Vec<f32>,
-    /// f16 training's dynamic loss scale (None otherwise).
-    loss_scale: Option<LossScale>,
-    /// The running positives per batch of `normalize = "positives"` terms.
-    #[serde(default)]
-    positives: PositivesAverage,
-}
-
-/// Dynamic loss scaling for f16 (PyTorch's `GradScaler`): the loss is multiplied by `scale`
-/// before the backward pass, so that small gradients stay above f16's smallest normal
-/// (6·10⁻⁵), and the gradients are divided by it. A non-finite gradient halves the scale and
-/// skips the update; `GROWTH_INTERVAL` finite updates in a row double it.
-#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
-struct LossScale {
-    scale: f64,
-    finite_run: u64,
-}
-
-impl LossScale {
-    const INITIAL: f64 = 65536.0;
-    const GROWTH_INTERVAL: u64 = 2000;
-
-    fn finite(&mut self) {
-        self.finite_run += 1;
-        if self.finite_run == Self::GROWTH_INTERVAL {
-            self.scale *= 2.0;
-            self.finite_run = 0;
-        }
-    }
-
-    fn overflow(&mut self) {
-        self.scale = (self.scale / 2.0).max(1.0);
-        self.finite_run = 0;
-    }
-}
-
-const CHECKPOINT: &str = "checkpoint.safetensors";
-/// The lock file of a run folder ([`DirLock`]).
-const LOCK: &str = ".lock";
-const PREVIOUS_CHECKPOINT: &str = "checkpoint.prev.safetensors";
-const CHECKPOINT_FORMAT: &str = "segtrain-checkpoint/1";
-
 /// Trains the model of `config` and returns the run's summary.
 pub fn train(config: &Config, opts: &TrainOptions) -> Result<Summary> {
-    let loss = config.loss()?;
-    let choice = DeviceChoice::parse(opts.device.as_deref().unwrap_or(&config.train.device))?;
-    let (device, device_name) = choice.open()?;
-    crate::config::check_training_memory(config, &device)?;
-    let run_dir = opts.runs_dir.join(&config.name);
-    let resolved = config.to_toml()?;
-    // held until training returns: a second writer of this folder is refused, not mixed in
-    let _lock = DirLock::acquire(&run_dir)?;
-    let checkpoints = prepare_run_dir(&run_dir, &resolved, opts)?;
-    opts.suspend(|| eprintln!("device: {device_name}"));
+    let mut run = Run::start(config, opts)?;
+    run.announce();
+    while run.progress.epoch < config.train.epochs {
+        let lr = run.train_epoch()?;
+        run.end_epoch(lr)?;
+    }
+    run.finish()
+}
 
-    let dataset = Dataset::open(&config.data, config.seed)?;
-    let unet = config.unet();
-    let prior = (config.model.prior > 0.0).then_some(config.model.prior);
-    let (model, vars) = model::init(unet, prior, config.seed, &device)?;
-    let params = trainable(&vars);
-    let mut optimizer = AdamW::new(params, config.train.weight_decay)?;
-    let precision = config.train.precision;
-    let mut progress = Progress {
-        mean: dataset.normalizer.mean.clone(),
-        std: dataset.normalizer.std.clone(),
-        loss_scale: (precision == Precision::F16).then_some(LossScale {
-            scale: LossScale::INITIAL,
-            finite_run: 0,
-        }),
-        ..Progress::default()
-    };
-    if !checkpoints.is_empty() {
-        progress = load_newest_checkpoint(&checkpoints, &vars, &mut optimizer, &device, opts)?;
-        if progress.mean != dataset.normalizer.mean || progress.std != dataset.normalizer.std {
-            bail!(
-                "{}: the data set changed since the checkpoint was written",
-                run_dir.display()
-            );
-        }
-        opts.suspend(|| {
+/// A training job in progress: what the parts of the loop share.
+struct Run<'a> {
+    config: &'a Config,
+    opts: &'a TrainOptions,
+    /// Locked until the run is dropped.
+    dir: RunDir,
+    device: Device,
+    device_name: String,
+    dataset: Dataset,
+    recipe: BatchRecipe,
+    loss: Loss,
+    model: UNet,
+    vars: VarMap,
+    optimizer: AdamW,
+    progress: Progress,
+    checkpoints: Checkpointer,
+    log: EpochLog,
+    /// Updates per epoch.
+    per_epoch: usize,
+    /// Updates in all, and of warm-up (the learning-rate schedule's).
+    total_steps: usize,
+    warmup: usize,
+}
+
+impl<'a> Run<'a> {
+    /// Opens the device and the run folder, loads the data set, builds the model and the
+    /// optimiser, and restores the newest checkpoint of a resumed run.
+    fn start(config: &'a Config, opts: &'a TrainOptions) -> Result<Self> {
+        let loss = config.loss()?;
+        let choice = DeviceChoice::parse(opts.device.as_deref().unwrap_or(&config.train.device))?;
+        let (device, device_name) = choice.open()?;
+        crate::config::check_training_memory(config, &device)?;
+        let (dir, checkpoints) = RunDir::open(config, opts)?;
+        opts.suspend(|| eprintln!("device: {device_name}"));
+
+        let dataset = Dataset::open(&config.data, config.seed)?;
+        let prior = (config.model.prior > 0.0).then_some(config.model.prior);
+        let (model, vars) = model::init(config.unet(), prior, config.seed, &device)?;
+        let mut optimizer = AdamW::new(trainable(&vars), config.train.weight_decay)?;
+        let progress = if checkpoints.is_empty() {
+            dir.write_config()?;
+            Progress {
+                mean: dataset.normalizer.mean.clone(),
+                std: dataset.normalizer.std.clone(),
+                state: StepState::new(config.train.precision),
+                ..Progress::default()
+            }
+        } else {
+            let progress =
+                checkpoint::load_newest(&checkpoints, &vars, &mut optimizer, &device, opts)?;
+            resumed(&dir.path, &progress, &dataset, opts)?;
+            progress
+        };
+        let terms = loss.terms.iter().map(|t| t.kind).collect();
+        let log = EpochLog::resume(&dir.path, progress.epoch, terms)?;
+        let t = &config.train;
+        let per_epoch = t
+            .steps_per_epoch
+            .unwrap_or(dataset.train.len().div_ceil(t.batch_size));
+        Ok(Self {
+            recipe: train_recipe(&config.data, &dataset),
+            checkpoints: Checkpointer {
+                dir: dir.path.clone(),
+                config: dir.resolved.clone(),
+                every: t.checkpoint_every,
+            },
+            per_epoch,
+            total_steps: per_epoch * t.epochs,
+            warmup: (t.warmup_epochs * per_epoch as f64).round() as usize,
+            config,
+            opts,
+            dir,
+            device,
+            device_name,
+            dataset,
+            loss,
+            model,
+            vars,
+            optimizer,
+            progress,
+            log,
+        })
+    }
+
+    /// Says what the run trains on.
+    fn announce(&self) {
+        let (config, t) = (self.config, &self.config.train);
+        let mode = match window_of(&config.data) {
+            Window::Whole { size } => format!("whole images resized to {size}^2"),
+            Window::Sliding { patch, .. } => {
+                format!("{patch}^2 patches, sliding-window validation")
+            }
+        };
+        self.opts.suspend(|| {
             eprintln!(
-                "resuming {} at epoch {}, batch {} (update {})",
-                run_dir.display(),
-                progress.epoch + 1,
-                progress.batch,
-                progress.step
+                "{}: {} training / {} validation images, {mode}; {} epochs of {} updates",
+                config.name,
+                self.dataset.train.len(),
+                self.dataset.val.len(),
+                t.epochs,
+                self.per_epoch
             )
         });
-    } else {
-        atomic_write(&run_dir.join("config.toml"), resolved.as_bytes())?;
     }
-    let mut rows = read_metrics(&run_dir, progress.epoch)?;
 
-    let ignore = dataset.format.ignore_mask_value();
-    let d = &config.data;
-    let crop = match d.patch_size {
-        Some(size) => Crop::Patch {
-            size,
-            foreground: d.foreground_fraction,
-        },
-        None => Crop::Whole,
-    };
-    let train_recipe = BatchRecipe::new(
-        dataset.train.clone(),
-        dataset.format.channels,
-        crop,
-        dataset.normalizer.clone(),
-        Some(d.augment.clone()),
-        ignore,
-    );
-    let window = window_of(d);
-    let t = &config.train;
-    let per_epoch = t
-        .steps_per_epoch
-        .unwrap_or(dataset.train.len().div_ceil(t.batch_size));
-    let total_steps = per_epoch * t.epochs;
-    let warmup = (t.warmup_epochs * per_epoch as f64).round() as usize;
-    let activation = config.activation();
-    let meta = |metrics: &Report| -> Result<ModelMeta> {
-        Ok(ModelMeta {
-            unet,
-            window,
-            activation,
-            normalizer: dataset.normalizer.clone(),
-            ignore_index: config.data.ignore_index,
-            temperature: 1.0,
-            config: resolved.clone(),
-            metrics: serde_json::to_value(metrics)?,
-        })
-    };
-
-    let mode = match window {
-        Window::Whole { size } => format!("whole images resized to {size}^2"),
-        Window::Sliding { patch, .. } => format!("{patch}^2 patches, sliding-window validation"),
-    };
-    opts.suspend(|| {
-        eprintln!(
-            "{}: {} training / {} validation images, {mode}; {} epochs of {per_epoch} updates",
-            config.name,
-            dataset.train.len(),
-            dataset.val.len(),
-            t.epochs
-        )
-    });
-    let term_names: Vec<&str> = loss.terms.iter().map(|t| t.kind).collect();
-    while progress.epoch < t.epochs {
-        let epoch = progress.epoch;
+    /// Trains the rest of the epoch in progress; returns its last learning rate (0 when no
+    /// update was left). Stopped, it checkpoints and fails with how to resume.
+    fn train_epoch(&mut self) -> Result<f64> {
+        let (config, t) = (self.config, &self.config.train);
+        let epoch = self.progress.epoch;
         let batches = epoch_batches(
-            dataset.train.len(),
+            self.dataset.train.len(),
             t.batch_size,
             config.seed,
             epoch,
             t.steps_per_epoch,
         );
         let loader = TrainLoader::new(
-            train_recipe.clone(),
+            self.recipe.clone(),
             batches,
-            progress.batch,
+            self.progress.batch,
             mix_seed(config.seed, epoch as u64),
             config.data.workers,
         );
-        let bar = progress_bar(opts, per_epoch, progress.batch, epoch, t.epochs);
-        if progress.epoch_terms.len() != term_names.len() {
-            progress.epoch_terms = vec![0.0; term_names.len()];
+        let bar = progress_bar(
+            self.opts,
+            self.per_epoch,
+            self.progress.batch,
+            epoch,
+            t.epochs,
+        );
+        if self.progress.epoch_terms.len() != self.log.terms.len() {
+            self.progress.epoch_terms = vec![0.0; self.log.terms.len()];
         }
         let mut lr = 0.0;
         for batch in loader {
             let started = Instant::now();
             let (images, masks) = batch?;
-            let n = images.dim(0)?;
-            lr = schedule::learning_rate(
-                t.schedule,
-                t.lr,
-                progress.step as usize,
-                total_steps,
-                warmup,
-            );
-            let outcome = train_step(
-                &model,
-                &loss,
-                &mut optimizer,
-                (&images.to_device(&device)?, &masks.to_device(&device)?),
-                (lr, t.grad_clip),
-                precision.dtype(),
-                progress.loss_scale.as_mut(),
-                &mut progress.positives,
-            );
-            let at = format!("epoch {}, update {}", epoch + 1, progress.step + 1);
-            match outcome.with_context(|| at.clone())? {
-                StepOutcome::Done { loss: value, terms } => {
-                    progress.step += 1;
-                    progress.epoch_loss += value * n as f64;
-                    for (s, v) in progress.epoch_terms.iter_mut().zip(&terms) {
-                        *s += v * n as f64;
-                    }
-                    progress.epoch_images += n;
-                }
-                StepOutcome::Overflow => {}
-                StepOutcome::NonFinite(what) => match t.on_non_finite {
-                    NonFinite::Error => bail!(
-                        "{at}: {what}; the last checkpoint in {} is kept (train.on_non_finite = \"skip\" skips such batches)",
-                        run_dir.display()
-                    ),
-                    NonFinite::Skip => {
-                        progress.skipped += 1;
-                        bar.suspend(|| eprintln!("{at}: {what}; batch skipped"));
-                    }
-                },
-            }
-            progress.batch += 1;
+            lr = self.update(&images, &masks, &bar)?;
+            let p = &mut self.progress;
+            p.batch += 1;
             let seconds = started.elapsed().as_secs_f64();
-            progress.epoch_seconds += seconds;
-            progress.train_seconds += seconds;
-            bar.set_position(progress.batch as u64);
-            bar.set_message(running_message(&progress, &term_names));
-            if t.checkpoint_every > 0
-                && progress.step.is_multiple_of(t.checkpoint_every as u64)
-                && progress.batch < per_epoch
-            {
-                save_checkpoint(&run_dir, &vars, &optimizer, &progress, &resolved)?;
-            }
-            if STOP.load(Ordering::SeqCst) && progress.batch < per_epoch {
-                save_checkpoint(&run_dir, &vars, &optimizer, &progress, &resolved)?;
+            p.epoch_seconds += seconds;
+            p.train_seconds += seconds;
+            bar.set_position(p.batch as u64);
+            bar.set_message(running_message(p, &self.log.terms));
+            let (vars, optimizer, p) = (&self.vars, &self.optimizer, &self.progress);
+            self.checkpoints
+                .after_update(vars, optimizer, p, self.per_epoch)?;
+            if self.opts.stopped() && p.batch < self.per_epoch {
+                self.checkpoints.save(vars, optimizer, p)?;
                 bar.finish_and_clear();
-                bail!(interrupted(&run_dir, &progress));
+                bail!(interrupted(&self.dir.path, p));
             }
         }
         bar.finish_and_clear();
+        Ok(lr)
+    }
 
-        let eval_model = detached_model(&vars, unet, &device)?;
+    /// One update on a batch, added to the epoch's sums; returns its learning rate.
+    fn update(&mut self, images: &Tensor, masks: &Tensor, bar: &ProgressBar) -> Result<f64> {
+        let t = &self.config.train;
+        let p = &mut self.progress;
+        let n = images.dim(0)?;
+        let lr = schedule::learning_rate(
+            t.schedule,
+            t.lr,
+            p.step as usize,
+            self.total_steps,
+            self.warmup,
+        );
+        let settings = StepSettings {
+            lr,
+            grad_clip: t.grad_clip,
+            dtype: t.precision.dtype(),
+            kernels: Kernels::for_device(&self.device),
+        };
+        let outcome = train_step(
+            &self.model,
+            &self.loss,
+            &mut self.optimizer,
+            (
+                &images.to_device(&self.device)?,
+                &masks.to_device(&self.device)?,
+            ),
+            settings,
+            &mut p.state,
+        );
+        let at = format!("epoch {}, update {}", p.epoch + 1, p.step + 1);
+        match outcome.with_context(|| at.clone())? {
+            StepOutcome::Done { loss, terms } => {
+                p.step += 1;
+                p.epoch_loss += loss * n as f64;
+                for (s, v) in p.epoch_terms.iter_mut().zip(&terms) {
+                    *s += v * n as f64;
+                }
+                p.epoch_images += n;
+            }
+            StepOutcome::Overflow => {}
+            StepOutcome::NonFinite(what) => match t.on_non_finite {
+                NonFinite::Error => bail!(
+                    "{at}: {what}; the last checkpoint in {} is kept (train.on_non_finite = \"skip\" skips such batches)",
+                    self.dir.path.display()
+                ),
+                NonFinite::Skip => {
+                    p.skipped += 1;
+                    bar.suspend(|| eprintln!("{at}: {what}; batch skipped"));
+                }
+            },
+        }
+        Ok(lr)
+    }
+
+    /// Validates the epoch just trained, logs it, keeps its model if it is the best so far and
+    /// checkpoints; stopped before the last epoch, fails with how to resume.
+    fn end_epoch(&mut self, lr: f64) -> Result<()> {
+        let report = self.validate()?;
+        let row = EpochRow::finished(&self.progress, lr, &report);
+        let line = epoch_line(&row, &report, self.config.train.epochs, &self.log.terms);
+        self.opts.suspend(|| println!("{line}"));
+        self.log.push(row)?;
+        self.select(&report)?;
+        self.progress.next_epoch(self.log.terms.len());
+        self.checkpoints
+            .save(&self.vars, &self.optimizer, &self.progress)?;
+        if self.opts.stopped() && self.progress.epoch < self.config.train.epochs {
+            bail!(interrupted(&self.dir.path, &self.progress));
+        }
+        Ok(())
+    }
+
+    /// The metrics of the current weights on the validation images.
+    fn validate(&self) -> Result<Report> {
+        let (d, t) = (&self.config.data, &self.config.train);
+        let eval_model = detached_model(&self.vars, self.config.unet(), &self.device)?;
         let predictor = Predictor {
             model: &eval_model,
-            activation,
+            activation: self.config.activation(),
             temperature: 1.0,
-            window,
-            normalizer: &dataset.normalizer,
+            window: window_of(d),
+            normalizer: &self.dataset.normalizer,
             batch: t.batch_size,
-            device: &device,
+            device: &self.device,
             tta: if t.val_tta {
                 Symmetry::seen_in_training(d.augment.flip, d.augment.rotate90)
             } else {
@@ -381,78 +376,99 @@ pub fn train(config: &Config, opts: &TrainOptions) -> Result<Summary> {
             },
             min_lesion_pixels: d.min_lesion_pixels,
         };
-        let report = predictor.evaluate(&dataset.val, ignore)?.report();
-        let images = progress.epoch_images.max(1) as f64;
-        let row = EpochRow {
-            epoch: epoch + 1,
-            lr,
-            loss: progress.epoch_loss / images,
-            terms: progress.epoch_terms.iter().map(|s| s / images).collect(),
-            val: report.clone(),
-            seconds: progress.epoch_seconds,
-            images_per_second: progress.epoch_images as f64 / progress.epoch_seconds.max(1e-9),
-        };
-        let line = epoch_line(&row, t.epochs, &term_names);
-        opts.suspend(|| println!("{line}"));
-        rows.push(row);
-        write_metrics(&run_dir, &rows, &term_names)?;
-        let score = selection_score(t.select_by, &report);
-        if progress.best_dice.is_none_or(|best| score > best) {
-            progress.best_dice = Some(score);
-            progress.best_epoch = epoch + 1;
-            let weights = export::state_dict(&unet, &vars, progress.step, DType::F32)?;
-            export::save(
-                &run_dir.join("model.safetensors"),
-                &weights,
-                &meta(&report)?,
-            )?;
-        }
-        progress.epoch += 1;
-        progress.batch = 0;
-        progress.epoch_loss = 0.0;
-        progress.epoch_terms = vec![0.0; term_names.len()];
-        progress.epoch_images = 0;
-        progress.epoch_seconds = 0.0;
-        save_checkpoint(&run_dir, &vars, &optimizer, &progress, &resolved)?;
-        if STOP.load(Ordering::SeqCst) && progress.epoch < t.epochs {
-            bail!(interrupted(&run_dir, &progress));
-        }
+        let ignore = self.dataset.format.ignore_mask_value();
+        Ok(predictor.evaluate(&self.dataset.val, ignore)?.report())
     }
 
-    let best = rows
-        .iter()
-        .find(|r| r.epoch == progress.best_epoch)
-        .ok_or_else(|| anyhow!("metrics.csv lacks the best epoch {}", progress.best_epoch))?;
-    let images: f64 = rows.iter().map(|r| r.images_per_second * r.seconds).sum();
-    let seconds: f64 = rows.iter().map(|r| r.seconds).sum();
-    let summary = Summary {
-        name: config.name.clone(),
-        best_epoch: progress.best_epoch,
-        val_dice: best.val.dice,
-        val_iou: best.val.iou,
-        val_precision: best.val.precision,
-        val_recall: best.val.recall,
-        val_lesion_dice: best.val.lesion_dice,
-        val_empty_fp_rate: best.val.empty_fp_rate,
-        val_hd95: best.val.hd95,
-        val_ece: best.val.ece,
-        val_brier: best.val.brier,
-        selected_by: t.select_by,
-        epochs: t.epochs,
-        steps: progress.step,
-        train_seconds: progress.train_seconds,
-        seconds_per_epoch: seconds / rows.len().max(1) as f64,
-        images_per_second: images / seconds.max(1e-9),
-        skipped_batches: progress.skipped,
-        device: device_name,
-        val_images: dataset.val.iter().map(|s| s.stem.clone()).collect(),
-        run_dir: run_dir.clone(),
+    /// Exports the model of the epoch just validated if `train.select_by` prefers it.
+    fn select(&mut self, report: &Report) -> Result<()> {
+        let select_by = self.config.train.select_by;
+        let score = select_by.metric().selection_score(report);
+        if !improves(select_by, score, &self.progress) {
+            return Ok(());
+        }
+        self.progress.best_score = score;
+        self.progress.best_epoch = self.progress.epoch + 1;
+        let unet = self.config.unet();
+        let weights = export::state_dict(&unet, &self.vars, self.progress.step, DType::F32)?;
+        let meta = ModelMeta {
+            unet,
+            window: window_of(&self.config.data),
+            activation: self.config.activation(),
+            normalizer: self.dataset.normalizer.clone(),
+            ignore_index: self.config.data.ignore_index,
+            temperature: 1.0,
+            config: self.dir.resolved.clone(),
+            metrics: serde_json::to_value(report)?,
+        };
+        export::save(&self.dir.path.join("model.safetensors"), &weights, &meta)
+    }
+
+    /// Writes and returns the summary of the finished run.
+    fn finish(self) -> Result<Summary> {
+        let best = self.log.row(self.progress.best_epoch)?;
+        let (seconds_per_epoch, images_per_second) = self.log.throughput();
+        let summary = Summary {
+            name: self.config.name.clone(),
+            best_epoch: self.progress.best_epoch,
+            val: best.val.clone(),
+            selected_by: self.config.train.select_by,
+            epochs: self.config.train.epochs,
+            steps: self.progress.step,
+            train_seconds: self.progress.train_seconds,
+            seconds_per_epoch,
+            images_per_second,
+            skipped_batches: self.progress.skipped,
+            device: self.device_name.clone(),
+            val_images: self.dataset.val.iter().map(|s| s.stem.clone()).collect(),
+            run_dir: self.dir.path.clone(),
+        };
+        atomic_write(
+            &self.dir.path.join("summary.json"),
+            serde_json::to_string_pretty(&summary)?.as_bytes(),
+        )?;
+        Ok(summary)
+    }
+}
+
+/// Checks a restored checkpoint against the data set and says where the run resumes.
+fn resumed(dir: &Path, progress: &Progress, dataset: &Dataset, opts: &TrainOptions) -> Result<()> {
+    if progress.mean != dataset.normalizer.mean || progress.std != dataset.normalizer.std {
+        bail!(
+            "{}: the data set changed since the checkpoint was written",
+            dir.display()
+        );
+    }
+    opts.suspend(|| {
+        eprintln!(
+            "resuming {} at epoch {}, batch {} (update {})",
+            dir.display(),
+            progress.epoch + 1,
+            progress.batch,
+            progress.step
+        )
+    });
+    Ok(())
+}
+
+/// How training batches are drawn: whole images or foreground-biased patches, normalised and
+/// augmented as `data` says.
+fn train_recipe(d: &DataConfig, dataset: &Dataset) -> BatchRecipe {
+    let crop = match d.patch_size {
+        Some(size) => Crop::Patch {
+            size,
+            foreground: d.foreground_fraction,
+        },
+        None => Crop::Whole,
     };
-    atomic_write(
-        &run_dir.join("summary.json"),
-        serde_json::to_string_pretty(&summary)?.as_bytes(),
-    )?;
-    Ok(summary)
+    BatchRecipe::new(
+        dataset.train.clone(),
+        dataset.format.channels,
+        crop,
+        dataset.normalizer.clone(),
+        Some(d.augment.clone()),
+        dataset.format.ignore_mask_value(),
+    )
 }
 
 /// How validation covers an image: the config's patch (sliding window) or image size.
@@ -468,11 +484,16 @@ pub fn window_of(d: &DataConfig) -> Window {
     }
 }
 
-/// The validation score that picks the saved model.
-fn selection_score(select_by: Selection, r: &Report) -> f64 {
-    match select_by {
-        Selection::LesionDice => r.lesion_dice.unwrap_or(r.dice),
-        Selection::Dice => r.dice,
+/// Whether an epoch of `train.select_by` score `score` replaces the best so far: the first
+/// validated epoch does; later ones by a strictly better score, a defined score beating an
+/// undefined one.
+fn improves(select_by: Selection, score: Option<f64>, p: &Progress) -> bool {
+    if p.best_epoch == 0 {
+        return true;
+    }
+    match (score, p.best_score) {
+        (Some(score), Some(best)) => select_by.metric().better.prefers(score, best),
+        (score, best) => score.is_some() && best.is_none(),
     }
 }
 
@@ -483,80 +504,6 @@ fn interrupted(run_dir: &Path, p: &Progress) -> String {
         p.epoch + 1,
         run_dir.display()
     )
-}
-
-enum StepOutcome {
-    Done {
-        loss: f64,
-        terms: Vec<f64>,
-    },
-    /// What was not finite: a loss term or the gradient.
-    NonFinite(String),
-    /// f16: the scaled gradient overflowed; the scale is halved and the update skipped.
-    Overflow,
-}
-
-/// Forward (in `dtype`), loss, backward, clipping and one AdamW update.
-#[allow(clippy::too_many_arguments)]
-fn train_step(
-    model: &UNet,
-    loss: &Loss,
-    optimizer: &mut AdamW,
-    (images, masks): (&Tensor, &Tensor),
-    (lr, grad_clip): (f64, Option<f64>),
-    dtype: DType,
-    loss_scale: Option<&mut LossScale>,
-    positives: &mut PositivesAverage,
-) -> Result<StepOutcome> {
-    let logits = model.forward_in(images, true, dtype)?;
-    let value = loss.forward_training(&logits, masks, positives)?;
-    let scalar = |t: &Tensor| -> Result<f64> { Ok(t.to_dtype(DType::F64)?.to_scalar::<f64>()?) };
-    let terms = value.terms.iter().map(scalar).collect::<Result<Vec<_>>>()?;
-    if let Some(i) = terms.iter().position(|v| !v.is_finite()) {
-        let term = &loss.terms[i];
-        return Ok(StepOutcome::NonFinite(format!(
-            "loss term {i} (`{}`) is {}",
-            term.kind, terms[i]
-        )));
-    }
-    let total = scalar(&value.total)?;
-    let factor = loss_scale.as_ref().map_or(1.0, |s| s.scale);
-    let grads = if factor == 1.0 {
-        value.total.backward()?
-    } else {
-        (&value.total * factor)?.backward()?
-    };
-    let norm = optimizer.grad_norm(&grads)? / factor;
-    if !norm.is_finite() {
-        if let Some(s) = loss_scale {
-            s.overflow();
-            return Ok(StepOutcome::Overflow);
-        }
-        return Ok(StepOutcome::NonFinite(format!(
-            "the gradient norm is {norm}"
-        )));
-    }
-    let clip = match grad_clip {
-        Some(c) if norm > c => c / (norm + 1e-6),
-        _ => 1.0,
-    };
-    optimizer.step(&grads, lr, clip / factor)?;
-    if let Some(s) = loss_scale {
-        s.finite();
-    }
-    Ok(StepOutcome::Done { loss: total, terms })
-}
-
-/// The optimiser's parameters: every variable but BatchNorm's running statistics, by name.
-fn trainable(vars: &VarMap) -> Vec<(String, Var)> {
-    let data = vars.data().lock().expect("variable map lock");
-    let mut params: Vec<(String, Var)> = data
-        .iter()
-        .filter(|(name, _)| is_trainable(name))
-        .map(|(name, var)| (name.clone(), var.clone()))
-        .collect();
-    params.sort_by(|a, b| a.0.cmp(&b.0));
-    params
 }
 
 /// A copy of the model for evaluation that shares the weights' storage but records no
@@ -595,409 +542,29 @@ pub fn finished(config: &Config, runs_dir: &Path) -> Result<Option<Summary>> {
     Ok(Some(summary))
 }
 
-/// Checks the run folder (locked by the caller): a fresh run needs it empty (or `--overwrite`),
-/// `--resume` needs a run of the same config. Returns the checkpoints to resume from, newest
-/// first (none: start from scratch).
-fn prepare_run_dir(run_dir: &Path, resolved: &str, opts: &TrainOptions) -> Result<Vec<PathBuf>> {
-    if opts.resume && opts.overwrite {
-        bail!("--resume and --overwrite exclude each other");
-    }
-    remove_dead_temporaries(run_dir)?;
-    // everything but the lock, which the caller holds
-    let contents: Vec<PathBuf> = std::fs::read_dir(run_dir)
-        .and_then(|entries| entries.map(|e| e.map(|e| e.path())).collect())
-        .with_context(|| format!("cannot list {}", run_dir.display()))?;
-    let contents: Vec<PathBuf> = contents
-        .into_iter()
-        .filter(|p| p.file_name() != Some(LOCK.as_ref()))
-        .collect();
-    let occupied = !contents.is_empty();
-    if occupied && opts.overwrite {
-        for path in &contents {
-            let removed = if path.is_dir() && !path.is_symlink() {
-                std::fs::remove_dir_all(path)
-            } else {
-                std::fs::remove_file(path)
-            };
-            removed.with_context(|| format!("cannot clear {}", path.display()))?;
-        }
-    } else if occupied && !opts.resume {
-        let state = if run_dir.join("summary.json").exists() {
-            "a finished"
-        } else {
-            "an unfinished"
-        };
-        bail!(
-            "{} already holds {state} run; pass --resume to continue it or --overwrite to start over",
-            run_dir.display()
-        );
-    }
-    if !opts.resume || !occupied {
-        return Ok(vec![]);
-    }
-    // the run must be the same experiment
-    match std::fs::read_to_string(run_dir.join("config.toml")) {
-        Ok(previous) => {
-            if let Some((key, values)) = experiment_difference(&previous, resolved) {
-                bail!(
-                    "{} holds a run of a different config ({key}: {values}, the run's first); --resume needs the same config and overrides (or use --overwrite)",
-                    run_dir.display()
-                );
-            }
-        }
-        Err(_) => bail!(
-            "{}: not a segtrain run (no config.toml); use --overwrite to start over",
-            run_dir.display()
-        ),
-    }
-    // a kill between keeping the previous checkpoint and writing the next leaves only the
-    // previous one; a kill before the first checkpoint, none (the run starts over)
-    Ok([CHECKPOINT, PREVIOUS_CHECKPOINT]
-        .iter()
-        .map(|f| run_dir.join(f))
-        .filter(|p| p.exists())
-        .collect())
-}
-
-/// Loads the first of `checkpoints` (newest first) that reads; a damaged newer one (truncated
-/// by a full disk, say) is reported and the previous one used.
-fn load_newest_checkpoint(
-    checkpoints: &[PathBuf],
-    vars: &VarMap,
-    optimizer: &mut AdamW,
-    device: &Device,
-    opts: &TrainOptions,
-) -> Result<Progress> {
-    let mut failures = vec![];
-    for path in checkpoints {
-        match load_checkpoint(path, vars, optimizer, device) {
-            Ok(progress) => {
-                for failure in &failures {
-                    opts.suspend(|| {
-                        eprintln!("warning: {failure:#}; resuming from {}", path.display())
-                    });
-                }
-                return Ok(progress);
-            }
-            Err(e) => failures.push(e),
-        }
-    }
-    let why: Vec<String> = failures.iter().map(|e| format!("{e:#}")).collect();
-    bail!(
-        "no usable checkpoint: {}; use --overwrite to start over",
-        why.join("; ")
-    )
-}
-
-/// The first key in which a run folder's `config.toml` (`previous`) differs as an experiment
-/// from the resolved config `resolved`, with both values; None when they are the same
-/// experiment: equal once both are read with today's defaults (a key added to the schema since
-/// the run was written takes its default) and without `train.device`, which may change between
-/// resumes. A previous config that no longer reads differs in `config.toml` itself.
-fn experiment_difference(previous: &str, resolved: &str) -> Option<(String, String)> {
-    let normal = |text: &str| -> Result<toml::Table> {
-        let mut config = Config::from_toml(text, &[])?;
-        config.train.device = String::new();
-        Ok(config.to_toml()?.parse()?)
-    };
-    let Ok(now) = normal(resolved) else {
-        return Some(("config".into(), "the new config does not read back".into()));
-    };
-    match normal(previous) {
-        Ok(before) => crate::config::first_difference(&before, &now, ""),
-        Err(e) => Some(("config.toml".into(), format!("unreadable ({e:#})"))),
-    }
-}
-
-fn save_checkpoint(
-    run_dir: &Path,
-    vars: &VarMap,
-    optimizer: &AdamW,
-    progress: &Progress,
-    config: &str,
-) -> Result<()> {
-    let mut tensors: Vec<(String, Tensor)> = vars
-        .data()
-        .lock()
-        .expect("variable map lock")
-        .iter()
-        .map(|(k, v)| (format!("model.{k}"), v.as_tensor().clone()))
-        .collect();
-    tensors.extend(optimizer.state());
-    let meta = HashMap::from([
-        ("format".to_string(), CHECKPOINT_FORMAT.to_string()),
-        ("progress".to_string(), serde_json::to_string(progress)?),
-        ("config".to_string(), config.to_string()),
-    ]);
-    let current = run_dir.join(CHECKPOINT);
-    if current.exists() {
-        std::fs::rename(&current, run_dir.join(PREVIOUS_CHECKPOINT)).with_context(|| {
-            format!(
-                "cannot keep the previous checkpoint in {}",
-                run_dir.display()
-            )
-        })?;
-    }
-    write_safetensors(&current, &tensors, Some(meta))
-}
-
-fn load_checkpoint(
-    path: &Path,
-    vars: &VarMap,
-    optimizer: &mut AdamW,
-    device: &Device,
-) -> Result<Progress> {
-    let (tensors, meta) = read_safetensors(path, device)?;
-    if meta.get("format").map(String::as_str) != Some(CHECKPOINT_FORMAT) {
-        bail!("{}: not a segtrain checkpoint", path.display());
-    }
-    let progress: Progress = serde_json::from_str(
-        meta.get("progress")
-            .ok_or_else(|| anyhow!("{}: checkpoint lacks its progress", path.display()))?,
-    )
-    .with_context(|| format!("{}: progress", path.display()))?;
-    for (name, var) in vars.data().lock().expect("variable map lock").iter() {
-        let t = tensors
-            .get(&format!("model.{name}"))
-            .ok_or_else(|| anyhow!("{}: checkpoint lacks `{name}`", path.display()))?;
-        var.set(t)
-            .with_context(|| format!("{}: `{name}`", path.display()))?;
-    }
-    optimizer
-        .load_state(&tensors, progress.step)
-        .with_context(|| path.display().to_string())?;
-    Ok(progress)
-}
-
-/// The validation metrics of a `metrics.csv` row, by column name (None: undefined).
-fn metric_columns(r: &Report) -> Vec<(String, Option<f64>)> {
-    let mut cols = vec![
-        ("val_dice".to_string(), Some(r.dice)),
-        ("val_iou".into(), Some(r.iou)),
-        ("val_precision".into(), Some(r.precision)),
-        ("val_recall".into(), Some(r.recall)),
-        ("val_lesion_dice".into(), r.lesion_dice),
-        ("val_empty_fp_rate".into(), r.empty_fp_rate),
-        ("val_hd95".into(), r.hd95),
-        ("val_ece".into(), Some(r.ece)),
-        ("val_brier".into(), Some(r.brier)),
-    ];
-    if r.dice_per_class.len() > 1 {
-        cols.extend(
-            r.dice_per_class
-                .iter()
-                .enumerate()
-                .map(|(k, d)| (format!("val_dice_class_{}", k + 1), Some(*d))),
-        );
-    }
-    cols
-}
-
-fn write_metrics(run_dir: &Path, rows: &[EpochRow], terms: &[&str]) -> Result<()> {
-    let mut header = vec!["epoch".to_string(), "lr".into(), "train_loss".into()];
-    header.extend(
-        terms
-            .iter()
-            .enumerate()
-            .map(|(i, t)| format!("loss_{i}_{t}")),
-    );
-    header.extend(["seconds", "images_per_second"].map(String::from));
-    if let Some(r) = rows.first() {
-        header.extend(metric_columns(&r.val).into_iter().map(|(k, _)| k));
-    }
-    let mut out = header.join(",") + "\n";
-    for r in rows {
-        let mut cols = vec![
-            r.epoch.to_string(),
-            format!("{:e}", r.lr),
-            r.loss.to_string(),
-        ];
-        cols.extend(r.terms.iter().map(|v| v.to_string()));
-        cols.push(format!("{:.3}", r.seconds));
-        cols.push(format!("{:.2}", r.images_per_second));
-        cols.extend(
-            metric_columns(&r.val)
-                .into_iter()
-                .map(|(_, v)| v.map_or(String::new(), |v| v.to_string())),
-        );
-        out += &(cols.join(",") + "\n");
-    }
-    atomic_write(&run_dir.join("metrics.csv"), out.as_bytes())
-}
-
-/// The rows of an existing `metrics.csv` for epochs before `before` (0-based epoch count), so a
-/// resumed run neither loses nor duplicates rows.
-fn read_metrics(run_dir: &Path, before: usize) -> Result<Vec<EpochRow>> {
-    let path = run_dir.join("metrics.csv");
-    let Ok(text) = std::fs::read_to_string(&path) else {
-        return Ok(vec![]);
-    };
-    let table = crate::report::Csv::parse(&text).with_context(|| path.display().to_string())?;
-    let mut rows = vec![];
-    for row in 0..table.rows() {
-        let get = |name: &str| table.get(row, name);
-        let epoch = get("epoch").unwrap_or(0.0) as usize;
-        if epoch == 0 || epoch > before {
-            continue;
-        }
-        let terms = table
-            .columns()
-            .iter()
-            .filter(|c| c.starts_with("loss_"))
-            .map(|c| get(c).unwrap_or(f64::NAN))
-            .collect();
-        let classes: Vec<f64> = table
-            .columns()
-            .iter()
-            .filter(|c| c.starts_with("val_dice_class_"))
-            .map(|c| get(c).unwrap_or(f64::NAN))
-            .collect();
-        rows.push(EpochRow {
-            epoch,
-            lr: get("lr").unwrap_or(f64::NAN),
-            loss: get("train_loss").unwrap_or(f64::NAN),
-            terms,
-            val: Report {
-                dice: get("val_dice").unwrap_or(f64::NAN),
-                iou: get("val_iou").unwrap_or(f64::NAN),
-                precision: get("val_precision").unwrap_or(f64::NAN),
-                recall: get("val_recall").unwrap_or(f64::NAN),
-                lesion_dice: get("val_lesion_dice"),
-                empty_fp_rate: get("val_empty_fp_rate"),
-                hd95: get("val_hd95"),
-                ece: get("val_ece").unwrap_or(f64::NAN),
-                brier: get("val_brier").unwrap_or(f64::NAN),
-                dice_per_class: classes,
-                ..Report::default()
-            },
-            seconds: get("seconds").unwrap_or(0.0),
-            images_per_second: get("images_per_second").unwrap_or(0.0),
-        });
-    }
-    Ok(rows)
-}
-
-fn progress_bar(
-    opts: &TrainOptions,
-    len: usize,
-    position: usize,
-    epoch: usize,
-    epochs: usize,
-) -> ProgressBar {
-    let bar = match (&opts.bars, opts.progress) {
-        (Some(bars), true) => bars.add(ProgressBar::new(len as u64)),
-        (None, true) => ProgressBar::new(len as u64),
-        (_, false) => ProgressBar::hidden(),
-    };
-    bar.set_style(
-        ProgressStyle::with_template("{prefix} [{bar:25}] {pos}/{len} {msg}")
-            .expect("a valid template")
-            .progress_chars("=> "),
-    );
-    bar.set_prefix(format!("epoch {}/{epochs}", epoch + 1));
-    bar.set_position(position as u64);
-    bar
-}
-
-fn running_message(p: &Progress, terms: &[&str]) -> String {
-    let n = p.epoch_images.max(1) as f64;
-    let parts: Vec<String> = terms
-        .iter()
-        .zip(&p.epoch_terms)
-        .map(|(t, s)| format!("{t} {:.4}", s / n))
-        .collect();
-    format!(
-        "loss {:.4} [{}] {:.1} img/s",
-        p.epoch_loss / n,
-        parts.join(", "),
-        p.epoch_images as f64 / p.epoch_seconds.max(1e-9)
-    )
-}
-
-fn epoch_line(r: &EpochRow, epochs: usize, terms: &[&str]) -> String {
-    let mut honest = String::new();
-    if let Some(d) = r.val.lesion_dice {
-        honest += &format!("  lesion-image dice {d:.4}");
-    }
-    if let Some(f) = r.val.empty_fp_rate {
-        honest += &format!(" false alarms on empty images {:.0}%", 100.0 * f);
-    }
-    let per_class = if r.val.dice_per_class.len() > 1 {
-        let d: Vec<String> = r
-            .val
-            .dice_per_class
-            .iter()
-            .map(|v| format!("{v:.3}"))
-            .collect();
-        format!(" (classes {})", d.join(" "))
-    } else {
-        String::new()
-    };
-    let parts: Vec<String> = terms
-        .iter()
-        .zip(&r.terms)
-        .map(|(t, v)| format!("{t} {v:.4}"))
-        .collect();
-    format!(
-        "epoch {}/{epochs}  loss {:.4} [{}]  val dice {:.4}{per_class} iou {:.4} precision {:.4} recall {:.4}{honest}  {:.1} img/s  {:.1} s",
-        r.epoch,
-        r.loss,
-        parts.join(", "),
-        r.val.dice,
-        r.val.iou,
-        r.val.precision,
-        r.val.recall,
-        r.images_per_second,
-        r.seconds
-    )
-}
-
 #[cfg(test)]
 mod tests {
-    use super::{experiment_difference, LossScale};
-
-    fn same_experiment(previous: &str, resolved: &str) -> bool {
-        experiment_difference(previous, resolved).is_none()
-    }
+    use super::{improves, Progress};
+    use crate::config::Selection;
 
     #[test]
-    fn a_run_written_before_a_schema_key_existed_is_the_same_experiment() {
-        let old = "name = \"x\"\nseed = 1\n[data]\nroot = \"d\"\nimage_size = 32\n[train]\nepochs = 2\nbatch_size = 4\ndevice = \"cpu\"\n[[loss]]\nkind = \"dice\"\n";
-        let config = crate::config::Config::from_toml(old, &[]).unwrap();
-        let mut now = config.to_toml().unwrap();
+    fn select_by_ranks_epochs_by_its_metric_in_its_direction() {
+        let brier: Selection = serde_json::from_str("\"brier\"").unwrap();
+        let mut p = Progress::default();
+        assert!(improves(brier, None, &p), "the first epoch is selected");
+        p.best_epoch = 1;
+        p.best_score = Some(0.3);
+        assert!(improves(brier, Some(0.2), &p), "lower is better");
+        assert!(!improves(brier, Some(0.4), &p));
         assert!(
-            now.contains("precision"),
-            "today's schema writes the new key"
+            !improves(brier, Some(0.3), &p),
+            "a tie keeps the earlier epoch"
         );
-        assert!(same_experiment(old, &now));
-        now = now.replace("device = \"cpu\"", "device = \"auto\"");
-        assert!(same_experiment(old, &now), "the device may change");
-        let other = old.replace("epochs = 2", "epochs = 3");
-        assert!(!same_experiment(&other, &now));
-        assert!(!same_experiment("not toml [", &now));
-    }
-
-    #[test]
-    fn loss_scale_halves_on_overflow_and_doubles_after_a_finite_run() {
-        let mut s = LossScale {
-            scale: LossScale::INITIAL,
-            finite_run: 0,
-        };
-        s.overflow();
-        assert_eq!(s.scale, LossScale::INITIAL / 2.0);
-        for _ in 0..LossScale::GROWTH_INTERVAL - 1 {
-            s.finite();
-        }
-        assert_eq!(s.scale, LossScale::INITIAL / 2.0);
-        s.finite();
-        assert_eq!(s.scale, LossScale::INITIAL);
-        // an overflow resets the run; the scale never drops below 1
-        s.finite();
-        s.overflow();
-        assert_eq!((s.scale, s.finite_run), (LossScale::INITIAL / 2.0, 0));
-        for _ in 0..40 {
-            s.overflow();
-        }
-        assert_eq!(s.scale, 1.0);
+        assert!(!improves(brier, None, &p));
+        let dice: Selection = serde_json::from_str("\"dice\"").unwrap();
+        assert!(improves(dice, Some(0.4), &p), "higher is better");
+        p.best_score = None;
+        assert!(improves(brier, Some(0.4), &p), "defined beats undefined");
+        assert!(!improves(brier, None, &p));
     }
 }

@@ -1,0 +1,186 @@
+//! One training update: forward (in the training precision), loss, backward, global-norm
+//! gradient clipping and an AdamW step; f16's dynamic loss scaling. `bench` times this same
+//! function.
+
+use anyhow::Result;
+use candle_core::{DType, Tensor, Var};
+use candle_nn::VarMap;
+use serde::{Deserialize, Serialize};
+
+use super::optim::AdamW;
+use crate::config::Precision;
+use crate::kernels::profile::time;
+use crate::kernels::Kernels;
+use crate::loss::{Loss, PositivesAverage};
+use crate::model::{is_trainable, UNet};
+
+/// How one update runs.
+#[derive(Debug, Clone, Copy)]
+pub struct StepSettings {
+    pub lr: f64,
+    /// Largest global gradient norm (None: no clipping).
+    pub grad_clip: Option<f64>,
+    /// Floating-point type of the forward and backward passes.
+    pub dtype: DType,
+    /// The model's kernels (f32 only; half precision runs Candle's ops).
+    pub kernels: Kernels,
+}
+
+/// What an update hands to the next besides the weights and the optimiser's moments
+/// (checkpointed with the run's progress).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct StepState {
+    /// f16 training's dynamic loss scale (None otherwise).
+    loss_scale: Option<LossScale>,
+    /// The running positives per batch of `normalize = "positives"` terms.
+    #[serde(default)]
+    positives: PositivesAverage,
+}
+
+impl StepState {
+    /// The state of a run's first update.
+    pub fn new(precision: Precision) -> Self {
+        Self {
+            loss_scale: (precision == Precision::F16).then_some(LossScale {
+                scale: LossScale::INITIAL,
+                finite_run: 0,
+            }),
+            positives: PositivesAverage::default(),
+        }
+    }
+}
+
+/// Dynamic loss scaling for f16 (PyTorch's `GradScaler`): the loss is multiplied by `scale`
+/// before the backward pass, so that small gradients stay above f16's smallest normal
+/// (6·10⁻⁵), and the gradients are divided by it. A non-finite gradient halves the scale and
+/// skips the update; `GROWTH_INTERVAL` finite updates in a row double it.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+struct LossScale {
+    scale: f64,
+    finite_run: u64,
+}
+
+impl LossScale {
+    const INITIAL: f64 = 65536.0;
+    const GROWTH_INTERVAL: u64 = 2000;
+
+    fn finite(&mut self) {
+        self.finite_run += 1;
+        if self.finite_run == Self::GROWTH_INTERVAL {
+            self.scale *= 2.0;
+            self.finite_run = 0;
+        }
+    }
+
+    fn overflow(&mut self) {
+        self.scale = (self.scale / 2.0).max(1.0);
+        self.finite_run = 0;
+    }
+}
+
+/// What an update did.
+pub enum StepOutcome {
+    /// Updated: the loss and each term.
+    Done { loss: f64, terms: Vec<f64> },
+    /// What was not finite: a loss term or the gradient.
+    NonFinite(String),
+    /// f16: the scaled gradient overflowed; the scale is halved and the update skipped.
+    Overflow,
+}
+
+/// Forward (in `settings.dtype`), loss, backward, clipping and one AdamW update.
+pub fn train_step(
+    model: &UNet,
+    loss: &Loss,
+    optimizer: &mut AdamW,
+    (images, masks): (&Tensor, &Tensor),
+    settings: StepSettings,
+    state: &mut StepState,
+) -> Result<StepOutcome> {
+    let logits = time("step: forward", || {
+        model.forward_in_using(settings.kernels, images, true, settings.dtype)
+    })?;
+    let value = time("step: loss", || {
+        loss.forward_training(&logits, masks, &mut state.positives)
+    })?;
+    let scalar = |t: &Tensor| -> Result<f64> { Ok(t.to_dtype(DType::F64)?.to_scalar::<f64>()?) };
+    let terms = value.terms.iter().map(scalar).collect::<Result<Vec<_>>>()?;
+    if let Some(i) = terms.iter().position(|v| !v.is_finite()) {
+        let term = &loss.terms[i];
+        return Ok(StepOutcome::NonFinite(format!(
+            "loss term {i} (`{}`) is {}",
+            term.kind, terms[i]
+        )));
+    }
+    let total = scalar(&value.total)?;
+    let factor = state.loss_scale.as_ref().map_or(1.0, |s| s.scale);
+    let grads = time("step: backward", || {
+        if factor == 1.0 {
+            value.total.backward()
+        } else {
+            (&value.total * factor)?.backward()
+        }
+    })?;
+    let norm = time("step: gradient norm", || optimizer.grad_norm(&grads))? / factor;
+    if !norm.is_finite() {
+        if let Some(s) = state.loss_scale.as_mut() {
+            s.overflow();
+            return Ok(StepOutcome::Overflow);
+        }
+        return Ok(StepOutcome::NonFinite(format!(
+            "the gradient norm is {norm}"
+        )));
+    }
+    let clip = match settings.grad_clip {
+        Some(c) if norm > c => c / (norm + 1e-6),
+        _ => 1.0,
+    };
+    time("step: optimizer", || {
+        optimizer.step(&grads, settings.lr, clip / factor)
+    })?;
+    if let Some(s) = state.loss_scale.as_mut() {
+        s.finite();
+    }
+    Ok(StepOutcome::Done { loss: total, terms })
+}
+
+/// The optimiser's parameters: every variable but BatchNorm's running statistics, by name.
+pub fn trainable(vars: &VarMap) -> Vec<(String, Var)> {
+    let data = vars.data().lock().expect("variable map lock");
+    let mut params: Vec<(String, Var)> = data
+        .iter()
+        .filter(|(name, _)| is_trainable(name))
+        .map(|(name, var)| (name.clone(), var.clone()))
+        .collect();
+    params.sort_by(|a, b| a.0.cmp(&b.0));
+    params
+}
+
+#[cfg(test)]
+mod tests {
+    use super::LossScale;
+
+    #[test]
+    fn loss_scale_halves_on_overflow_and_doubles_after_a_finite_run() {
+        let mut s = LossScale {
+            scale: LossScale::INITIAL,
+            finite_run: 0,
+        };
+        s.overflow();
+        assert_eq!(s.scale, LossScale::INITIAL / 2.0);
+        for _ in 0..LossScale::GROWTH_INTERVAL - 1 {
+            s.finite();
+        }
+        assert_eq!(s.scale, LossScale::INITIAL / 2.0);
+        s.finite();
+        assert_eq!(s.scale, LossScale::INITIAL);
+        // an overflow resets the run; the scale never drops below 1
+        s.finite();
+        s.overflow();
+        assert_eq!((s.scale, s.finite_run), (LossScale::INITIAL / 2.0, 0));
+        for _ in 0..40 {
+            s.overflow();
+        }
+        assert_eq!(s.scale, 1.0);
+    }
+}
