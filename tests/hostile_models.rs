@@ -700,7 +700,11 @@ fn extreme_config_values_are_refused_with_their_bound() {
         ),
         (
             &["data.normalize=\"per_image\""],
-            &["data.normalize", "unknown value `per_image`", "dataset, image"],
+            &[
+                "data.normalize",
+                "unknown value `per_image`",
+                "dataset, image",
+            ],
         ),
     ];
     for (sets, expect) in cases {
