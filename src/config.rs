@@ -237,6 +237,11 @@ pub struct TrainConfig {
     /// rotations that `data.augment` trains with (as `predict --tta`).
     #[serde(default)]
     pub val_tta: bool,
+    /// Stop after the epoch whose successor would end past this many minutes of wall time
+    /// since `train` started (validation included); the best epoch's model is kept, and
+    /// `--resume` continues. Not part of the experiment: it may change between resumes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub time_limit_minutes: Option<f64>,
 }
 
 /// The type activations are computed in.
@@ -564,6 +569,14 @@ impl Config {
                 );
             }
         }
+        if let Some(m) = t.time_limit_minutes {
+            if !(m > 0.0 && m <= rules::MAX_MINUTES) {
+                return bad(
+                    "train.time_limit_minutes",
+                    format!("must lie in (0, {}], got {m}", rules::MAX_MINUTES),
+                );
+            }
+        }
         if !(t.lr > 0.0 && t.lr.is_finite()) {
             return bad("train.lr", format!("must be > 0, got {}", t.lr));
         }
@@ -713,6 +726,8 @@ pub mod rules {
     pub const MAX_WORKERS: usize = 64;
     pub const MAX_BATCH_SIZE: usize = 4096;
     pub const MAX_EPOCHS: usize = 1_000_000;
+    /// Longest time budget or limit, in minutes: a week.
+    pub const MAX_MINUTES: f64 = 7.0 * 24.0 * 60.0;
     pub const MAX_STEPS_PER_EPOCH: usize = 1_000_000;
     /// steps_per_epoch × batch_size: the sample indices of an epoch are drawn up front.
     pub const MAX_ITEMS_PER_EPOCH: usize = 1 << 24;

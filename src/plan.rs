@@ -14,7 +14,9 @@
 //! - **Batch**: 8 images of 128² per update, fewer for larger sides (the same pixels per
 //!   update), at least 2.
 //! - **Budget**: epochs = the time budget (default 10 min) × 0.85 / the time of one epoch
-//!   (its updates, timed on this machine, plus validation), between 5 and 500.
+//!   (its updates, timed on this machine, plus validation), between 5 and 500; and
+//!   `train.time_limit_minutes` = the budget, so a busier machine stops early instead of
+//!   overrunning.
 //! - **Normalisation**: grey images by their own mean and std (`normalize = "image"`: scans
 //!   from several scanners, sequences or windows reach the network alike), colour photographs
 //!   by the data set's; each image clipped to its 0.5th..99.5th percentile when the outer 0.5 %
@@ -32,7 +34,7 @@ use anyhow::{bail, Context, Result};
 use rayon::prelude::*;
 
 use crate::bench::{self, BenchOptions};
-use crate::config::Config;
+use crate::config::{rules, Config};
 use crate::data::{self, PairPaths};
 use crate::kernels::Kernels;
 use crate::metrics::percentile;
@@ -327,9 +329,10 @@ fn round_to(v: f64, multiple: usize) -> usize {
 
 /// The config for `root` as commented TOML, checked to parse as a valid config.
 pub fn plan(root: &Path, opts: &PlanOptions) -> Result<String> {
-    if !(opts.budget_minutes > 0.0 && opts.budget_minutes <= 7.0 * 24.0 * 60.0) {
+    if !(opts.budget_minutes > 0.0 && opts.budget_minutes <= rules::MAX_MINUTES) {
         bail!(
-            "--budget-minutes: must lie in (0, 10080], got {}",
+            "--budget-minutes: must lie in (0, {}], got {}",
+            rules::MAX_MINUTES,
             opts.budget_minutes
         );
     }
@@ -339,13 +342,13 @@ pub fn plan(root: &Path, opts: &PlanOptions) -> Result<String> {
         .with_context(|| format!("cannot resolve {}", root.display()))?;
     let name = match &opts.name {
         Some(n) => {
-            crate::config::rules::name(n).map_err(|m| anyhow::anyhow!("--name: {m}"))?;
+            rules::name(n).map_err(|m| anyhow::anyhow!("--name: {m}"))?;
             n.clone()
         }
         None => root_abs
             .file_name()
             .map(|n| n.to_string_lossy().to_string())
-            .filter(|n| crate::config::rules::name(n).is_ok())
+            .filter(|n| rules::name(n).is_ok())
             .unwrap_or_else(|| "plan".into()),
     };
     let multiple = 1usize << DEPTH;
@@ -527,6 +530,15 @@ pub fn plan(root: &Path, opts: &PlanOptions) -> Result<String> {
         opts.budget_minutes
     )?;
     writeln!(w, "epochs = {epochs}")?;
+    writeln!(
+        w,
+        "# and never past the budget: a machine busier than at planning time stops early, keeping the best epoch"
+    )?;
+    writeln!(
+        w,
+        "time_limit_minutes = {}",
+        toml::Value::Float(opts.budget_minutes)
+    )?;
     writeln!(
         w,
         "# {batch} images of {batch_side}² per update (8 × 128² worth of pixels, 2..8)"

@@ -529,3 +529,45 @@ fn killed_writers_temporaries_go_and_running_runs_are_not_written_into() {
     assert!(!running.wait().unwrap().success());
     assert!(!run.join("half.safetensors").exists());
 }
+
+/// `train.time_limit_minutes` stops after the epoch past which another would end beyond the
+/// limit, keeps the best epoch's model and writes a summary of the epochs trained; `--resume`
+/// with another limit (not part of the experiment) finishes the run to the same weights as an
+/// uninterrupted one.
+#[test]
+fn a_time_limit_stops_between_epochs_and_the_run_resumes() {
+    let dir = temp_dir("time-limit");
+    let data = tiny_dataset(&dir, "data", "lesion", 8, 48);
+    let config = config(&dir, &data);
+    let (reference, _) = reference_run(&dir, &config);
+    let runs = dir.join("limited");
+    // a limit shorter than any epoch: the first epoch runs, the second would end past it
+    let out = ok(&common::train_args(
+        &config,
+        &runs,
+        &["--set", "train.time_limit_minutes=1e-6"],
+    ));
+    assert!(out.contains("time limit"), "{out}");
+    assert!(out.contains("stopping after epoch 1 of 4"), "{out}");
+    let run = runs.join("resume");
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run.join("summary.json")).unwrap()).unwrap();
+    assert_eq!(summary["epochs"], 1);
+    assert_eq!(summary["best_epoch"], 1);
+    assert!(run.join("model.safetensors").exists());
+    assert_eq!(csv_epochs(&run).len(), 1);
+    // resumed without the limit, it trains epochs 2..4 to the uninterrupted run's weights
+    ok(&common::train_args(&config, &runs, &["--resume"]));
+    assert_eq!(csv_epochs(&run).len(), 4);
+    assert_eq!(
+        tensors(&run.join("model.safetensors")),
+        tensors(&reference.join("resume/model.safetensors"))
+    );
+    // a limit that is not a positive number of minutes is refused
+    let e = fails(&common::train_args(
+        &config,
+        &dir.join("bad"),
+        &["--set", "train.time_limit_minutes=0"],
+    ));
+    assert!(e.contains("train.time_limit_minutes"), "{e}");
+}

@@ -103,6 +103,7 @@ pub struct Summary {
     #[serde(flatten)]
     pub val: Scores,
     pub selected_by: Selection,
+    /// Epochs trained: `train.epochs`, fewer when `train.time_limit_minutes` stopped the run.
     pub epochs: usize,
     pub steps: u64,
     pub train_seconds: f64,
@@ -117,11 +118,17 @@ pub struct Summary {
 
 /// Trains the model of `config` and returns the run's summary.
 pub fn train(config: &Config, opts: &TrainOptions) -> Result<Summary> {
+    let started = Instant::now();
     let mut run = Run::start(config, opts)?;
     run.announce();
     while run.progress.epoch < config.train.epochs {
+        let epoch_started = Instant::now();
         let lr = run.train_epoch()?;
         run.end_epoch(lr)?;
+        let (elapsed, last) = (started.elapsed(), epoch_started.elapsed());
+        if run.progress.epoch < config.train.epochs && run.out_of_time(elapsed + last) {
+            break;
+        }
     }
     run.finish()
 }
@@ -357,6 +364,26 @@ impl<'a> Run<'a> {
         Ok(())
     }
 
+    /// Whether another epoch, ending at `next_end` since the start, would pass
+    /// `train.time_limit_minutes`; says so when it would.
+    fn out_of_time(&self, next_end: std::time::Duration) -> bool {
+        let Some(limit) = self.config.train.time_limit_minutes else {
+            return false;
+        };
+        if next_end.as_secs_f64() <= limit * 60.0 {
+            return false;
+        }
+        let line = format!(
+            "time limit: another epoch would end at {:.1} min, past train.time_limit_minutes = {limit}; stopping after epoch {} of {} with the model of epoch {} (--resume continues)",
+            next_end.as_secs_f64() / 60.0,
+            self.progress.epoch,
+            self.config.train.epochs,
+            self.progress.best_epoch
+        );
+        self.opts.suspend(|| println!("{line}"));
+        true
+    }
+
     /// The metrics of the current weights on the validation images.
     fn validate(&self) -> Result<Report> {
         let (d, t) = (&self.config.data, &self.config.train);
@@ -413,7 +440,7 @@ impl<'a> Run<'a> {
             best_epoch: self.progress.best_epoch,
             val: best.val.clone(),
             selected_by: self.config.train.select_by,
-            epochs: self.config.train.epochs,
+            epochs: self.progress.epoch,
             steps: self.progress.step,
             train_seconds: self.progress.train_seconds,
             seconds_per_epoch,

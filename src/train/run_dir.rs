@@ -111,12 +111,13 @@ fn prepare(run_dir: &Path, resolved: &str, opts: &TrainOptions) -> Result<Vec<Pa
 /// The first key in which a run folder's `config.toml` (`previous`) differs as an experiment
 /// from the resolved config `resolved`, with both values; None when they are the same
 /// experiment: equal once both are read with today's defaults (a key added to the schema since
-/// the run was written takes its default) and without `train.device`, which may change between
-/// resumes. A previous config that no longer reads differs in `config.toml` itself.
+/// the run was written takes its default) and without `train.device` and
+/// `train.time_limit_minutes`, which may change between resumes. A previous config that no longer reads differs in `config.toml` itself.
 pub(super) fn experiment_difference(previous: &str, resolved: &str) -> Option<(String, String)> {
     let normal = |text: &str| -> Result<toml::Table> {
         let mut config = Config::from_toml(text, &[])?;
         config.train.device = String::new();
+        config.train.time_limit_minutes = None;
         Ok(config.to_toml()?.parse()?)
     };
     let Ok(now) = normal(resolved) else {
