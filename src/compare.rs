@@ -14,12 +14,13 @@ use std::sync::Arc;
 use anyhow::{anyhow, bail, Context, Result};
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 
-use crate::config::{first_difference, Config};
+use crate::config::Config;
 use crate::export;
 use crate::fsutil::{atomic_write, DirLock};
 use crate::metrics::{self, Better, Diagram, Metric, METRICS};
 use crate::report::plot::{self, Chart, Series};
 use crate::report::Csv;
+use crate::toml_util::first_difference;
 use crate::train::{self, Summary, TrainOptions};
 
 /// What to compare and where.

@@ -21,4 +21,5 @@ pub mod model;
 pub mod plan;
 pub mod predict;
 pub mod report;
+pub mod toml_util;
 pub mod train;

@@ -1087,7 +1087,7 @@ fn check_generated_with(root: &Path, synth: &synth::SynthConfig) -> Result<()> {
         }
     };
     if let Some((key, values)) =
-        crate::config::first_difference(&table(&written)?, &table(synth)?, "")
+        crate::toml_util::first_difference(&table(&written)?, &table(synth)?, "")
     {
         bail!(
             "data.synth.{key}: {} was generated with other settings (on disk vs config: {values}); point data.root at a new folder or remove it",

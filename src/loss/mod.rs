@@ -23,8 +23,8 @@ use serde::de::DeserializeOwned;
 
 pub use input::{Activation, LossInput};
 
-use crate::config::{explain_de_error, suggest};
 use crate::kernels::Kernels;
+use crate::toml_util::{explain_de_error, suggest};
 
 /// One loss function with its options, as read from a `[[loss]]` table.
 pub trait LossFn: fmt::Debug + Send + Sync {
