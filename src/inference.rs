@@ -9,8 +9,8 @@
 
 use candle_core::{Device, Result, Tensor};
 
-use crate::config::{rules, Blend};
-use crate::data::{resize_planar, Normalizer, Sample};
+use crate::config::rules;
+use crate::data::{resize_planar, Blend, Normalizer, Sample};
 use crate::loss::Activation;
 use crate::metrics::{Evaluation, Target};
 use crate::model::UNet;

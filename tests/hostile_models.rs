@@ -99,7 +99,7 @@ fn every_metadata_field_is_checked_and_named() {
         Window::Sliding {
             patch: 16,
             overlap: 0.5,
-            blend: segtrain::config::Blend::Gaussian,
+            blend: segtrain::data::Blend::Gaussian,
         },
     );
     // the unmodified files load
@@ -570,7 +570,7 @@ fn predict_and_calibrate_refuse_hostile_models_and_leave_them_unchanged() {
         Window::Sliding {
             patch: 64,
             overlap: 0.5,
-            blend: segtrain::config::Blend::Gaussian,
+            blend: segtrain::data::Blend::Gaussian,
         },
     );
     ok(&["calibrate", "--model", &s(&patch), "--data", &s(&data)]);

@@ -5,8 +5,8 @@ mod common;
 
 use candle_core::Device;
 use common::{ok, temp_dir};
-use segtrain::config::{AugmentConfig, Blend};
 use segtrain::data::loader::{epoch_batches, BatchRecipe, Crop};
+use segtrain::data::{AugmentConfig, Blend};
 use segtrain::data::{Normalizer, Sample};
 use segtrain::inference::{window_starts, Predictor, Window};
 use segtrain::loss::Activation;

@@ -12,6 +12,7 @@
 //! which refuses files claiming more than [`max_image_pixels`] before decoding them.
 
 pub mod augment;
+mod config;
 pub mod intensity;
 pub mod loader;
 pub mod synth;
@@ -25,7 +26,7 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use rayon::prelude::*;
 
-use crate::config::DataConfig;
+pub use config::{AugmentConfig, Blend, DataConfig};
 pub use intensity::{Normalization, Normalizer};
 
 /// One image/mask pair on disk.
