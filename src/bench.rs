@@ -10,11 +10,12 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::Serialize;
 
-use crate::config::{rules, Precision};
+use crate::config::Precision;
 use crate::kernels::profile::time;
 use crate::kernels::Kernels;
 use crate::loss::Loss;
 use crate::model::{self, UNetConfig};
+use crate::rules;
 use crate::train::optim::AdamW;
 use crate::train::step::{self, trainable, StepOutcome, StepSettings, StepState};
 
@@ -37,7 +38,7 @@ pub struct BenchOptions {
 pub const MAX_BENCH_STEPS: usize = 100_000;
 
 impl BenchOptions {
-    /// Checks the options with the rules a config obeys ([`crate::config::rules`]) and the
+    /// Checks the options with the rules a config obeys ([`crate::rules`]) and the
     /// estimated memory of the benchmark against the memory available; errors name the
     /// argument.
     pub fn validate(&self, what: Bench) -> Result<()> {
@@ -65,12 +66,12 @@ impl BenchOptions {
                     unet.training_bytes(self.batch, self.size, 4)
                 }
         };
-        if let Some(available) = crate::config::available_memory() {
+        if let Some(available) = crate::memory::available_memory() {
             if bytes > available as f64 {
                 bail!(
                     "the benchmark needs about {} of memory, but only {} is available: lower --batch, --size or --base-width",
-                    crate::config::gib(bytes),
-                    crate::config::gib(available as f64)
+                    crate::memory::gib(bytes),
+                    crate::memory::gib(available as f64)
                 );
             }
         }

@@ -160,7 +160,7 @@ fn variants(opts: &CompareOptions) -> Result<Vec<Variant>> {
         // every run folder name is checked before any run starts (and resumes alike)
         for k in 0..opts.seeds {
             let run = seeded(&v.config, &v.name, k).name;
-            crate::config::rules::name(&run).map_err(|m| {
+            crate::rules::name(&run).map_err(|m| {
                 anyhow!("the run name of variant `{}`: {m}; shorten the config's `name` or the sweep values", v.name)
             })?;
         }

@@ -339,13 +339,13 @@ pub fn plan(root: &Path, opts: &PlanOptions) -> Result<String> {
         .with_context(|| format!("cannot resolve {}", root.display()))?;
     let name = match &opts.name {
         Some(n) => {
-            crate::config::rules::name(n).map_err(|m| anyhow::anyhow!("--name: {m}"))?;
+            crate::rules::name(n).map_err(|m| anyhow::anyhow!("--name: {m}"))?;
             n.clone()
         }
         None => root_abs
             .file_name()
             .map(|n| n.to_string_lossy().to_string())
-            .filter(|n| crate::config::rules::name(n).is_ok())
+            .filter(|n| crate::rules::name(n).is_ok())
             .unwrap_or_else(|| "plan".into()),
     };
     let multiple = 1usize << DEPTH;

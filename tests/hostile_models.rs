@@ -9,12 +9,13 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 use common::{fails_bounded, ok, temp_dir, tiny_config, tiny_dataset};
-use segtrain::config::{rules, Config};
+use segtrain::config::Config;
 use segtrain::data::{Normalization, Normalizer};
 use segtrain::export::{self, ModelMeta};
 use segtrain::inference::Window;
 use segtrain::loss::Activation;
 use segtrain::model::UNetConfig;
+use segtrain::rules;
 
 /// A freshly initialised U-Net (3 channels, base width 4, depth 2) saved as a model file.
 fn tiny_model(path: &Path, classes: usize, window: Window) {
