@@ -10,10 +10,10 @@ use anyhow::{anyhow, bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
 use crate::data::DataConfig;
-use crate::loss::{Activation, Loss, TermDefaults};
+use crate::loss::{Loss, TermDefaults};
 use crate::memory::{available_memory, gib};
 use crate::metrics::{self, metric, Metric};
-use crate::model::UNetConfig;
+use crate::model::{Activation, UNetConfig};
 use crate::rules;
 use crate::toml_util::{apply_override, from_table};
 

@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 use crate::data::{Normalization, Normalizer};
 use crate::fsutil::{read_safetensors, write_safetensors};
 use crate::inference::Window;
-use crate::loss::Activation;
+use crate::model::Activation;
 use crate::model::{UNet, UNetConfig};
 use crate::rules;
 

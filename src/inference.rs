@@ -10,8 +10,8 @@
 use candle_core::{Device, Result, Tensor};
 
 use crate::data::{resize_planar, Blend, Normalizer, Sample};
-use crate::loss::Activation;
 use crate::metrics::{Evaluation, Target};
+use crate::model::Activation;
 use crate::model::UNet;
 use crate::rules;
 

@@ -2,7 +2,7 @@
 //! each, used by [`Config`](crate::config::Config)'s validation, the model loader and `bench`).
 //! Each returns what is wrong, without the key: the caller names the key (and the file).
 
-use crate::loss::Activation;
+use crate::model::Activation;
 
 pub type Check = std::result::Result<(), String>;
 

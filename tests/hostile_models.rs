@@ -13,7 +13,7 @@ use segtrain::config::Config;
 use segtrain::data::{Normalization, Normalizer};
 use segtrain::export::{self, ModelMeta};
 use segtrain::inference::Window;
-use segtrain::loss::Activation;
+use segtrain::model::Activation;
 use segtrain::model::UNetConfig;
 use segtrain::rules;
 

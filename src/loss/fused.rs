@@ -16,7 +16,7 @@ use std::sync::Mutex;
 use candle_core::{bail, CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::input::Activation;
+use super::Activation;
 use crate::kernels::padded::{slice, with_data};
 use crate::kernels::simd::{exp, ln, sigmoid_parts, sigmoid_pq};
 use crate::with_avx2;

@@ -21,9 +21,10 @@ use anyhow::{anyhow, bail, Context};
 use candle_core::{Result, Tensor};
 use serde::de::DeserializeOwned;
 
-pub use input::{Activation, LossInput};
+pub use input::LossInput;
 
 use crate::kernels::Kernels;
+use crate::model::Activation;
 use crate::toml_util::{explain_de_error, suggest};
 
 /// One loss function with its options, as read from a `[[loss]]` table.
