@@ -11,7 +11,7 @@ use rand_chacha::ChaCha8Rng;
 use serde::Serialize;
 
 use crate::config::Precision;
-use crate::kernels::profile::time;
+use crate::cpu::profile::time;
 use crate::kernels::Kernels;
 use crate::loss::Loss;
 use crate::model::{self, UNetConfig};
@@ -30,7 +30,7 @@ pub struct BenchOptions {
     pub steps: usize,
     pub warmup: usize,
     pub kernels: Kernels,
-    /// Collect per-kernel times ([`crate::kernels::profile`]).
+    /// Collect per-kernel times ([`crate::cpu::profile`]).
     pub profile: bool,
 }
 
@@ -139,12 +139,12 @@ pub fn peak_rss_mb() -> f64 {
 }
 
 fn timings(warmup: usize, steps: usize, mut f: impl FnMut() -> Result<()>) -> Result<Timings> {
-    let profiling = crate::kernels::profile::enabled();
-    crate::kernels::profile::enable(false);
+    let profiling = crate::cpu::profile::enabled();
+    crate::cpu::profile::enable(false);
     for _ in 0..warmup {
         f()?;
     }
-    crate::kernels::profile::enable(profiling);
+    crate::cpu::profile::enable(profiling);
     let mut ms = Vec::with_capacity(steps);
     for _ in 0..steps {
         let t = Instant::now();
@@ -152,11 +152,11 @@ fn timings(warmup: usize, steps: usize, mut f: impl FnMut() -> Result<()>) -> Re
         ms.push(t.elapsed().as_secs_f64() * 1e3);
     }
     ms.sort_by(f64::total_cmp);
-    let profile = crate::kernels::profile::report()
+    let profile = crate::cpu::profile::report()
         .into_iter()
         .map(|(name, total, _)| (name, total / steps as f64))
         .collect();
-    crate::kernels::profile::enable(profiling);
+    crate::cpu::profile::enable(profiling);
     Ok(Timings {
         median: ms[ms.len() / 2],
         min: ms[0],

@@ -8,6 +8,7 @@ pub mod calibrate;
 pub mod cli;
 pub mod compare;
 pub mod config;
+pub mod cpu;
 pub mod data;
 pub mod device;
 pub mod export;

@@ -12,9 +12,9 @@ use rayon::prelude::*;
 
 use super::fused::{self, PixelTerm, Stat};
 use super::Activation;
-use crate::kernels::padded::with_data;
+use crate::cpu::simd::with_avx2;
+use crate::cpu::with_data;
 use crate::kernels::Kernels;
-use crate::with_avx2;
 
 /// Large enough that `e^{x − BIG}` is 0 for any logit, small enough to stay finite in f16.
 const BIG: f64 = 6.0e4;

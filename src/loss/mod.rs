@@ -337,7 +337,7 @@ impl Loss {
             let at = match prepared.iter().position(|(k, _)| *k == key) {
                 Some(at) => at,
                 None => {
-                    let input = crate::kernels::profile::time("loss: prepare input", || {
+                    let input = crate::cpu::profile::time("loss: prepare input", || {
                         LossInput::new(logits, target, key.0, key.1, kernels)
                     })
                     .with_context(|| context(i))?;
