@@ -10,11 +10,12 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::Serialize;
 
-use crate::config::{rules, Precision};
-use crate::kernels::profile::time;
+use crate::config::Precision;
+use crate::cpu::profile::time;
 use crate::kernels::Kernels;
 use crate::loss::Loss;
 use crate::model::{self, UNetConfig};
+use crate::rules;
 use crate::train::optim::AdamW;
 use crate::train::step::{self, trainable, StepOutcome, StepSettings, StepState};
 
@@ -29,7 +30,7 @@ pub struct BenchOptions {
     pub steps: usize,
     pub warmup: usize,
     pub kernels: Kernels,
-    /// Collect per-kernel times ([`crate::kernels::profile`]).
+    /// Collect per-kernel times ([`crate::cpu::profile`]).
     pub profile: bool,
 }
 
@@ -37,7 +38,7 @@ pub struct BenchOptions {
 pub const MAX_BENCH_STEPS: usize = 100_000;
 
 impl BenchOptions {
-    /// Checks the options with the rules a config obeys ([`crate::config::rules`]) and the
+    /// Checks the options with the rules a config obeys ([`crate::rules`]) and the
     /// estimated memory of the benchmark against the memory available; errors name the
     /// argument.
     pub fn validate(&self, what: Bench) -> Result<()> {
@@ -65,12 +66,12 @@ impl BenchOptions {
                     unet.training_bytes(self.batch, self.size, 4)
                 }
         };
-        if let Some(available) = crate::config::available_memory() {
+        if let Some(available) = crate::memory::available_memory() {
             if bytes > available as f64 {
                 bail!(
                     "the benchmark needs about {} of memory, but only {} is available: lower --batch, --size or --base-width",
-                    crate::config::gib(bytes),
-                    crate::config::gib(available as f64)
+                    crate::memory::gib(bytes),
+                    crate::memory::gib(available as f64)
                 );
             }
         }
@@ -138,12 +139,12 @@ pub fn peak_rss_mb() -> f64 {
 }
 
 fn timings(warmup: usize, steps: usize, mut f: impl FnMut() -> Result<()>) -> Result<Timings> {
-    let profiling = crate::kernels::profile::enabled();
-    crate::kernels::profile::enable(false);
+    let profiling = crate::cpu::profile::enabled();
+    crate::cpu::profile::enable(false);
     for _ in 0..warmup {
         f()?;
     }
-    crate::kernels::profile::enable(profiling);
+    crate::cpu::profile::enable(profiling);
     let mut ms = Vec::with_capacity(steps);
     for _ in 0..steps {
         let t = Instant::now();
@@ -151,11 +152,11 @@ fn timings(warmup: usize, steps: usize, mut f: impl FnMut() -> Result<()>) -> Re
         ms.push(t.elapsed().as_secs_f64() * 1e3);
     }
     ms.sort_by(f64::total_cmp);
-    let profile = crate::kernels::profile::report()
+    let profile = crate::cpu::profile::report()
         .into_iter()
         .map(|(name, total, _)| (name, total / steps as f64))
         .collect();
-    crate::kernels::profile::enable(profiling);
+    crate::cpu::profile::enable(profiling);
     Ok(Timings {
         median: ms[ms.len() / 2],
         min: ms[0],

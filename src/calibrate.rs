@@ -13,7 +13,7 @@ use serde::Serialize;
 use crate::data::{resize_nearest, resize_planar, Sample};
 use crate::export::{self, ModelMeta};
 use crate::inference::Window;
-use crate::loss::Activation;
+use crate::model::Activation;
 use crate::model::UNet;
 
 /// The outcome of a calibration.

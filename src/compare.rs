@@ -14,12 +14,13 @@ use std::sync::Arc;
 use anyhow::{anyhow, bail, Context, Result};
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 
-use crate::config::{first_difference, Config};
+use crate::config::Config;
 use crate::export;
 use crate::fsutil::{atomic_write, DirLock};
 use crate::metrics::{self, Better, Diagram, Metric, METRICS};
 use crate::report::plot::{self, Chart, Series};
 use crate::report::Csv;
+use crate::toml_util::first_difference;
 use crate::train::{self, Summary, TrainOptions};
 
 /// What to compare and where.
@@ -159,7 +160,7 @@ fn variants(opts: &CompareOptions) -> Result<Vec<Variant>> {
         // every run folder name is checked before any run starts (and resumes alike)
         for k in 0..opts.seeds {
             let run = seeded(&v.config, &v.name, k).name;
-            crate::config::rules::name(&run).map_err(|m| {
+            crate::rules::name(&run).map_err(|m| {
                 anyhow!("the run name of variant `{}`: {m}; shorten the config's `name` or the sweep values", v.name)
             })?;
         }

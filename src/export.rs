@@ -10,12 +10,12 @@ use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 use serde::{Deserialize, Serialize};
 
-use crate::config::rules;
 use crate::data::{Normalization, Normalizer};
 use crate::fsutil::{read_safetensors, write_safetensors};
 use crate::inference::Window;
-use crate::loss::Activation;
+use crate::model::Activation;
 use crate::model::{UNet, UNetConfig};
+use crate::rules;
 
 pub const FORMAT: &str = "segtrain-unet/1";
 
@@ -66,7 +66,7 @@ impl ModelMeta {
     }
 
     /// The metadata of the model file `path`, every field checked with the rules a config's
-    /// own values obey ([`crate::config::rules`]); errors name the file and the field.
+    /// own values obey ([`crate::rules`]); errors name the file and the field.
     fn from_map(path: &Path, m: &HashMap<String, String>) -> Result<Self> {
         let file = path.display();
         let bytes: usize = m.iter().map(|(k, v)| k.len() + v.len()).sum();
@@ -358,15 +358,15 @@ pub fn load(path: &Path, device: &Device) -> Result<(UNet, ModelMeta)> {
     // on a GPU the activations live in its memory, whose free size is not known
     let available = device
         .is_cpu()
-        .then(crate::config::available_memory)
+        .then(crate::memory::available_memory)
         .flatten();
     if let Some(available) = available {
         if need > available as f64 {
             bail!(
                 "{}: metadata `{key}` = {side}: predicting one {side}×{side} image with this model needs about {}, more than the {} available",
                 path.display(),
-                crate::config::gib(need),
-                crate::config::gib(available as f64)
+                crate::memory::gib(need),
+                crate::memory::gib(available as f64)
             );
         }
     }

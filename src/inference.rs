@@ -9,11 +9,11 @@
 
 use candle_core::{Device, Result, Tensor};
 
-use crate::config::{rules, Blend};
-use crate::data::{resize_planar, Normalizer, Sample};
-use crate::loss::Activation;
+use crate::data::{resize_planar, Blend, Normalizer, Sample};
 use crate::metrics::{Evaluation, Target};
+use crate::model::Activation;
 use crate::model::UNet;
+use crate::rules;
 
 /// Probabilities `(N, C, H, W)` of `logits / temperature`: sigmoid per element or softmax over
 /// the classes.
@@ -229,7 +229,7 @@ impl Predictor<'_> {
         let available = self
             .device
             .is_cpu()
-            .then(crate::config::available_memory)
+            .then(crate::memory::available_memory)
             .flatten();
         match available {
             Some(available) => self.batch.min((available as f64 / per_item) as usize),

@@ -582,7 +582,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 },
                 profile: a.profile,
             };
-            segtrain::kernels::profile::enable(a.profile);
+            segtrain::cpu::profile::enable(a.profile);
             let results = if a.loss {
                 segtrain::bench::loss(&opts)?
             } else if a.infer {

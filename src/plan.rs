@@ -34,7 +34,8 @@ use anyhow::{bail, Context, Result};
 use rayon::prelude::*;
 
 use crate::bench::{self, BenchOptions};
-use crate::config::{rules, Config};
+use crate::config::Config;
+use crate::rules;
 use crate::data::{self, PairPaths};
 use crate::kernels::Kernels;
 use crate::metrics::percentile;

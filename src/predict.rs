@@ -136,7 +136,7 @@ pub fn check_options(opts: &PredictOptions) -> Result<()> {
 /// refused).
 pub fn check_overlap(overlap: Option<f64>) -> Result<()> {
     match overlap {
-        Some(o) => crate::config::rules::overlap(o).map_err(|m| anyhow!("--overlap: {m}")),
+        Some(o) => crate::rules::overlap(o).map_err(|m| anyhow!("--overlap: {m}")),
         None => Ok(()),
     }
 }

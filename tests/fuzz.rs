@@ -175,8 +175,8 @@ fn check_loaded(
     path: &std::path::Path,
     loaded: anyhow::Result<(segtrain::model::UNet, segtrain::export::ModelMeta)>,
 ) -> Result<(), TestCaseError> {
-    use segtrain::config::rules;
     use segtrain::inference::Window;
+    use segtrain::rules;
     let (model, meta) = match loaded {
         Err(e) => {
             let msg = format!("{e:#}");

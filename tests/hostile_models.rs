@@ -9,12 +9,13 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 use common::{fails_bounded, ok, temp_dir, tiny_config, tiny_dataset};
-use segtrain::config::{rules, Config};
+use segtrain::config::Config;
 use segtrain::data::{Normalization, Normalizer};
 use segtrain::export::{self, ModelMeta};
 use segtrain::inference::Window;
-use segtrain::loss::Activation;
+use segtrain::model::Activation;
 use segtrain::model::UNetConfig;
+use segtrain::rules;
 
 /// A freshly initialised U-Net (3 channels, base width 4, depth 2) saved as a model file.
 fn tiny_model(path: &Path, classes: usize, window: Window) {
@@ -99,7 +100,7 @@ fn every_metadata_field_is_checked_and_named() {
         Window::Sliding {
             patch: 16,
             overlap: 0.5,
-            blend: segtrain::config::Blend::Gaussian,
+            blend: segtrain::data::Blend::Gaussian,
         },
     );
     // the unmodified files load
@@ -570,7 +571,7 @@ fn predict_and_calibrate_refuse_hostile_models_and_leave_them_unchanged() {
         Window::Sliding {
             patch: 64,
             overlap: 0.5,
-            blend: segtrain::config::Blend::Gaussian,
+            blend: segtrain::data::Blend::Gaussian,
         },
     );
     ok(&["calibrate", "--model", &s(&patch), "--data", &s(&data)]);

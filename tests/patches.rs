@@ -5,12 +5,12 @@ mod common;
 
 use candle_core::Device;
 use common::{ok, temp_dir};
-use segtrain::config::{AugmentConfig, Blend};
 use segtrain::data::loader::{epoch_batches, BatchRecipe, Crop};
+use segtrain::data::{AugmentConfig, Blend};
 use segtrain::data::{Normalizer, Sample};
 use segtrain::inference::{window_starts, Predictor, Window};
-use segtrain::loss::Activation;
 use segtrain::metrics::{image_counts, Evaluation};
+use segtrain::model::Activation;
 use segtrain::model::{init, UNet, UNetConfig};
 
 fn model(seed: u64) -> UNet {

@@ -7,7 +7,7 @@
 use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 
-use crate::config::AugmentConfig;
+use super::AugmentConfig;
 
 /// Geometric augmentation of a planar `channels × size × size` image and its mask.
 pub fn geometric(

@@ -13,8 +13,8 @@ use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
+use super::AugmentConfig;
 use super::{augment, Normalizer, Sample};
-use crate::config::AugmentConfig;
 
 /// A SplitMix64 step: decorrelates consecutive seeds.
 pub fn mix_seed(seed: u64, salt: u64) -> u64 {

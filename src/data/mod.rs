@@ -12,6 +12,7 @@
 //! which refuses files claiming more than [`max_image_pixels`] before decoding them.
 
 pub mod augment;
+mod config;
 pub mod intensity;
 pub mod loader;
 pub mod synth;
@@ -25,7 +26,7 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use rayon::prelude::*;
 
-use crate::config::DataConfig;
+pub use config::{AugmentConfig, Blend, DataConfig};
 pub use intensity::{Normalization, Normalizer};
 
 /// One image/mask pair on disk.
@@ -1087,7 +1088,7 @@ fn check_generated_with(root: &Path, synth: &synth::SynthConfig) -> Result<()> {
         }
     };
     if let Some((key, values)) =
-        crate::config::first_difference(&table(&written)?, &table(synth)?, "")
+        crate::toml_util::first_difference(&table(&written)?, &table(synth)?, "")
     {
         bail!(
             "data.synth.{key}: {} was generated with other settings (on disk vs config: {values}); point data.root at a new folder or remove it",

@@ -339,7 +339,7 @@ pub fn import_with(
         bail!("--every must be at least 1");
     }
     if let Intensity::Percentile(lo, hi) = opts.intensity {
-        crate::config::rules::clip_percentiles([lo, hi])
+        crate::rules::clip_percentiles([lo, hi])
             .map_err(|m| anyhow!("--percentile {lo},{hi}: {m}"))?;
     }
     if let Intensity::Window(lo, hi) = opts.intensity {

@@ -11,7 +11,7 @@ use rayon::prelude::*;
 
 use super::conv::{convolve_into, pack, weight_grad, zero_borders};
 use super::padded::{for_each_run, Geom};
-use super::profile::time;
+use crate::cpu::profile::time;
 
 /// Per-channel statistics: batch statistics of a training pass, or the running ones.
 #[derive(Debug, Clone)]

@@ -10,9 +10,6 @@ pub mod layer;
 pub mod linear;
 pub mod padded;
 pub mod pool;
-pub mod profile;
-#[macro_use]
-pub mod simd;
 pub mod unet;
 
 use candle_core::Device;

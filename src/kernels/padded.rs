@@ -6,7 +6,6 @@
 //! at fixed row offsets `dy·(W+2) + dx` and a 3×3 convolution is three GEMMs over overlapping
 //! row windows — no im2col copy.
 
-use candle_core::{bail, CpuStorage, Layout, Result};
 use rayon::prelude::*;
 
 /// Batch size and spatial size of a padded activation.
@@ -127,22 +126,4 @@ pub fn from_padded(x: &[f32], g: Geom, c: usize) -> Vec<f32> {
             }
         });
     out
-}
-
-/// The contiguous f32 data of a CPU tensor's storage.
-pub fn slice<'a>(storage: &'a CpuStorage, layout: &Layout) -> Result<&'a [f32]> {
-    let data = storage.as_slice::<f32>()?;
-    match layout.contiguous_offsets() {
-        Some((start, end)) => Ok(&data[start..end]),
-        None => bail!("the fast kernels need contiguous inputs"),
-    }
-}
-
-/// Runs `f` on the contiguous f32 data of a CPU tensor, without copying it.
-pub fn with_data<R>(t: &candle_core::Tensor, f: impl FnOnce(&[f32]) -> Result<R>) -> Result<R> {
-    let (storage, layout) = t.storage_and_layout();
-    match &*storage {
-        candle_core::Storage::Cpu(s) => f(slice(s, layout)?),
-        _ => bail!("the fast kernels run on the CPU"),
-    }
 }

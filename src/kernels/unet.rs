@@ -16,9 +16,10 @@ use rayon::prelude::*;
 
 use super::layer::{self, LayerShape, Moments};
 use super::linear::{head_backward, head_forward, up_backward, up_forward};
-use super::padded::{from_padded, slice, to_padded, Geom};
+use super::padded::{from_padded, to_padded, Geom};
 use super::pool;
-use super::profile::time;
+use crate::cpu::profile::time;
+use crate::cpu::slice;
 use crate::model::UNetConfig;
 
 /// One step of the network, with the activations (by index) it reads and writes and the

@@ -16,10 +16,9 @@ use std::sync::Mutex;
 use candle_core::{bail, CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::input::Activation;
-use crate::kernels::padded::{slice, with_data};
-use crate::kernels::simd::{exp, ln, sigmoid_parts, sigmoid_pq};
-use crate::with_avx2;
+use super::Activation;
+use crate::cpu::simd::{exp, ln, sigmoid_parts, sigmoid_pq, with_avx2};
+use crate::cpu::{slice, with_data};
 
 /// The per-element loss of a pixel term: `a · (1 − p_t)^γ · CE`.
 #[derive(Debug, Clone, PartialEq)]
@@ -710,7 +709,7 @@ impl CustomOp1 for FusedOp {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        crate::kernels::profile::time("loss: fused forward", || {
+        crate::cpu::profile::time("loss: fused forward", || {
             let (n, c, h, w) = l.shape().dims4()?;
             let x = slice(s, l)?;
             let hw = h * w;
@@ -795,7 +794,7 @@ impl CustomOp1 for FusedOp {
     }
 
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
-        crate::kernels::profile::time("loss: fused backward", || {
+        crate::cpu::profile::time("loss: fused backward", || {
             let Some(Saved { mut grads, pq }) =
                 self.saved.lock().expect("loss gradient lock").take()
             else {

@@ -8,42 +8,13 @@
 use std::cell::OnceCell;
 
 use candle_core::{bail, DType, Result, Tensor, D};
-use serde::{Deserialize, Serialize};
-
 use rayon::prelude::*;
 
 use super::fused::{self, PixelTerm, Stat};
-use crate::kernels::padded::with_data;
+use super::Activation;
+use crate::cpu::simd::with_avx2;
+use crate::cpu::with_data;
 use crate::kernels::Kernels;
-use crate::with_avx2;
-
-/// How logits become probabilities.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Activation {
-    /// `p = σ(x)` per element: binary (C = 1) or multilabel (C > 1) targets.
-    Sigmoid,
-    /// `p = softmax(x)` over the class dimension: exactly one class per pixel.
-    Softmax,
-}
-
-impl Activation {
-    /// The contract's default: sigmoid for one output channel, softmax for several.
-    pub fn default_for(classes: usize) -> Self {
-        if classes == 1 {
-            Self::Sigmoid
-        } else {
-            Self::Softmax
-        }
-    }
-
-    pub fn name(self) -> &'static str {
-        match self {
-            Self::Sigmoid => "sigmoid",
-            Self::Softmax => "softmax",
-        }
-    }
-}
 
 /// Large enough that `e^{x − BIG}` is 0 for any logit, small enough to stay finite in f16.
 const BIG: f64 = 6.0e4;

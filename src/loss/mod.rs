@@ -21,10 +21,11 @@ use anyhow::{anyhow, bail, Context};
 use candle_core::{Result, Tensor};
 use serde::de::DeserializeOwned;
 
-pub use input::{Activation, LossInput};
+pub use input::LossInput;
 
-use crate::config::{explain_de_error, suggest};
 use crate::kernels::Kernels;
+use crate::model::Activation;
+use crate::toml_util::{explain_de_error, suggest};
 
 /// One loss function with its options, as read from a `[[loss]]` table.
 pub trait LossFn: fmt::Debug + Send + Sync {
@@ -336,7 +337,7 @@ impl Loss {
             let at = match prepared.iter().position(|(k, _)| *k == key) {
                 Some(at) => at,
                 None => {
-                    let input = crate::kernels::profile::time("loss: prepare input", || {
+                    let input = crate::cpu::profile::time("loss: prepare input", || {
                         LossInput::new(logits, target, key.0, key.1, kernels)
                     })
                     .with_context(|| context(i))?;

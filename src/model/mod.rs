@@ -1,12 +1,14 @@
 //! The U-Net, parameter for parameter the PyTorch module of the README (same names, shapes and
 //! initialisation scheme), so that `model.safetensors` loads into it with `strict=True`.
 
+mod activation;
 mod init;
 
 use candle_core::{DType, Device, Result, Tensor};
 use candle_nn::{Init, VarBuilder, VarMap};
 use serde::{Deserialize, Serialize};
 
+pub use activation::Activation;
 pub use init::seeded_var_builder;
 
 use crate::kernels::layer::Moments;

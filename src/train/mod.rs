@@ -29,9 +29,9 @@ use candle_nn::{VarBuilder, VarMap};
 use indicatif::{MultiProgress, ProgressBar};
 use serde::{Deserialize, Serialize};
 
-use crate::config::{Config, DataConfig, NonFinite, Selection};
+use crate::config::{Config, NonFinite, Selection};
 use crate::data::loader::{epoch_batches, mix_seed, BatchRecipe, Crop, TrainLoader};
-use crate::data::Dataset;
+use crate::data::{DataConfig, Dataset};
 use crate::device::DeviceChoice;
 use crate::export::{self, ModelMeta};
 use crate::fsutil::atomic_write;

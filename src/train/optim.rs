@@ -8,7 +8,7 @@ use candle_core::{DType, Result, Tensor, Var};
 
 use rayon::prelude::*;
 
-use crate::kernels::padded::with_data;
+use crate::cpu::with_data;
 
 pub const BETA1: f64 = 0.9;
 pub const BETA2: f64 = 0.999;

@@ -124,7 +124,7 @@ pub(super) fn experiment_difference(previous: &str, resolved: &str) -> Option<(S
         return Some(("config".into(), "the new config does not read back".into()));
     };
     match normal(previous) {
-        Ok(before) => crate::config::first_difference(&before, &now, ""),
+        Ok(before) => crate::toml_util::first_difference(&before, &now, ""),
         Err(e) => Some(("config.toml".into(), format!("unreadable ({e:#})"))),
     }
 }

@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 
 use super::optim::AdamW;
 use crate::config::Precision;
-use crate::kernels::profile::time;
+use crate::cpu::profile::time;
 use crate::kernels::Kernels;
 use crate::loss::{Loss, PositivesAverage};
 use crate::model::{is_trainable, UNet};

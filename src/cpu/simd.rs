@@ -105,7 +105,6 @@ pub fn has_avx2() -> bool {
 
 /// `with_avx2!(expr)` evaluates `expr` (typically a call of an `#[inline(always)]` kernel) in a
 /// function compiled with AVX2 + FMA when the CPU has them, and as it is otherwise.
-#[macro_export]
 macro_rules! with_avx2 {
     ($body:expr) => {{
         #[cfg(target_arch = "x86_64")]
@@ -114,7 +113,7 @@ macro_rules! with_avx2 {
             unsafe fn wide<R>(f: impl FnOnce() -> R) -> R {
                 f()
             }
-            if $crate::kernels::simd::has_avx2() {
+            if $crate::cpu::simd::has_avx2() {
                 // SAFETY: the CPU supports the enabled features (checked just above).
                 unsafe { wide(|| $body) }
             } else {
@@ -127,6 +126,7 @@ macro_rules! with_avx2 {
         }
     }};
 }
+pub(crate) use with_avx2;
 
 #[cfg(test)]
 mod tests {
