@@ -1,6 +1,7 @@
-//! Fast CPU kernels for the U-Net: GEMM-based 3×3 convolutions fused with BatchNorm + ReLU,
-//! pooling, the transposed and 1×1 convolutions, on a padded channels-last layout kept from
-//! input to head ([`padded`]), forward and backward, run as one Candle op ([`unet`]).
+//! Fast CPU kernels for the U-Net's layers: GEMM-based 3×3 convolutions fused with BatchNorm +
+//! ReLU, pooling, the transposed and 1×1 convolutions, on a padded channels-last layout kept
+//! from input to head ([`padded`]), forward and backward; the model strings them into one
+//! Candle op (`model/fast.rs`).
 //!
 //! The model uses them on the CPU and Candle's generic ops elsewhere ([`Kernels::for_device`];
 //! `SEGTRAIN_KERNELS=candle` forces the generic ops on the CPU too, e.g. to compare).
@@ -10,7 +11,6 @@ pub mod layer;
 pub mod linear;
 pub mod padded;
 pub mod pool;
-pub mod unet;
 
 use candle_core::Device;
 

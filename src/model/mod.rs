@@ -2,6 +2,7 @@
 //! initialisation scheme), so that `model.safetensors` loads into it with `strict=True`.
 
 mod activation;
+mod fast;
 mod init;
 
 use candle_core::{DType, Device, Result, Tensor};
@@ -9,10 +10,10 @@ use candle_nn::{Init, VarBuilder, VarMap};
 use serde::{Deserialize, Serialize};
 
 pub use activation::Activation;
+use fast::UNetKernel;
 pub use init::seeded_var_builder;
 
 use crate::kernels::layer::Moments;
-use crate::kernels::unet::UNetKernel;
 use crate::kernels::Kernels;
 
 /// BatchNorm epsilon and momentum (PyTorch's defaults).
@@ -143,6 +144,16 @@ impl UNetConfig {
         self.state_dict_spec()
             .iter()
             .map(|(_, shape, _)| shape.iter().map(|&d| d as f64).product::<f64>())
+            .sum()
+    }
+
+    /// Values of the trainable parameters (the `state_dict` less BatchNorm's buffers): the
+    /// length of the packed vector the fast CPU op takes.
+    pub fn trainable_values(&self) -> usize {
+        self.state_dict_spec()
+            .iter()
+            .filter(|(name, _, _)| is_trainable(name))
+            .map(|(_, shape, _)| shape.iter().product::<usize>())
             .sum()
     }
 

@@ -14,13 +14,13 @@ use std::sync::{Arc, Mutex};
 use candle_core::{bail, CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::layer::{self, LayerShape, Moments};
-use super::linear::{head_backward, head_forward, up_backward, up_forward};
-use super::padded::{from_padded, to_padded, Geom};
-use super::pool;
+use super::{BlockKind, UNetConfig};
 use crate::cpu::profile::time;
 use crate::cpu::slice;
-use crate::model::UNetConfig;
+use crate::kernels::layer::{self, LayerShape, Moments};
+use crate::kernels::linear::{head_backward, head_forward, up_backward, up_forward};
+use crate::kernels::padded::{from_padded, to_padded, Geom};
+use crate::kernels::pool;
 
 /// One step of the network, with the activations (by index) it reads and writes and the
 /// ranges of its parameters in the packed vector.
@@ -248,7 +248,6 @@ impl UNetKernel {
         params: &[f32],
     ) -> (Vec<f32>, Saved, Vec<(Moments, usize)>) {
         let c = &self.config;
-        let (f, d) = (c.base_width, c.depth);
         let mut e = Exec {
             params,
             next: 0,
@@ -260,23 +259,29 @@ impl UNetKernel {
             moments: vec![],
         };
         let input = time("layout conversion", || to_padded(x, g, c.in_channels));
-        let input = e.push(input);
-        let mut skips = vec![e.double(g, &[input], vec![c.in_channels], f)];
+        // the stage program, block by block from the one description of the network
+        let mut cur = e.push(input);
+        let mut skips = vec![];
         let mut geom = g;
-        for i in 1..=d {
-            let pooled = e.pool(geom, *skips.last().expect("a skip"), f << (i - 1));
-            geom = geom.half();
-            skips.push(e.double(geom, &[pooled], vec![f << (i - 1)], f << i));
+        for b in c.blocks() {
+            cur = match b.kind {
+                BlockKind::Inc => e.double(geom, &[cur], vec![b.cin], b.cout),
+                BlockKind::Down => {
+                    skips.push(cur);
+                    let pooled = e.pool(geom, cur, b.cin);
+                    geom = geom.half();
+                    e.double(geom, &[pooled], vec![b.cin], b.cout)
+                }
+                BlockKind::Up => {
+                    let half = b.cin / 2;
+                    let up = e.up(geom, cur, b.cin, half);
+                    geom = geom.double();
+                    let skip = skips.pop().expect("one skip per level");
+                    e.double(geom, &[skip, up], vec![half, half], b.cout)
+                }
+            };
         }
-        let mut cur = skips.pop().expect("the deepest level");
-        for i in 1..=d {
-            let a = f << (d - i + 1);
-            let up = e.up(geom, cur, a, a / 2);
-            geom = geom.double();
-            let skip = skips.pop().expect("one skip per level");
-            cur = e.double(geom, &[skip, up], vec![a / 2, a / 2], a / 2);
-        }
-        let logits = e.head(geom, cur, f, c.classes);
+        let logits = e.head(geom, cur, c.base_width, c.classes);
         let saved = Saved {
             activations: e.activations,
             stages: e.stages,
@@ -286,6 +291,9 @@ impl UNetKernel {
     }
 
     /// The gradients of the packed parameters and, if `input_grad`, of the images (NCHW).
+    ///
+    /// One walk over the stages in reverse, one arm per stage kind: the activation gradients
+    /// it threads from stage to stage (accumulated in place at the skips) are its state.
     fn backward(
         &self,
         saved: Saved,
@@ -417,8 +425,16 @@ impl CustomOp2 for UNetKernel {
                 self.config.in_channels
             );
         }
+        let params = slice(s2, l2)?;
+        let expected = self.config.trainable_values();
+        if params.len() != expected {
+            bail!(
+                "unet: {} packed parameters, the network takes {expected}",
+                params.len()
+            );
+        }
         let g = Geom { n, h, w };
-        let (logits, saved, moments) = self.forward(slice(s1, l1)?, g, slice(s2, l2)?);
+        let (logits, saved, moments) = self.forward(slice(s1, l1)?, g, params);
         *self.moments.lock().expect("moments lock") = moments;
         if self.running.is_none() {
             *self.saved.lock().expect("saved activations lock") = Some(saved);
