@@ -435,16 +435,24 @@ fn loss_eval_reproduces_a_golden_case() {
 
 #[test]
 fn every_command_has_help() {
-    for cmd in [
-        &["train", "--help"][..],
-        &["eval", "--help"],
-        &["predict", "--help"],
-        &["synth", "--help"],
-        &["export", "--help"],
-        &["loss", "eval", "--help"],
-    ] {
-        let out = ok(cmd);
-        assert!(out.contains("Usage"), "{cmd:?}: {out}");
+    use clap::CommandFactory;
+    // every path of subcommands in clap's command tree, from the one definition in `cli`
+    fn paths(cmd: &clap::Command, prefix: Vec<String>, out: &mut Vec<Vec<String>>) {
+        for sub in cmd.get_subcommands() {
+            let mut path = prefix.clone();
+            path.push(sub.get_name().to_string());
+            out.push(path.clone());
+            paths(sub, path, out);
+        }
+    }
+    let mut all = vec![];
+    paths(&segtrain::cli::Cli::command(), vec![], &mut all);
+    assert!(all.len() >= 14, "{all:?}");
+    for path in all {
+        let mut args: Vec<&str> = path.iter().map(String::as_str).collect();
+        args.push("--help");
+        let out = ok(&args);
+        assert!(out.contains("Usage"), "{args:?}: {out}");
     }
 }
 

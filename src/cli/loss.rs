@@ -1,12 +1,41 @@
 //! `segtrain loss eval` and `segtrain loss list`.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, Context, Result};
 use candle_core::{DType, Device, Var};
 
 use crate::fsutil::{read_safetensors, write_safetensors};
 use crate::loss::{Loss, REGISTRY};
+
+#[derive(clap::Subcommand)]
+pub enum Command {
+    /// Evaluate the [[loss]] tables of a config on tensors `logits` and `target` of a
+    /// safetensors file; write `loss`, `grad` and `term.<i>` to another.
+    Eval {
+        /// A training config or a file with only [[loss]] tables.
+        #[arg(long)]
+        config: PathBuf,
+        /// safetensors file holding `logits` (N, C, H, W) and `target`.
+        #[arg(long)]
+        input: PathBuf,
+        /// safetensors file to write.
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// List the loss kinds.
+    List,
+}
+
+pub fn run(c: Command) -> Result<()> {
+    match c {
+        Command::Eval { config, input, out } => eval(&config, &input, &out),
+        Command::List => {
+            print!("{}", list());
+            Ok(())
+        }
+    }
+}
 
 /// Evaluates the `[[loss]]` tables of `config` on the `logits` and `target` tensors of `input`
 /// and writes `loss` (f32, shape []), `grad` (d loss / d logits) and `term.<i>` (each term's

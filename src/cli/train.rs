@@ -1,0 +1,53 @@
+//! `segtrain train`.
+
+use std::path::PathBuf;
+
+use anyhow::Result;
+
+use crate::config::Config;
+use crate::train::TrainOptions;
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// Experiment config (see models/).
+    config: PathBuf,
+    /// auto | cpu | cuda | cuda:N | metal (overrides train.device).
+    #[arg(long)]
+    device: Option<String>,
+    /// Override a config key by its dotted path, e.g. --set train.epochs=3 --set loss.1.gamma=1.
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    sets: Vec<String>,
+    /// Continue the run from its last checkpoint.
+    #[arg(long)]
+    resume: bool,
+    /// Replace an existing run of the same name.
+    #[arg(long)]
+    overwrite: bool,
+    /// Folder of the run folders.
+    #[arg(long, default_value = "runs")]
+    runs: PathBuf,
+}
+
+pub fn run(a: Args) -> Result<()> {
+    let config = Config::load(&a.config, &a.sets)?;
+    let opts = TrainOptions {
+        device: a.device,
+        resume: a.resume,
+        overwrite: a.overwrite,
+        runs_dir: a.runs,
+        progress: true,
+        bars: None,
+        stop: super::stop_on_ctrl_c(),
+    };
+    let summary = crate::train::train(&config, &opts)?;
+    println!(
+        "best epoch {}: val dice {:.4}, iou {:.4}; {:.1} s/epoch, {:.1} images/s; model: {}",
+        summary.best_epoch,
+        summary.val.get("dice").unwrap_or(f64::NAN),
+        summary.val.get("iou").unwrap_or(f64::NAN),
+        summary.seconds_per_epoch,
+        summary.images_per_second,
+        summary.run_dir.join("model.safetensors").display()
+    );
+    Ok(())
+}
