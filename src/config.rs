@@ -296,12 +296,28 @@ impl Config {
         }
     }
 
+    /// Every key's rule, section by section; the first failure names its key.
     fn validate(&self) -> Result<()> {
-        let bad = |key: &str, msg: String| Err(anyhow!("{key}: {msg}"));
         rules::name(&self.name).map_err(|m| anyhow!("name: {m}"))?;
-        let d = &self.data;
+        self.validate_model()?;
+        self.validate_data()?;
+        self.validate_augment()?;
+        self.validate_train()?;
+        crate::device::DeviceChoice::parse(&self.train.device)
+            .map_err(|e| anyhow!("train.device: {e}"))?;
+        self.loss()?;
+        // the resolved config is stored in the model file's bounded metadata
+        let resolved = self.to_toml()?.len();
+        let max = crate::export::MAX_METADATA_BYTES / 2;
+        if resolved > max {
+            bail!("the resolved config takes {resolved} bytes; it must be ≤ {max} to be stored in the model file");
+        }
+        Ok(())
+    }
+
+    fn validate_model(&self) -> Result<()> {
         let m = &self.model;
-        let t = &self.train;
+        let bad = |key: &str, msg: String| Err(anyhow!("{key}: {msg}"));
         rule("model.depth", rules::depth(m.depth))?;
         rule("model.base_width", rules::base_width(m.base_width))?;
         if !(m.prior == 0.0 || (m.prior > 0.0 && m.prior < 1.0)) {
@@ -313,6 +329,12 @@ impl Config {
                 ),
             );
         }
+        Ok(())
+    }
+
+    fn validate_data(&self) -> Result<()> {
+        let (d, m) = (&self.data, &self.model);
+        let bad = |key: &str, msg: String| Err(anyhow!("{key}: {msg}"));
         let side = |key: &str, v: usize| rule(key, rules::side(v, m.depth, "model.depth"));
         match (d.patch_size, d.image_size) {
             (None, None) => {
@@ -360,7 +382,16 @@ impl Config {
         if let Some(std) = &d.std {
             rule("data.std", rules::std(std, d.channels))?;
         }
-        let a = &d.augment;
+        rule("data.workers", rules::count(d.workers, rules::MAX_WORKERS))?;
+        if let Some(s) = &d.synth {
+            s.validate().map_err(|e| anyhow!("data.synth.{e}"))?;
+        }
+        Ok(())
+    }
+
+    fn validate_augment(&self) -> Result<()> {
+        let bad = |key: &str, msg: String| Err(anyhow!("{key}: {msg}"));
+        let a = &self.data.augment;
         if !(0.0..=2.0).contains(&a.brightness) {
             return bad(
                 "data.augment.brightness",
@@ -389,10 +420,12 @@ impl Config {
                 return bad(key, format!("must lie in [0, {max}], got {value}"));
             }
         }
-        rule("data.workers", rules::count(d.workers, rules::MAX_WORKERS))?;
-        if let Some(s) = &d.synth {
-            s.validate().map_err(|e| anyhow!("data.synth.{e}"))?;
-        }
+        Ok(())
+    }
+
+    fn validate_train(&self) -> Result<()> {
+        let t = &self.train;
+        let bad = |key: &str, msg: String| Err(anyhow!("{key}: {msg}"));
         rule("train.epochs", rules::count(t.epochs, rules::MAX_EPOCHS))?;
         rule(
             "train.batch_size",
@@ -445,14 +478,6 @@ impl Config {
             if !(c > 0.0 && c.is_finite()) {
                 return bad("train.grad_clip", format!("must be > 0, got {c}"));
             }
-        }
-        crate::device::DeviceChoice::parse(&t.device).map_err(|e| anyhow!("train.device: {e}"))?;
-        self.loss()?;
-        // the resolved config is stored in the model file's bounded metadata
-        let resolved = self.to_toml()?.len();
-        let max = crate::export::MAX_METADATA_BYTES / 2;
-        if resolved > max {
-            bail!("the resolved config takes {resolved} bytes; it must be ≤ {max} to be stored in the model file");
         }
         Ok(())
     }

@@ -68,96 +68,33 @@ impl ModelMeta {
     /// The metadata of the model file `path`, every field checked with the rules a config's
     /// own values obey ([`crate::rules`]); errors name the file and the field.
     fn from_map(path: &Path, m: &HashMap<String, String>) -> Result<Self> {
-        let file = path.display();
+        let file = path.display().to_string();
         let bytes: usize = m.iter().map(|(k, v)| k.len() + v.len()).sum();
         if bytes > MAX_METADATA_BYTES {
             bail!("{file}: model metadata of {bytes} bytes, more than the {MAX_METADATA_BYTES} bytes a model's can hold");
         }
-        let get = |k: &str| {
-            m.get(k)
-                .ok_or_else(|| anyhow!("{file}: not a segtrain model (metadata lacks `{k}`)"))
-        };
-        let field = |k: &str, msg: &dyn std::fmt::Display| anyhow!("{file}: metadata `{k}`: {msg}");
-        let checked = |k: &str, check: rules::Check| check.map_err(|msg| field(k, &msg));
-        let format = get("format")?;
+        let f = Fields { file, m };
+        let format = f.get("format")?;
         if format != FORMAT {
             if format.starts_with("segtrain-checkpoint") {
-                bail!("{file}: a training checkpoint, not a model file (use the run's model.safetensors)");
+                bail!(
+                    "{}: a training checkpoint, not a model file (use the run's model.safetensors)",
+                    f.file
+                );
             }
             bail!(
-                "{file}: unsupported model format `{}` (expected {FORMAT})",
+                "{}: unsupported model format `{}` (expected {FORMAT})",
+                f.file,
                 format.chars().take(80).collect::<String>()
             );
         }
-        let number = |k: &str| -> Result<usize> {
-            get(k)?.parse().map_err(|_| {
-                field(
-                    k,
-                    &format!(
-                        "`{}` is not a whole number",
-                        get(k)
-                            .map(|v| v.chars().take(40).collect::<String>())
-                            .unwrap_or_default()
-                    ),
-                )
-            })
-        };
-        let parse_json = |k: &str| -> Result<serde_json::Value> {
-            serde_json::from_str(get(k)?).map_err(|e| field(k, &e))
-        };
-        fn typed<T: serde::de::DeserializeOwned>(
-            k: &str,
-            v: serde_json::Value,
-            field: impl Fn(&str, &dyn std::fmt::Display) -> anyhow::Error,
-        ) -> Result<T> {
-            serde_json::from_value(v).map_err(|e| field(k, &e))
-        }
-        let in_channels = number("in_channels")?;
-        checked("in_channels", rules::channels(in_channels))?;
-        let classes = number("classes")?;
-        checked("classes", rules::classes(classes))?;
-        let base_width = number("base_width")?;
-        checked("base_width", rules::base_width(base_width))?;
-        let depth = number("depth")?;
-        checked("depth", rules::depth(depth))?;
-        let unet = UNetConfig {
-            in_channels,
-            classes,
-            base_width,
-            depth,
-        };
-        // files written before patch training name only their image size
-        let window = match m.get("window") {
-            Some(_) => typed("window", parse_json("window")?, field)?,
-            None => Window::Whole {
-                size: number("image_size")?,
-            },
-        };
-        let (size_key, size, other_key) = match window {
-            Window::Whole { size } => ("image_size", size, "patch_size"),
-            Window::Sliding { patch, .. } => ("patch_size", patch, "image_size"),
-        };
-        checked(size_key, rules::side(size, depth, "depth"))?;
-        if let Window::Sliding { overlap, .. } = window {
-            checked("window", rules::overlap(overlap))?;
-        }
-        if m.contains_key(size_key) && number(size_key)? != size {
-            return Err(field(
-                size_key,
-                &format!("disagrees with `window` ({size})"),
-            ));
-        }
-        if m.contains_key(other_key) {
-            return Err(field(
-                other_key,
-                &format!("contradicts `window`, which names a {size_key}"),
-            ));
-        }
-        let activation = match get("activation")?.as_str() {
+        let unet = f.unet()?;
+        let window = f.window(unet.depth)?;
+        let activation = match f.get("activation")?.as_str() {
             "sigmoid" => Activation::Sigmoid,
             "softmax" => Activation::Softmax,
             other => {
-                return Err(field(
+                return Err(f.field(
                     "activation",
                     &format!(
                         "unknown activation `{}` (sigmoid or softmax)",
@@ -166,50 +103,141 @@ impl ModelMeta {
                 ))
             }
         };
-        checked("activation", rules::activation(activation, classes))?;
-        let mean: Vec<f64> = typed("mean", parse_json("mean")?, field)?;
-        checked("mean", rules::mean(&mean, in_channels))?;
-        let std: Vec<f64> = typed("std", parse_json("std")?, field)?;
-        checked("std", rules::std(&std, in_channels))?;
-        // files written before per-image normalisation lack these two: `dataset`, no clipping
-        let optional = |k: &str| m.get(k).map(|_| parse_json(k)).transpose();
-        let mode: Normalization = match optional("normalize")? {
-            Some(v) => typed("normalize", v, field)?,
-            None => Normalization::Dataset,
-        };
-        let clip: Option<[f64; 2]> = match optional("clip_percentiles")? {
-            Some(v) => typed("clip_percentiles", v, field)?,
-            None => None,
-        };
-        if let Some(p) = clip {
-            checked("clip_percentiles", rules::clip_percentiles(p))?;
-        }
-        let ignore_index: Option<i64> = typed("ignore_index", parse_json("ignore_index")?, field)?;
+        f.checked("activation", rules::activation(activation, unet.classes))?;
+        let normalizer = f.normalizer(unet.in_channels)?;
+        let ignore_index: Option<i64> = f.typed("ignore_index")?;
         if let Some(i) = ignore_index {
-            checked("ignore_index", rules::ignore_index(i, classes))?;
+            f.checked("ignore_index", rules::ignore_index(i, unet.classes))?;
         }
-        let temperature: f64 = get("temperature")?
+        let temperature: f64 = f
+            .get("temperature")?
             .parse()
-            .map_err(|_| field("temperature", &"not a number"))?;
-        checked("temperature", rules::temperature(temperature))?;
-        let metrics = parse_json("val_metrics")?;
+            .map_err(|_| f.field("temperature", &"not a number"))?;
+        f.checked("temperature", rules::temperature(temperature))?;
+        let metrics = f.json("val_metrics")?;
         if !metrics.is_object() {
-            return Err(field("val_metrics", &"not a JSON object"));
+            return Err(f.field("val_metrics", &"not a JSON object"));
         }
         Ok(Self {
             unet,
             window,
             activation,
-            normalizer: Normalizer {
-                mode,
-                clip,
-                mean: mean.iter().map(|&v| v as f32).collect(),
-                std: std.iter().map(|&v| v as f32).collect(),
-            },
+            normalizer,
             ignore_index,
             temperature,
-            config: get("config")?.clone(),
+            config: f.get("config")?.clone(),
             metrics,
+        })
+    }
+}
+
+/// The metadata of one model file, read field by field; errors name the file and the field.
+struct Fields<'a> {
+    file: String,
+    m: &'a HashMap<String, String>,
+}
+
+impl Fields<'_> {
+    fn get(&self, k: &str) -> Result<&String> {
+        self.m
+            .get(k)
+            .ok_or_else(|| anyhow!("{}: not a segtrain model (metadata lacks `{k}`)", self.file))
+    }
+
+    fn field(&self, k: &str, msg: &dyn std::fmt::Display) -> anyhow::Error {
+        anyhow!("{}: metadata `{k}`: {msg}", self.file)
+    }
+
+    fn checked(&self, k: &str, check: rules::Check) -> Result<()> {
+        check.map_err(|msg| self.field(k, &msg))
+    }
+
+    fn number(&self, k: &str) -> Result<usize> {
+        let v = self.get(k)?;
+        v.parse().map_err(|_| {
+            let shown: String = v.chars().take(40).collect();
+            self.field(k, &format!("`{shown}` is not a whole number"))
+        })
+    }
+
+    fn json(&self, k: &str) -> Result<serde_json::Value> {
+        serde_json::from_str(self.get(k)?).map_err(|e| self.field(k, &e))
+    }
+
+    fn typed<T: serde::de::DeserializeOwned>(&self, k: &str) -> Result<T> {
+        serde_json::from_value(self.json(k)?).map_err(|e| self.field(k, &e))
+    }
+
+    /// A field that older files lack: None when absent.
+    fn optional<T: serde::de::DeserializeOwned>(&self, k: &str) -> Result<Option<T>> {
+        self.m.get(k).map(|_| self.typed(k)).transpose()
+    }
+
+    fn unet(&self) -> Result<UNetConfig> {
+        let in_channels = self.number("in_channels")?;
+        self.checked("in_channels", rules::channels(in_channels))?;
+        let classes = self.number("classes")?;
+        self.checked("classes", rules::classes(classes))?;
+        let base_width = self.number("base_width")?;
+        self.checked("base_width", rules::base_width(base_width))?;
+        let depth = self.number("depth")?;
+        self.checked("depth", rules::depth(depth))?;
+        Ok(UNetConfig {
+            in_channels,
+            classes,
+            base_width,
+            depth,
+        })
+    }
+
+    fn window(&self, depth: usize) -> Result<Window> {
+        // files written before patch training name only their image size
+        let window = match self.optional("window")? {
+            Some(w) => w,
+            None => Window::Whole {
+                size: self.number("image_size")?,
+            },
+        };
+        let (size_key, size, other_key) = match window {
+            Window::Whole { size } => ("image_size", size, "patch_size"),
+            Window::Sliding { patch, .. } => ("patch_size", patch, "image_size"),
+        };
+        self.checked(size_key, rules::side(size, depth, "depth"))?;
+        if let Window::Sliding { overlap, .. } = window {
+            self.checked("window", rules::overlap(overlap))?;
+        }
+        if self.m.contains_key(size_key) && self.number(size_key)? != size {
+            return Err(self.field(size_key, &format!("disagrees with `window` ({size})")));
+        }
+        if self.m.contains_key(other_key) {
+            return Err(self.field(
+                other_key,
+                &format!("contradicts `window`, which names a {size_key}"),
+            ));
+        }
+        Ok(window)
+    }
+
+    fn normalizer(&self, channels: usize) -> Result<Normalizer> {
+        let mean: Vec<f64> = self.typed("mean")?;
+        self.checked("mean", rules::mean(&mean, channels))?;
+        let std: Vec<f64> = self.typed("std")?;
+        self.checked("std", rules::std(&std, channels))?;
+        // files written before per-image normalisation lack these two: `dataset`, no clipping
+        let mode: Normalization = self
+            .optional("normalize")?
+            .unwrap_or(Normalization::Dataset);
+        let clip: Option<[f64; 2]> = self
+            .optional::<Option<[f64; 2]>>("clip_percentiles")?
+            .flatten();
+        if let Some(p) = clip {
+            self.checked("clip_percentiles", rules::clip_percentiles(p))?;
+        }
+        Ok(Normalizer {
+            mode,
+            clip,
+            mean: mean.iter().map(|&v| v as f32).collect(),
+            std: std.iter().map(|&v| v as f32).collect(),
         })
     }
 }

@@ -35,10 +35,10 @@ use rayon::prelude::*;
 
 use crate::bench::{self, BenchOptions};
 use crate::config::Config;
-use crate::rules;
 use crate::data::{self, PairPaths};
 use crate::kernels::Kernels;
 use crate::metrics::percentile;
+use crate::rules;
 
 /// Smallest model input side.
 pub const MIN_SIDE: usize = 64;
@@ -352,10 +352,41 @@ pub fn plan(root: &Path, opts: &PlanOptions) -> Result<String> {
             .filter(|n| rules::name(n).is_ok())
             .unwrap_or_else(|| "plan".into()),
     };
-    let multiple = 1usize << DEPTH;
-    let side = (fp.heights.median * fp.widths.median).sqrt();
     let mut text = String::new();
     let w = &mut text;
+    write_fingerprint(w, root, &fp)?;
+    writeln!(w)?;
+    writeln!(w, "name = {}", toml::Value::String(name))?;
+    writeln!(w, "seed = 0")?;
+    writeln!(w)?;
+    writeln!(w, "[data]")?;
+    writeln!(
+        w,
+        "root = {}",
+        toml::Value::String(root_abs.display().to_string())
+    )?;
+    let input = write_data(w, &fp)?;
+    write_normalisation(w, &fp)?;
+    writeln!(w)?;
+    writeln!(w, "[model]")?;
+    writeln!(w, "# the tested default U-Net: base width {BASE_WIDTH}, depth {DEPTH} (sides multiples of {})", 1usize << DEPTH)?;
+    writeln!(w, "base_width = {BASE_WIDTH}")?;
+    writeln!(w, "depth = {DEPTH}")?;
+    writeln!(w, "prior = 0.01")?;
+    writeln!(w)?;
+    write_train(w, root, &fp, &input, opts)?;
+    write_loss(w, input.patch_mode)?;
+    Config::from_toml(&text, &[]).with_context(|| {
+        format!(
+            "the config planned for {} does not validate",
+            root.display()
+        )
+    })?;
+    Ok(text)
+}
+
+/// The comment block at the top: the fingerprint's numbers.
+fn write_fingerprint(w: &mut String, root: &Path, fp: &Fingerprint) -> Result<()> {
     writeln!(w, "# Planned by `segtrain plan {}`", root.display())?;
     writeln!(
         w,
@@ -404,16 +435,25 @@ pub fn plan(root: &Path, opts: &PlanOptions) -> Result<String> {
             "#   no image has foreground: the model can only learn background"
         )?,
     }
-    writeln!(w)?;
-    writeln!(w, "name = {}", toml::Value::String(name))?;
-    writeln!(w, "seed = 0")?;
-    writeln!(w)?;
-    writeln!(w, "[data]")?;
-    writeln!(
-        w,
-        "root = {}",
-        toml::Value::String(root_abs.display().to_string())
-    )?;
+    Ok(())
+}
+
+/// What the network sees, as `write_data` decided it.
+struct Input {
+    /// Random patches at native resolution rather than whole resized images.
+    patch_mode: bool,
+    /// Side of the square the network trains on (whole image or patch).
+    side: usize,
+    /// Pixels of a resized whole image over the median native image's (1 in patch mode's
+    /// validation windows covers the native image).
+    scale: f64,
+}
+
+/// The `[data]` decisions: whole images or patches and their size, channels, classes, the
+/// split and the smallest kept lesion.
+fn write_data(w: &mut String, fp: &Fingerprint) -> Result<Input> {
+    let multiple = 1usize << DEPTH;
+    let side = (fp.heights.median * fp.widths.median).sqrt();
     // whole image or patches
     let whole = round_to(side, multiple).clamp(MIN_SIDE, MAX_WHOLE_SIDE);
     let scale = (whole * whole) as f64 / (fp.heights.median * fp.widths.median);
@@ -422,7 +462,7 @@ pub fn plan(root: &Path, opts: &PlanOptions) -> Result<String> {
     // at native resolution loses nothing to a near-native whole image
     let patch_mode =
         fp.lesion_area_p5 > 0.0 && kept < MIN_LESION_PIXELS && fp.lesion_area_p5 >= 2.0 * kept;
-    let (model_side, batch_side) = if patch_mode {
+    let model_side = if patch_mode {
         let patch = PATCH_SIDE.min(round_to(side, multiple).max(MIN_SIDE));
         writeln!(
             w,
@@ -438,7 +478,7 @@ pub fn plan(root: &Path, opts: &PlanOptions) -> Result<String> {
             100.0 * fp.empty_share
         )?;
         writeln!(w, "foreground_fraction = {share:.3}")?;
-        (patch, patch)
+        patch
     } else {
         writeln!(
             w,
@@ -446,7 +486,7 @@ pub fn plan(root: &Path, opts: &PlanOptions) -> Result<String> {
             fp.lesion_area_p5
         )?;
         writeln!(w, "image_size = {whole}")?;
-        (whole, whole)
+        whole
     };
     writeln!(w, "# {}", fp.modality())?;
     writeln!(w, "channels = {}", fp.channels)?;
@@ -484,17 +524,25 @@ pub fn plan(root: &Path, opts: &PlanOptions) -> Result<String> {
         )?;
         writeln!(w, "min_lesion_pixels = {min_lesion}")?;
     }
-    write_normalisation(w, &fp)?;
-    writeln!(w)?;
-    writeln!(w, "[model]")?;
-    writeln!(w, "# the tested default U-Net: base width {BASE_WIDTH}, depth {DEPTH} (sides multiples of {multiple})")?;
-    writeln!(w, "base_width = {BASE_WIDTH}")?;
-    writeln!(w, "depth = {DEPTH}")?;
-    writeln!(w, "prior = 0.01")?;
-    writeln!(w)?;
+    Ok(Input {
+        patch_mode,
+        side: model_side,
+        scale,
+    })
+}
+
+/// The `[train]` decisions: batch, updates per epoch, epochs for the budget from a timed
+/// update, the schedule.
+fn write_train(
+    w: &mut String,
+    root: &Path,
+    fp: &Fingerprint,
+    input: &Input,
+    opts: &PlanOptions,
+) -> Result<()> {
+    let (patch_mode, side, scale) = (input.patch_mode, input.side, input.scale);
     // batch and budget
-    let batch =
-        ((8.0 * (128.0 * 128.0) / (batch_side * batch_side) as f64).round() as usize).clamp(2, 8);
+    let batch = ((8.0 * (128.0 * 128.0) / (side * side) as f64).round() as usize).clamp(2, 8);
     let train_images = fp.images
         - if fp.fixed_split || fp.images == 1 {
             0
@@ -506,7 +554,7 @@ pub fn plan(root: &Path, opts: &PlanOptions) -> Result<String> {
     let step_seconds = match opts.step_seconds {
         Some(s) if s > 0.0 && s.is_finite() => s,
         Some(s) => bail!("--step-seconds: must be > 0, got {s}"),
-        None => time_step(fp.channels, batch, model_side)?,
+        None => time_step(fp.channels, batch, side)?,
     };
     let val_images = if fp.fixed_split {
         data::scan_pairs(&root.join("val"))?.len()
@@ -527,7 +575,7 @@ pub fn plan(root: &Path, opts: &PlanOptions) -> Result<String> {
     writeln!(w, "[train]")?;
     writeln!(
         w,
-        "# budget {:.1} min: an update of {batch} × {model_side}² takes {step_seconds:.2} s here, an epoch ≈ {epoch_seconds:.1} s with validation; {epochs} epochs fill 85 % of it (5..500)",
+        "# budget {:.1} min: an update of {batch} × {side}² takes {step_seconds:.2} s here, an epoch ≈ {epoch_seconds:.1} s with validation; {epochs} epochs fill 85 % of it (5..500)",
         opts.budget_minutes
     )?;
     writeln!(w, "epochs = {epochs}")?;
@@ -542,7 +590,7 @@ pub fn plan(root: &Path, opts: &PlanOptions) -> Result<String> {
     )?;
     writeln!(
         w,
-        "# {batch} images of {batch_side}² per update (8 × 128² worth of pixels, 2..8)"
+        "# {batch} images of {side}² per update (8 × 128² worth of pixels, 2..8)"
     )?;
     writeln!(w, "batch_size = {batch}")?;
     if steps_per_epoch != updates_per_pass {
@@ -561,6 +609,11 @@ pub fn plan(root: &Path, opts: &PlanOptions) -> Result<String> {
     writeln!(w, "warmup_epochs = 1")?;
     writeln!(w, "grad_clip = 5.0")?;
     writeln!(w)?;
+    Ok(())
+}
+
+/// Dice + focal; focal normalised by the running average of the positives in patch mode.
+fn write_loss(w: &mut String, patch_mode: bool) -> Result<()> {
     writeln!(w, "# Dice + focal (γ = 2): the region term counts the rare lesion pixels as much as the background,")?;
     writeln!(w, "# the pixel term keeps gradients on hard pixels")?;
     writeln!(w, "[[loss]]")?;
@@ -577,13 +630,7 @@ pub fn plan(root: &Path, opts: &PlanOptions) -> Result<String> {
         writeln!(w, "normalize = \"positives\"")?;
         writeln!(w, "alpha = 0.25")?;
     }
-    Config::from_toml(&text, &[]).with_context(|| {
-        format!(
-            "the config planned for {} does not validate",
-            root.display()
-        )
-    })?;
-    Ok(text)
+    Ok(())
 }
 
 /// The `normalize` and `clip_percentiles` decisions (see the module's rules), with comments.

@@ -1098,6 +1098,57 @@ fn check_generated_with(root: &Path, synth: &synth::SynthConfig) -> Result<()> {
     Ok(())
 }
 
+/// The training and validation pairs of `cfg.root`: its `train/` and `val/` folders, or a
+/// `val_fraction` of its pairs held out by `split_seed` (default: the run's seed).
+fn split_pairs(cfg: &DataConfig, seed: u64) -> Result<(Vec<PairPaths>, Vec<PairPaths>)> {
+    let root = &cfg.root;
+    let (train_pairs, val_pairs) = if root.join("train").is_dir() && root.join("val").is_dir() {
+        (
+            scan_pairs(&root.join("train"))?,
+            scan_pairs(&root.join("val"))?,
+        )
+    } else {
+        let mut all = scan_pairs(root)?;
+        if all.is_empty() {
+            bail!(
+                "{}: found 0 image/mask pair(s): {} holds no .png, .jpg or .jpeg image",
+                root.display(),
+                root.join("images").display()
+            );
+        }
+        if all.len() == 1 {
+            // nothing to hold out: the one pair is trained and validated on, said plainly
+            eprintln!(
+                "{}: a single image/mask pair: validating on the training image (the scores measure fit, not generalisation)",
+                root.display()
+            );
+            (all.clone(), all)
+        } else {
+            let split_seed = cfg.split_seed.unwrap_or(seed);
+            all.shuffle(&mut ChaCha8Rng::seed_from_u64(split_seed ^ 0x5EED_5711));
+            let n_val =
+                ((all.len() as f64 * cfg.val_fraction).round() as usize).clamp(1, all.len() - 1);
+            let val = all.split_off(all.len() - n_val);
+            (all, val)
+        }
+    };
+    if train_pairs.is_empty() {
+        bail!(
+            "{}: no training images ({} holds no .png, .jpg or .jpeg image)",
+            root.display(),
+            root.join("train/images").display()
+        );
+    }
+    if val_pairs.is_empty() {
+        bail!(
+            "{}: the validation split is empty ({} holds no .png, .jpg or .jpeg image)",
+            root.display(),
+            root.join("val/images").display()
+        );
+    }
+    Ok((train_pairs, val_pairs))
+}
+
 impl Dataset {
     /// Reads `root` (generating it first from `cfg.synth` when it does not exist), splits it
     /// (`train/` + `val/` folders, or a seeded `val_fraction` split) and computes the
@@ -1132,50 +1183,7 @@ impl Dataset {
                 bail!("data.ignore_index: {i} must lie in classes..=255 to be stored in a mask");
             }
         }
-        let (train_pairs, val_pairs) = if root.join("train").is_dir() && root.join("val").is_dir() {
-            (
-                scan_pairs(&root.join("train"))?,
-                scan_pairs(&root.join("val"))?,
-            )
-        } else {
-            let mut all = scan_pairs(root)?;
-            if all.is_empty() {
-                bail!(
-                    "{}: found 0 image/mask pair(s): {} holds no .png, .jpg or .jpeg image",
-                    root.display(),
-                    root.join("images").display()
-                );
-            }
-            if all.len() == 1 {
-                // nothing to hold out: the one pair is trained and validated on, said plainly
-                eprintln!(
-                    "{}: a single image/mask pair: validating on the training image (the scores measure fit, not generalisation)",
-                    root.display()
-                );
-                (all.clone(), all)
-            } else {
-                let split_seed = cfg.split_seed.unwrap_or(seed);
-                all.shuffle(&mut ChaCha8Rng::seed_from_u64(split_seed ^ 0x5EED_5711));
-                let n_val = ((all.len() as f64 * cfg.val_fraction).round() as usize)
-                    .clamp(1, all.len() - 1);
-                let val = all.split_off(all.len() - n_val);
-                (all, val)
-            }
-        };
-        if train_pairs.is_empty() {
-            bail!(
-                "{}: no training images ({} holds no .png, .jpg or .jpeg image)",
-                root.display(),
-                root.join("train/images").display()
-            );
-        }
-        if val_pairs.is_empty() {
-            bail!(
-                "{}: the validation split is empty ({} holds no .png, .jpg or .jpeg image)",
-                root.display(),
-                root.join("val/images").display()
-            );
-        }
+        let (train_pairs, val_pairs) = split_pairs(cfg, seed)?;
         let train = load_pairs(&train_pairs, &format)?;
         // validation always at native resolution: metrics count the pixels of the real masks
         let val = load_pairs(&val_pairs, &format.native())?;

@@ -449,6 +449,10 @@ fn sigmoid_unit(
 /// The softmax pixels of one image (`c` planes of `hw` values): `PIXEL`: Σ value·mask of the
 /// pixel term, writing derivatives·mask·scale to `grad`; `WITH_STATS`: each class's region
 /// statistics. Blocks of 8 pixels; classes in the outer loops.
+///
+/// One long function on purpose: the max, the exponentials, the sums and the derivatives of a
+/// block share registers and scratch rows; split into calls they would round-trip through
+/// memory in the loss's hottest loop.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 fn softmax_image<const PIXEL: bool, const WITH_STATS: bool>(
