@@ -110,6 +110,10 @@ pub struct BenchResult {
     pub gflops: f64,
     pub peak_rss_mb: f64,
     pub threads: usize,
+    /// The CPU's model name.
+    pub cpu: String,
+    /// The instruction set the GEMMs run on here ([`crate::cpu::gemm_isa`]).
+    pub isa: &'static str,
     /// With `--profile`: ms per timed step spent in each kernel.
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub profile: BTreeMap<&'static str, f64>,
@@ -190,6 +194,8 @@ fn result(what: &str, o: &BenchOptions, times: Timings, flops_per_image: f64) ->
         gflops: flops_per_image * o.batch as f64 / (median / 1e3) / 1e9,
         peak_rss_mb: peak_rss_mb(),
         threads: rayon::current_num_threads(),
+        cpu: crate::cpu::model_name(),
+        isa: crate::cpu::gemm_isa(),
         profile,
     }
 }
