@@ -595,3 +595,37 @@ fn a_generated_data_set_must_match_its_synth_settings() {
     assert!(err.contains("data.synth.label_noise"), "{err}");
     assert!(err.contains("0.3"), "{err}");
 }
+
+#[test]
+fn bench_names_the_cpu_and_the_instruction_set_its_gemms_run_on() {
+    let out = ok(&[
+        "bench",
+        "--batch",
+        "1",
+        "--size",
+        "32",
+        "--base-width",
+        "4",
+        "--depth",
+        "2",
+        "--steps",
+        "1",
+    ]);
+    let line: serde_json::Value = serde_json::from_str(out.trim()).expect("one JSON line");
+    assert!(!line["cpu"].as_str().expect("cpu").is_empty(), "{line}");
+    let isa = line["isa"].as_str().expect("isa");
+    #[cfg(target_arch = "x86_64")]
+    let expected = if std::arch::is_x86_feature_detected!("avx512f") {
+        "avx512"
+    } else if std::arch::is_x86_feature_detected!("fma") {
+        "avx2"
+    } else {
+        "generic"
+    };
+    #[cfg(target_arch = "aarch64")]
+    let expected = "neon";
+    #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
+    let expected = "generic";
+    assert_eq!(isa, expected, "{line}");
+    assert!(line["images_per_second"].as_f64().expect("a speed") > 0.0);
+}
