@@ -6,6 +6,7 @@ use std::time::Instant;
 
 use anyhow::{anyhow, bail, Result};
 use candle_core::{DType, Device, Tensor, Var};
+use candle_nn::VarBuilder;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::Serialize;
@@ -14,7 +15,7 @@ use crate::config::Precision;
 use crate::cpu::profile::time;
 use crate::kernels::Kernels;
 use crate::loss::Loss;
-use crate::model::{self, UNetConfig};
+use crate::model::{self, UNet, UNetConfig};
 use crate::rules;
 use crate::train::optim::AdamW;
 use crate::train::step::{self, trainable, StepOutcome, StepSettings, StepState};
@@ -205,7 +206,7 @@ fn result(what: &str, o: &BenchOptions, times: Timings, flops_per_image: f64) ->
 pub fn train_step(o: &BenchOptions) -> Result<BenchResult> {
     o.validate(Bench::TrainStep)?;
     let cfg = o.unet();
-    let (model, vars) = model::init(cfg, Some(0.01), 0, &Device::Cpu)?;
+    let (model, vars) = model::init(cfg, Some(0.01), false, 0, &Device::Cpu)?;
     let mut opt = AdamW::new(trainable(&vars), 1e-4)?;
     let loss = Loss::from_toml_str(DICE_FOCAL)?;
     let x = Tensor::randn(
@@ -241,8 +242,13 @@ pub fn train_step(o: &BenchOptions) -> Result<BenchResult> {
 pub fn inference(o: &BenchOptions) -> Result<BenchResult> {
     o.validate(Bench::Inference)?;
     let cfg = o.unet();
-    let (_, vars) = model::init(cfg, Some(0.01), 0, &Device::Cpu)?;
-    let eval = crate::train::detached_model(&vars, cfg, &Device::Cpu)?;
+    let (_, vars) = model::init(cfg, Some(0.01), false, 0, &Device::Cpu)?;
+    let weights = crate::train::detached_tensors(&vars);
+    let eval = UNet::new(
+        cfg,
+        None,
+        VarBuilder::from_tensors(weights, DType::F32, &Device::Cpu),
+    )?;
     let x = Tensor::randn(
         0f32,
         1.0,

@@ -14,7 +14,7 @@ use crate::data::{resize_nearest, resize_planar, Sample};
 use crate::export::{self, ModelMeta};
 use crate::inference::Window;
 use crate::model::Activation;
-use crate::model::UNet;
+use crate::model::SegmentationModel;
 
 /// The outcome of a calibration.
 #[derive(Debug, Clone, Serialize)]
@@ -44,7 +44,12 @@ struct Pixels {
     classes: usize,
 }
 
-fn collect(model: &UNet, meta: &ModelMeta, samples: &[Sample], device: &Device) -> Result<Pixels> {
+fn collect(
+    model: &dyn SegmentationModel,
+    meta: &ModelMeta,
+    samples: &[Sample],
+    device: &Device,
+) -> Result<Pixels> {
     let (c, k) = (meta.unet.in_channels, meta.unet.classes);
     let ignore = meta.ignore_index.and_then(|i| u8::try_from(i).ok());
     let total: usize = samples
@@ -225,7 +230,7 @@ pub fn calibrate(model_path: &Path, data_dir: &Path, device: &Device) -> Result<
             data_dir.display()
         )
     };
-    let pixels = collect(&model, &meta, &samples, device).with_context(context)?;
+    let pixels = collect(model.as_ref(), &meta, &samples, device).with_context(context)?;
     let previous = meta.temperature;
     let temperature = fit(&pixels, meta.activation).with_context(context)?;
     let report = |t: f64| -> Result<(f64, f64)> {
@@ -233,7 +238,7 @@ pub fn calibrate(model_path: &Path, data_dir: &Path, device: &Device) -> Result<
             temperature: t,
             ..meta.clone()
         };
-        let r = crate::predict::predictor(&model, &m, &Default::default(), device)
+        let r = crate::predict::predictor(model.as_ref(), &m, &Default::default(), device)
             .evaluate(&samples, format.ignore_mask_value())?
             .report();
         Ok((r.ece, r.brier))

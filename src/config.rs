@@ -13,7 +13,7 @@ use crate::data::DataConfig;
 use crate::loss::{Loss, TermDefaults};
 use crate::memory::{available_memory, gib};
 use crate::metrics::{self, metric, Metric};
-use crate::model::{Activation, UNetConfig};
+use crate::model::{deep_supervision, Activation, ModelKind, UNetConfig};
 use crate::rules;
 use crate::toml_util::{apply_override, from_table};
 
@@ -37,6 +37,9 @@ pub struct Config {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ModelConfig {
+    /// The architecture (`unet`, the only one so far).
+    #[serde(default, skip_serializing_if = "ModelKind::is_default")]
+    pub kind: ModelKind,
     #[serde(default = "default_base_width")]
     pub base_width: usize,
     #[serde(default = "default_depth")]
@@ -47,11 +50,17 @@ pub struct ModelConfig {
     /// Output activation; default: sigmoid for 1 class, softmax for more.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub activation: Option<Activation>,
+    /// Training-only auxiliary heads on the decoder levels 1 ..= depth − 2, loss weights ∝ 2^−l
+    /// (nnU-Net); the exported model is the plain network.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub deep_supervision: bool,
 }
 
 impl Default for ModelConfig {
     fn default() -> Self {
         Self {
+            kind: ModelKind::default(),
+            deep_supervision: false,
             base_width: default_base_width(),
             depth: default_depth(),
             prior: default_prior(),
@@ -326,6 +335,15 @@ impl Config {
                 format!(
                     "must lie in (0, 1) (or 0 for PyTorch's default bias init), got {}",
                     m.prior
+                ),
+            );
+        }
+        if m.deep_supervision && deep_supervision::levels(m.depth).is_empty() {
+            return bad(
+                "model.deep_supervision",
+                format!(
+                    "needs model.depth ≥ 3 (auxiliary heads sit on the decoder levels 1 ..= depth − 2), got depth {}",
+                    m.depth
                 ),
             );
         }

@@ -7,14 +7,13 @@ use std::path::Path;
 
 use anyhow::{anyhow, bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
-use candle_nn::{VarBuilder, VarMap};
+use candle_nn::VarMap;
 use serde::{Deserialize, Serialize};
 
 use crate::data::{Normalization, Normalizer};
 use crate::fsutil::{read_safetensors, write_safetensors};
 use crate::inference::Window;
-use crate::model::Activation;
-use crate::model::{UNet, UNetConfig};
+use crate::model::{Activation, ModelKind, SegmentationModel, UNetConfig};
 use crate::rules;
 
 pub const FORMAT: &str = "segtrain-unet/1";
@@ -22,6 +21,8 @@ pub const FORMAT: &str = "segtrain-unet/1";
 /// What a model file says about itself, beyond its tensors.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ModelMeta {
+    /// The architecture (files written before `kind` existed are U-Nets).
+    pub kind: ModelKind,
     pub unet: UNetConfig,
     /// How images are covered at inference: resized to `image_size`, or sliding windows.
     pub window: Window,
@@ -48,6 +49,7 @@ impl ModelMeta {
             size,
             ("format".into(), FORMAT.into()),
             ("segtrain_version".into(), env!("CARGO_PKG_VERSION").into()),
+            ("kind".into(), self.kind.name().into()),
             ("in_channels".into(), u.in_channels.to_string()),
             ("classes".into(), u.classes.to_string()),
             ("base_width".into(), u.base_width.to_string()),
@@ -88,6 +90,7 @@ impl ModelMeta {
                 format.chars().take(80).collect::<String>()
             );
         }
+        let kind = f.kind()?;
         let unet = f.unet()?;
         let window = f.window(unet.depth)?;
         let activation = match f.get("activation")?.as_str() {
@@ -119,6 +122,7 @@ impl ModelMeta {
             return Err(f.field("val_metrics", &"not a JSON object"));
         }
         Ok(Self {
+            kind,
             unet,
             window,
             activation,
@@ -171,6 +175,20 @@ impl Fields<'_> {
     /// A field that older files lack: None when absent.
     fn optional<T: serde::de::DeserializeOwned>(&self, k: &str) -> Result<Option<T>> {
         self.m.get(k).map(|_| self.typed(k)).transpose()
+    }
+
+    fn kind(&self) -> Result<ModelKind> {
+        let Some(name) = self.m.get("kind") else {
+            return Ok(ModelKind::Unet);
+        };
+        ModelKind::parse(name).ok_or_else(|| {
+            let known: Vec<&str> = ModelKind::ALL.iter().map(|k| k.name()).collect();
+            let shown: String = name.chars().take(40).collect();
+            self.field(
+                "kind",
+                &format!("unknown model kind `{shown}` ({})", known.join(", ")),
+            )
+        })
     }
 
     fn unet(&self) -> Result<UNetConfig> {
@@ -376,7 +394,7 @@ pub fn read(path: &Path, device: &Device) -> Result<(HashMap<String, Tensor>, Mo
 /// Loads a model file for inference (f32 weights on `device`).
 /// Refuses a model whose inference on one image (its `image_size` or `patch_size`) needs more
 /// memory than is available (on the CPU).
-pub fn load(path: &Path, device: &Device) -> Result<(UNet, ModelMeta)> {
+pub fn load(path: &Path, device: &Device) -> Result<(Box<dyn SegmentationModel>, ModelMeta)> {
     let (tensors, meta) = read(path, device)?;
     let (key, side) = match meta.window {
         Window::Whole { size } => ("image_size", size),
@@ -403,16 +421,18 @@ pub fn load(path: &Path, device: &Device) -> Result<(UNet, ModelMeta)> {
         .filter(|(_, t)| t.dtype().is_float())
         .map(|(k, t)| Ok((k, t.to_dtype(DType::F32)?)))
         .collect::<candle_core::Result<_>>()?;
-    let vb = VarBuilder::from_tensors(weights, DType::F32, device);
-    let model = UNet::new(meta.unet, None, vb).with_context(|| path.display().to_string())?;
-    probe(&model, &meta, device).with_context(|| path.display().to_string())?;
+    let model = meta
+        .kind
+        .from_tensors(meta.unet, weights, device)
+        .with_context(|| path.display().to_string())?;
+    probe(model.as_ref(), &meta, device).with_context(|| path.display().to_string())?;
     Ok((model, meta))
 }
 
 /// Refuses a model whose outputs on a mid-grey image of the smallest size it takes are not
 /// finite (weights that overflow), rather than letting it predict masks from NaN.
-fn probe(model: &UNet, meta: &ModelMeta, device: &Device) -> Result<()> {
-    let (c, side) = (meta.unet.in_channels, 1usize << meta.unet.depth);
+fn probe(model: &dyn SegmentationModel, meta: &ModelMeta, device: &Device) -> Result<()> {
+    let (c, side) = (model.in_channels(), model.side_multiple());
     let mut x = vec![0.5f32; c * side * side];
     meta.normalizer.apply(&mut x);
     let x = Tensor::from_vec(x, (1, c, side, side), device)?;

@@ -12,7 +12,7 @@ use candle_core::{Device, Result, Tensor};
 use crate::data::{resize_planar, Blend, Normalizer, Sample};
 use crate::metrics::{Evaluation, Target};
 use crate::model::Activation;
-use crate::model::UNet;
+use crate::model::SegmentationModel;
 use crate::rules;
 
 /// Probabilities `(N, C, H, W)` of `logits / temperature`: sigmoid per element or softmax over
@@ -163,7 +163,7 @@ pub enum Window {
 
 /// A model with everything needed to predict raw images.
 pub struct Predictor<'a> {
-    pub model: &'a UNet,
+    pub model: &'a dyn SegmentationModel,
     pub activation: Activation,
     pub temperature: f64,
     pub window: Window,
@@ -219,13 +219,13 @@ pub fn window_weights(patch: usize, blend: Blend) -> Vec<f32> {
 
 impl Predictor<'_> {
     fn classes(&self) -> usize {
-        self.model.config.classes
+        self.model.classes()
     }
 
     /// Images or windows of `side²` per forward pass: `batch`, fewer where the memory available
     /// holds fewer (at least 1; the model loader checks that one fits).
     fn batch_for(&self, side: usize) -> usize {
-        let per_item = self.model.config.inference_bytes(1, side);
+        let per_item = self.model.inference_bytes(1, side);
         let available = self
             .device
             .is_cpu()
@@ -260,9 +260,9 @@ impl Predictor<'_> {
 
     /// Probabilities `(N, K, H, W)` on the host of a batch of normalised images.
     fn forward_once(&self, batch: Vec<f32>, n: usize, (h, w): (usize, usize)) -> Result<Vec<f32>> {
-        let c = self.model.config.in_channels;
+        let c = self.model.in_channels();
         let x = Tensor::from_vec(batch, (n, c, h, w), self.device)?;
-        let logits = self.model.forward(&x, false)?;
+        let logits = self.model.forward_t(&x, false)?;
         let probs: Vec<f32> = probabilities(&logits, self.activation, self.temperature)?
             .flatten_all()?
             .to_device(&Device::Cpu)?
@@ -278,7 +278,7 @@ impl Predictor<'_> {
     /// Class probabilities (`K × h × w`, native resolution) of several raw images (planar
     /// `C × h × w` in [0, 1]).
     pub fn probabilities(&self, images: &[(&[f32], usize, usize)]) -> Result<Vec<Vec<f32>>> {
-        let (c, k) = (self.model.config.in_channels, self.classes());
+        let (c, k) = (self.model.in_channels(), self.classes());
         match self.window {
             Window::Whole { size } => {
                 let mut out = Vec::with_capacity(images.len());
@@ -315,7 +315,7 @@ impl Predictor<'_> {
         overlap: f64,
         blend: Blend,
     ) -> Result<Vec<f32>> {
-        let (c, k) = (self.model.config.in_channels, self.classes());
+        let (c, k) = (self.model.in_channels(), self.classes());
         let (ph, pw) = (h.max(patch), w.max(patch));
         // normalised, and padded with zeros (the mean) up to one patch
         let mut x = img.to_vec();
@@ -397,7 +397,7 @@ impl Predictor<'_> {
                     h: sample.h,
                     w: sample.w,
                 };
-                evaluation.add_image(&pred, probs, k, target, self.model.config.classes, ignore);
+                evaluation.add_image(&pred, probs, k, target, self.model.classes(), ignore);
             }
         }
         Ok(evaluation)

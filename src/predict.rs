@@ -12,7 +12,7 @@ use crate::export::{self, ModelMeta};
 use crate::fsutil::write_png;
 use crate::inference::{self, Predictor, Window};
 use crate::metrics::Report;
-use crate::model::UNet;
+use crate::model::SegmentationModel;
 
 /// What `predict` writes beside each mask.
 #[derive(Debug, Clone, Copy)]
@@ -234,7 +234,7 @@ fn check_outputs(
 
 /// The predictor of a loaded model, applied as `inference` says.
 pub fn predictor<'a>(
-    model: &'a UNet,
+    model: &'a dyn SegmentationModel,
     meta: &'a ModelMeta,
     inference: &Inference,
     device: &'a Device,
@@ -292,7 +292,7 @@ pub fn predict(
     let (model, meta) = export::load(model_path, device)?;
     let classes = meta.unet.classes;
     check_outputs(inputs, &files, out, classes, &opts)?;
-    let predictor = predictor(&model, &meta, &opts.inference, device);
+    let predictor = predictor(model.as_ref(), &meta, &opts.inference, device);
     std::fs::create_dir_all(out)
         .with_context(|| format!("cannot create the output folder {}", out.display()))?;
     crate::fsutil::remove_dead_temporaries(out)?;
@@ -434,7 +434,7 @@ pub fn evaluate(
     check_overlap(inference.overlap)?;
     let (model, meta) = export::load(model_path, device)?;
     let (samples, format) = labelled_images(data_dir, &meta)?;
-    let evaluation = predictor(&model, &meta, &inference, device)
+    let evaluation = predictor(model.as_ref(), &meta, &inference, device)
         .evaluate(&samples, format.ignore_mask_value())?;
     Ok(evaluation.report())
 }

@@ -407,6 +407,16 @@ fn bad_inputs_fail_cleanly_and_name_the_problem() {
             expect: vec!["train.epochs"],
         },
         Case {
+            name: "unknown model kind",
+            args: train(&good_cfg, &["--set", "model.kind=\"unte\""]),
+            expect: vec!["model.kind", "unte", "unet"],
+        },
+        Case {
+            name: "deep supervision on a shallow U-Net",
+            args: train(&good_cfg, &["--set", "model.deep_supervision=true"]),
+            expect: vec!["model.deep_supervision", "depth ≥ 3", "got depth 2"],
+        },
+        Case {
             name: "zero epochs",
             args: train(&good_cfg, &["--set", "train.epochs=0"]),
             expect: vec!["train.epochs", ">= 1"],

@@ -13,8 +13,8 @@ use segtrain::config::Config;
 use segtrain::data::{Normalization, Normalizer};
 use segtrain::export::{self, ModelMeta};
 use segtrain::inference::Window;
-use segtrain::model::Activation;
 use segtrain::model::UNetConfig;
+use segtrain::model::{Activation, ModelKind};
 use segtrain::rules;
 
 /// A freshly initialised U-Net (3 channels, base width 4, depth 2) saved as a model file.
@@ -25,9 +25,10 @@ fn tiny_model(path: &Path, classes: usize, window: Window) {
         base_width: 4,
         depth: 2,
     };
-    let (_, vars) = segtrain::model::init(unet, Some(0.1), 1, &Device::Cpu).unwrap();
+    let (_, vars) = segtrain::model::init(unet, Some(0.1), false, 1, &Device::Cpu).unwrap();
     let tensors = export::state_dict(&unet, &vars, 0, DType::F32).unwrap();
     let meta = ModelMeta {
+        kind: ModelKind::Unet,
         unet,
         window,
         activation: Activation::default_for(classes),
@@ -434,6 +435,23 @@ fn every_metadata_field_is_checked_and_named() {
         Some("30"),
     );
     assert_refused(&old_bad, &["`image_size`", "2^depth"]);
+}
+
+#[test]
+fn the_model_kind_is_written_checked_and_defaults_to_unet() {
+    let dir = temp_dir("kind-meta");
+    let src = dir.join("model.safetensors");
+    tiny_model(&src, 1, Window::Whole { size: 32 });
+    assert_eq!(read(&src).1.get("kind").map(String::as_str), Some("unet"));
+    let unknown = relabel(&src, &dir.join("unknown.safetensors"), "kind", Some("vnet"));
+    assert_refused(&unknown, &["`kind`", "vnet", "unet"]);
+    // a file written before `kind` existed holds a U-Net
+    let old = relabel(&src, &dir.join("old.safetensors"), "kind", None);
+    let (model, meta) = export::load(&old, &Device::Cpu).unwrap();
+    assert_eq!(
+        (model.kind(), meta.kind),
+        (ModelKind::Unet, ModelKind::Unet)
+    );
 }
 
 #[test]

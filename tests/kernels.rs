@@ -1,7 +1,7 @@
 //! The fast CPU kernels against Candle's generic ops: same outputs, gradients and running
 //! statistics on small U-Nets (the CUDA/Metal path is the generic one).
 
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 use segtrain::kernels::Kernels;
 use segtrain::model::{init, UNetConfig};
 
@@ -32,23 +32,27 @@ fn max_rel_diff(a: &Tensor, b: &Tensor) -> f32 {
 /// Named tensors, sorted by name.
 type Named = Vec<(String, Tensor)>;
 
-/// (logits, gradients of every variable, variables after the pass)
+/// (outputs: the logits, then any auxiliary heads' logits; gradients of every variable;
+/// variables after the pass)
 fn pass(
     kernels: Kernels,
     cfg: UNetConfig,
+    deep_supervision: bool,
     x: &Tensor,
-    weights: &Tensor,
     train: bool,
-) -> (Tensor, Named, Named) {
-    let (model, vars) = init(cfg, Some(0.01), 11, &Device::Cpu).unwrap();
-    let logits = model.forward_using(kernels, x, train).unwrap();
+) -> (Vec<Tensor>, Named, Named) {
+    let (model, vars) = init(cfg, Some(0.01), deep_supervision, 11, &Device::Cpu).unwrap();
+    let outputs = model
+        .forward_outputs(kernels, x, train, DType::F32)
+        .unwrap();
     let mut grads = vec![];
     if train {
-        // a loss that weighs every logit differently
-        let loss = (logits.tanh().unwrap() * weights)
-            .unwrap()
-            .sum_all()
-            .unwrap();
+        // a loss that weighs every output differently (fixed weights, seeded per output shape)
+        let mut loss = Tensor::zeros((), DType::F32, &Device::Cpu).unwrap();
+        for (i, o) in outputs.iter().enumerate() {
+            let w = weights(o.dims(), i as u64);
+            loss = (loss + (o.tanh().unwrap() * w).unwrap().sum_all().unwrap()).unwrap();
+        }
         let g = loss.backward().unwrap();
         for (name, var) in vars.data().lock().unwrap().iter() {
             if let Some(t) = g.get(var.as_tensor()) {
@@ -57,7 +61,51 @@ fn pass(
         }
         grads.sort_by(|a, b| a.0.cmp(&b.0));
     }
-    (logits, grads, snapshot(&vars))
+    (outputs, grads, snapshot(&vars))
+}
+
+/// Deterministic pseudo-random weights in [−1, 1) of `shape`.
+fn weights(shape: &[usize], seed: u64) -> Tensor {
+    let n: usize = shape.iter().product();
+    let v: Vec<f32> = (0..n as u64)
+        .map(|i| {
+            let h = (i + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15)
+                ^ seed.wrapping_mul(0xD1B5_4A32_D192_ED03);
+            ((h >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+        })
+        .collect();
+    Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+}
+
+/// Runs both kernel sets on `cfg` and asserts equal outputs, gradients and variables.
+fn assert_paths_agree(cfg: UNetConfig, deep_supervision: bool, n: usize, size: usize) {
+    let x = Tensor::randn(0f32, 1.0, (n, cfg.in_channels, size, size), &Device::Cpu).unwrap();
+    for train in [true, false] {
+        let (ya, ga, va) = pass(Kernels::Candle, cfg, deep_supervision, &x, train);
+        let (yb, gb, vb) = pass(Kernels::FastCpu, cfg, deep_supervision, &x, train);
+        assert_eq!(ya.len(), yb.len(), "{cfg:?} train={train}: output count");
+        for (i, (a, b)) in ya.iter().zip(&yb).enumerate() {
+            assert_eq!(
+                a.dims(),
+                b.dims(),
+                "{cfg:?} train={train}: output {i} shape"
+            );
+            let d = max_rel_diff(a, b);
+            assert!(d < 1e-4, "{cfg:?} train={train}: output {i} differs by {d}");
+        }
+        assert_eq!(ga.len(), gb.len());
+        if train {
+            assert!(ga.len() > 10, "gradients reach the weights");
+        }
+        for ((name, a), (_, b)) in ga.iter().zip(&gb) {
+            let d = max_rel_diff(a, b);
+            assert!(d < 1e-4, "{cfg:?}: gradient of {name} differs by {d}");
+        }
+        for ((name, a), (_, b)) in va.iter().zip(&vb) {
+            let d = max_rel_diff(a, b);
+            assert!(d < 1e-5, "{cfg:?}: {name} after the pass differs by {d}");
+        }
+    }
 }
 
 #[test]
@@ -94,31 +142,36 @@ fn fast_cpu_kernels_match_candle_ops() {
             10,
         ),
     ] {
-        let x = Tensor::randn(0f32, 1.0, (n, cfg.in_channels, size, size), &Device::Cpu).unwrap();
-        let weights = Tensor::randn(0f32, 1.0, (n, cfg.classes, size, size), &Device::Cpu).unwrap();
-        for train in [true, false] {
-            let (ya, ga, va) = pass(Kernels::Candle, cfg, &x, &weights, train);
-            let (yb, gb, vb) = pass(Kernels::FastCpu, cfg, &x, &weights, train);
-            assert_eq!(ya.dims(), yb.dims());
-            assert!(
-                max_rel_diff(&ya, &yb) < 1e-4,
-                "{cfg:?} train={train}: logits differ by {}",
-                max_rel_diff(&ya, &yb)
-            );
-            assert_eq!(ga.len(), gb.len());
-            if train {
-                assert!(ga.len() > 10, "gradients reach the weights");
-            }
-            for ((name, a), (_, b)) in ga.iter().zip(&gb) {
-                let d = max_rel_diff(a, b);
-                assert!(d < 1e-4, "{cfg:?}: gradient of {name} differs by {d}");
-            }
-            for ((name, a), (_, b)) in va.iter().zip(&vb) {
-                let d = max_rel_diff(a, b);
-                assert!(d < 1e-5, "{cfg:?}: {name} after the pass differs by {d}");
-            }
-        }
+        assert_paths_agree(cfg, false, n, size);
     }
+}
+
+/// Deep supervision: the auxiliary heads' outputs at 1/2 and 1/4 of the side, and the
+/// gradients through them into the decoder, agree between both kernel sets; evaluation
+/// returns the logits alone.
+#[test]
+fn deep_supervision_heads_match_between_kernels() {
+    let cfg = UNetConfig {
+        in_channels: 2,
+        classes: 2,
+        base_width: 3,
+        depth: 4,
+    };
+    let x = Tensor::randn(0f32, 1.0, (2, 2, 32, 32), &Device::Cpu).unwrap();
+    let (train_outputs, grads, _) = pass(Kernels::FastCpu, cfg, true, &x, true);
+    let shapes: Vec<Vec<usize>> = train_outputs.iter().map(|t| t.dims().to_vec()).collect();
+    assert_eq!(
+        shapes,
+        [vec![2, 2, 32, 32], vec![2, 2, 16, 16], vec![2, 2, 8, 8]]
+    );
+    for level in [1, 2] {
+        assert!(grads
+            .iter()
+            .any(|(n, _)| n == &format!("aux{level}.weight")));
+    }
+    let (eval_outputs, _, _) = pass(Kernels::FastCpu, cfg, true, &x, false);
+    assert_eq!(eval_outputs.len(), 1);
+    assert_paths_agree(cfg, true, 2, 32);
 }
 
 #[test]

@@ -311,7 +311,7 @@ fn training_updates_running_statistics_like_pytorch() {
         base_width: 2,
         depth: 1,
     };
-    let (model, vars) = init(cfg, Some(0.01), 3, &Device::Cpu).unwrap();
+    let (model, vars) = init(cfg, Some(0.01), false, 3, &Device::Cpu).unwrap();
     let x = Tensor::randn(0f32, 1.0, (3, 1, 4, 4), &Device::Cpu).unwrap();
     let conv: Vec<f64> = {
         let w = vars.data().lock().unwrap()["inc.conv1.weight"]
@@ -367,7 +367,7 @@ fn initialisation_is_seeded() {
         depth: 2,
     };
     let weights = |seed| {
-        let (_, vars) = init(cfg, Some(0.01), seed, &Device::Cpu).unwrap();
+        let (_, vars) = init(cfg, Some(0.01), false, seed, &Device::Cpu).unwrap();
         let data = vars.data().lock().unwrap();
         data["down2.conv1.weight"]
             .as_tensor()
@@ -390,8 +390,11 @@ fn initialisation_is_seeded() {
 fn exported_model_predicts_like_pytorch() {
     use segtrain::kernels::Kernels;
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
-    let (model, meta) =
-        segtrain::export::load(&dir.join("pytorch_unet_model.safetensors"), &Device::Cpu).unwrap();
+    let file = dir.join("pytorch_unet_model.safetensors");
+    let (_, meta) = segtrain::export::load(&file, &Device::Cpu).unwrap();
+    let (tensors, _) = segtrain::fsutil::read_safetensors(&file, &Device::Cpu).unwrap();
+    let vb = candle_nn::VarBuilder::from_tensors(tensors, candle_core::DType::F32, &Device::Cpu);
+    let model = segtrain::model::UNet::new(meta.unet, None, vb).unwrap();
     assert_eq!(
         (meta.unet.classes, meta.unet.base_width, meta.unet.depth),
         (3, 4, 2)

@@ -11,20 +11,24 @@ use segtrain::data::{Normalizer, Sample};
 use segtrain::inference::{window_starts, Predictor, Window};
 use segtrain::metrics::{image_counts, Evaluation};
 use segtrain::model::Activation;
-use segtrain::model::{init, UNet, UNetConfig};
+use segtrain::model::{init, ModelKind, SegmentationModel, UNetConfig};
 
-fn model(seed: u64) -> UNet {
+fn model(seed: u64) -> Box<dyn SegmentationModel> {
     let cfg = UNetConfig {
         in_channels: 1,
         classes: 1,
         base_width: 4,
         depth: 2,
     };
-    let (_, vars) = init(cfg, Some(0.3), seed, &Device::Cpu).unwrap();
-    segtrain::train::detached_model(&vars, cfg, &Device::Cpu).unwrap()
+    let (_, vars) = init(cfg, Some(0.3), false, seed, &Device::Cpu).unwrap();
+    segtrain::train::detached_model(&vars, ModelKind::Unet, cfg, &Device::Cpu).unwrap()
 }
 
-fn predictor<'a>(m: &'a UNet, window: Window, normalizer: &'a Normalizer) -> Predictor<'a> {
+fn predictor<'a>(
+    m: &'a dyn SegmentationModel,
+    window: Window,
+    normalizer: &'a Normalizer,
+) -> Predictor<'a> {
     Predictor {
         model: m,
         activation: Activation::Sigmoid,
@@ -55,7 +59,7 @@ fn a_window_covering_the_image_equals_the_whole_image_forward() {
     let stats = Normalizer::dataset(vec![0.5], vec![0.25]);
     let img = edge_image(32, 32, 13);
     let sliding = predictor(
-        &m,
+        m.as_ref(),
         Window::Sliding {
             patch: 32,
             overlap: 0.5,
@@ -63,7 +67,7 @@ fn a_window_covering_the_image_equals_the_whole_image_forward() {
         },
         &stats,
     );
-    let whole = predictor(&m, Window::Whole { size: 32 }, &stats);
+    let whole = predictor(m.as_ref(), Window::Whole { size: 32 }, &stats);
     let a = sliding.probabilities(&[(&img, 32, 32)]).unwrap().remove(0);
     let b = whole.probabilities(&[(&img, 32, 32)]).unwrap().remove(0);
     let err = a
@@ -81,12 +85,12 @@ fn overlapping_windows_blend_without_seams() {
     let (h, w, patch) = (64, 96, 32);
     let img = edge_image(h, w, 45);
     // the fully convolutional forward over the whole image is the seamless reference
-    let reference = predictor(&m, Window::Whole { size: 0 }, &stats);
+    let reference = predictor(m.as_ref(), Window::Whole { size: 0 }, &stats);
     let full = {
         let mut x = img.clone();
         stats.apply(&mut x);
         let t = candle_core::Tensor::from_vec(x, (1, 1, h, w), &Device::Cpu).unwrap();
-        let logits = reference.model.forward(&t, false).unwrap();
+        let logits = reference.model.forward_t(&t, false).unwrap();
         candle_nn::ops::sigmoid(&logits)
             .unwrap()
             .flatten_all()
@@ -96,7 +100,7 @@ fn overlapping_windows_blend_without_seams() {
     };
     let error = |blend: Blend, overlap: f64| -> (f32, f32) {
         let p = predictor(
-            &m,
+            m.as_ref(),
             Window::Sliding {
                 patch,
                 overlap,
@@ -143,7 +147,7 @@ fn sliding_windows_cover_images_smaller_and_odder_than_a_patch() {
     for (h, w) in [(45, 120), (20, 20), (33, 64)] {
         let img = edge_image(h, w, w / 3);
         let p = predictor(
-            &m,
+            m.as_ref(),
             Window::Sliding {
                 patch: 32,
                 overlap: 0.25,
@@ -421,9 +425,9 @@ fn test_time_augmentation_is_equivariant_under_the_trained_symmetries() {
     let window = Window::Whole { size: side };
     let with_tta = Predictor {
         tta: all.clone(),
-        ..predictor(&m, window, &stats)
+        ..predictor(m.as_ref(), window, &stats)
     };
-    let plain = predictor(&m, window, &stats);
+    let plain = predictor(m.as_ref(), window, &stats);
     let p = |pr: &Predictor, img: &[f32]| pr.probabilities(&[(img, side, side)]).unwrap().remove(0);
     let base = p(&with_tta, &image);
     let mut worst_plain = 0f32;

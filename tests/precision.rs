@@ -66,7 +66,7 @@ fn cosine(a: &Tensor, b: &Tensor) -> f64 {
 
 /// Logits, loss and the gradients of the first and last weights in `dtype`.
 fn pass(dtype: DType, x: &Tensor, g: &Tensor) -> (Tensor, f64, Tensor, Tensor) {
-    let (model, vars) = init(CFG, Some(0.01), 5, &Device::Cpu).unwrap();
+    let (model, vars) = init(CFG, Some(0.01), false, 5, &Device::Cpu).unwrap();
     let loss = Loss::from_toml_str(
         "[[loss]]\nkind = \"dice\"\n[[loss]]\nkind = \"focal\"\nalpha = 0.25\nnormalize = \"positives\"",
     )

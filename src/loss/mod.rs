@@ -217,6 +217,29 @@ pub struct LossValue {
     pub terms: Vec<Tensor>,
 }
 
+impl LossValue {
+    /// `Σ_i w_i · value_i` of the total and of every term (deep supervision's sum over a
+    /// model's outputs); the values have the same terms.
+    pub fn weighted_sum(parts: &[(f64, LossValue)]) -> Result<LossValue> {
+        let Some(((w0, first), rest)) = parts.split_first() else {
+            candle_core::bail!("a weighted sum of no loss values");
+        };
+        let mut total = (&first.total * *w0)?;
+        let mut terms = first
+            .terms
+            .iter()
+            .map(|t| t * *w0)
+            .collect::<Result<Vec<_>>>()?;
+        for (w, v) in rest {
+            total = (total + (&v.total * *w)?)?;
+            for (sum, t) in terms.iter_mut().zip(&v.terms) {
+                *sum = (&*sum + (t * *w)?)?;
+            }
+        }
+        Ok(LossValue { total, terms })
+    }
+}
+
 /// The weighted sum of the `[[loss]]` terms of a config.
 #[derive(Debug)]
 pub struct Loss {

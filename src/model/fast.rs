@@ -6,7 +6,9 @@
 //! stay in the padded channels-last layout from input to head; skip gradients accumulate in
 //! place. The parameters are packed block by block in network order (`inc`, `down1..`, `up1..`;
 //! an `up` block starts with its transposed convolution's weight and bias), each block as
-//! conv1, bn1 weight and bias, conv2, bn2 weight and bias; then the head's weight and bias.
+//! conv1, bn1 weight and bias, conv2, bn2 weight and bias; then the head's weight and bias,
+//! then those of deep supervision's auxiliary heads, shallowest level first. With auxiliary
+//! heads the output is one flat vector: the logits, then each auxiliary head's logits.
 
 use std::ops::Range;
 use std::sync::{Arc, Mutex};
@@ -56,6 +58,8 @@ enum Stage {
         input: usize,
         w: Range<usize>,
         b: Range<usize>,
+        /// Where its logits sit in the op's (flat) output.
+        out: Range<usize>,
     },
 }
 
@@ -177,7 +181,8 @@ impl Exec<'_> {
         out
     }
 
-    fn head(&mut self, g: Geom, input: usize, ci: usize, k: usize) -> Vec<f32> {
+    /// A 1×1 head; its logits are appended to `output`.
+    fn head(&mut self, g: Geom, input: usize, ci: usize, k: usize, output: &mut Vec<f32>) {
         let w = self.take(k * ci);
         let b = self.take(k);
         let logits = time("head forward", || {
@@ -190,6 +195,8 @@ impl Exec<'_> {
                 k,
             )
         });
+        let out = output.len()..output.len() + logits.len();
+        output.extend(logits);
         self.stages.push(Stage::Head {
             g,
             ci,
@@ -197,8 +204,8 @@ impl Exec<'_> {
             input,
             w,
             b,
+            out,
         });
-        logits
     }
 }
 
@@ -206,6 +213,8 @@ impl Exec<'_> {
 pub struct UNetKernel {
     config: UNetConfig,
     eps: f64,
+    /// Decoder levels with an auxiliary head (training only), shallowest first.
+    aux_levels: Vec<usize>,
     /// Evaluation: the running statistics of every BatchNorm, in network order.
     running: Option<Vec<Moments>>,
     saved: Arc<Mutex<Option<Saved>>>,
@@ -213,11 +222,13 @@ pub struct UNetKernel {
 }
 
 impl UNetKernel {
-    /// Training mode: batch statistics, readable after the forward pass with [`Self::moments`].
-    pub fn train(config: UNetConfig, eps: f64) -> Self {
+    /// Training mode: batch statistics, readable after the forward pass with [`Self::moments`];
+    /// auxiliary heads at `aux_levels`.
+    pub fn train(config: UNetConfig, eps: f64, aux_levels: Vec<usize>) -> Self {
         Self {
             config,
             eps,
+            aux_levels,
             running: None,
             saved: Arc::default(),
             moments: Arc::default(),
@@ -229,6 +240,7 @@ impl UNetKernel {
         Self {
             config,
             eps,
+            aux_levels: vec![],
             running: Some(running),
             saved: Arc::default(),
             moments: Arc::default(),
@@ -263,6 +275,8 @@ impl UNetKernel {
         let mut cur = e.push(input);
         let mut skips = vec![];
         let mut geom = g;
+        // the output of the decoder at each level with an auxiliary head
+        let mut decoder = vec![];
         for b in c.blocks() {
             cur = match b.kind {
                 BlockKind::Inc => e.double(geom, &[cur], vec![b.cin], b.cout),
@@ -277,11 +291,23 @@ impl UNetKernel {
                     let up = e.up(geom, cur, b.cin, half);
                     geom = geom.double();
                     let skip = skips.pop().expect("one skip per level");
-                    e.double(geom, &[skip, up], vec![half, half], b.cout)
+                    let out = e.double(geom, &[skip, up], vec![half, half], b.cout);
+                    if self.aux_levels.contains(&b.level) {
+                        decoder.push((b.level, out, geom, b.cout));
+                    }
+                    out
                 }
             };
         }
-        let logits = e.head(geom, cur, c.base_width, c.classes);
+        let mut logits = vec![];
+        e.head(geom, cur, c.base_width, c.classes, &mut logits);
+        for &level in &self.aux_levels {
+            let &(_, input, g, ci) = decoder
+                .iter()
+                .find(|d| d.0 == level)
+                .expect("an up block at every auxiliary level");
+            e.head(g, input, ci, c.classes, &mut logits);
+        }
         let saved = Saved {
             activations: e.activations,
             stages: e.stages,
@@ -325,9 +351,11 @@ impl UNetKernel {
                     input,
                     w,
                     b,
+                    out,
                 } => {
+                    let dy = &dlogits[out.clone()];
                     let (dx, dw, db) = time("head backward", || {
-                        head_backward(*g, &acts[*input], *ci, &params[w.clone()], *k, dlogits)
+                        head_backward(*g, &acts[*input], *ci, &params[w.clone()], *k, dy)
                     });
                     add(&mut grads, *input, dx);
                     dparams[w.clone()].copy_from_slice(&dw);
@@ -426,7 +454,13 @@ impl CustomOp2 for UNetKernel {
             );
         }
         let params = slice(s2, l2)?;
-        let expected = self.config.trainable_values();
+        let aux: usize = self
+            .config
+            .aux_head_spec(&self.aux_levels)
+            .iter()
+            .map(|(_, shape)| shape.iter().product::<usize>())
+            .sum();
+        let expected = self.config.trainable_values() + aux;
         if params.len() != expected {
             bail!(
                 "unet: {} packed parameters, the network takes {expected}",
@@ -439,10 +473,12 @@ impl CustomOp2 for UNetKernel {
         if self.running.is_none() {
             *self.saved.lock().expect("saved activations lock") = Some(saved);
         }
-        Ok((
-            CpuStorage::F32(logits),
-            Shape::from((n, self.config.classes, h, w)),
-        ))
+        let shape = if self.aux_levels.is_empty() {
+            Shape::from((n, self.config.classes, h, w))
+        } else {
+            Shape::from(logits.len())
+        };
+        Ok((CpuStorage::F32(logits), shape))
     }
 
     fn bwd(

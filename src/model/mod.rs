@@ -2,8 +2,10 @@
 //! initialisation scheme), so that `model.safetensors` loads into it with `strict=True`.
 
 mod activation;
+pub mod deep_supervision;
 mod fast;
 mod init;
+mod kind;
 
 use candle_core::{DType, Device, Result, Tensor};
 use candle_nn::{Init, VarBuilder, VarMap};
@@ -12,6 +14,7 @@ use serde::{Deserialize, Serialize};
 pub use activation::Activation;
 use fast::UNetKernel;
 pub use init::seeded_var_builder;
+pub use kind::{ModelKind, SegmentationModel};
 
 use crate::kernels::layer::Moments;
 use crate::kernels::Kernels;
@@ -120,6 +123,24 @@ impl UNetConfig {
         ));
         spec.push(("head.bias".into(), vec![self.classes], DType::F32));
         spec
+    }
+
+    /// Deep supervision's auxiliary 1×1 heads at decoder `levels`: `aux{level}` maps the
+    /// `base_width << level` channels of that level's `up` block to `classes` logits. They are
+    /// trained with the network but are not part of its `state_dict`.
+    pub fn aux_head_spec(&self, levels: &[usize]) -> Vec<(String, Vec<usize>)> {
+        levels
+            .iter()
+            .flat_map(|&l| {
+                [
+                    (
+                        format!("aux{l}.weight"),
+                        vec![self.classes, self.base_width << l, 1, 1],
+                    ),
+                    (format!("aux{l}.bias"), vec![self.classes]),
+                ]
+            })
+            .collect()
     }
 
     /// Forward FLOPs of one image of `size × size` (multiply-adds count as 2).
@@ -371,14 +392,29 @@ impl Up {
     }
 }
 
-/// U-Net of base width f and depth d: `inc`, `down1..down{d}`, `up1` (deepest) `..up{d}`, `head`.
+/// A 1×1 convolution from the decoder's maps of one level to logits.
+struct Head {
+    weight: Tensor,
+    bias: Tensor,
+}
+
+impl Head {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        conv_in(x, &self.weight, |x, w| x.conv2d(w, 0, 1, 1, 1))?
+            .broadcast_add(&self.bias.to_dtype(x.dtype())?.reshape((1, (), 1, 1))?)
+    }
+}
+
+/// U-Net of base width f and depth d: `inc`, `down1..down{d}`, `up1` (deepest) `..up{d}`, `head`;
+/// with deep supervision also the training-only heads `aux{level}`.
 pub struct UNet {
     pub config: UNetConfig,
     inc: DoubleConv,
     downs: Vec<DoubleConv>,
     ups: Vec<Up>,
-    head_weight: Tensor,
-    head_bias: Tensor,
+    head: Head,
+    /// Deep supervision's heads with their decoder level, shallowest first.
+    aux: Vec<(usize, Head)>,
 }
 
 impl UNet {
@@ -408,24 +444,33 @@ impl UNet {
             inc,
             downs,
             ups,
-            head_weight: head.get_with_hints(
-                (config.classes, f, 1, 1),
-                "weight",
-                torch_uniform(f),
-            )?,
-            head_bias: head.get_with_hints(config.classes, "bias", bias_init)?,
+            head: Head {
+                weight: head.get_with_hints(
+                    (config.classes, f, 1, 1),
+                    "weight",
+                    torch_uniform(f),
+                )?,
+                bias: head.get_with_hints(config.classes, "bias", bias_init)?,
+            },
+            aux: vec![],
         })
     }
 
-    /// Logits of `x` in evaluation mode, flattened on the host; None when any is NaN or
-    /// infinite (weights or inputs that overflow).
-    pub fn finite_logits(&self, x: &Tensor) -> Result<Option<Vec<f32>>> {
-        let logits: Vec<f32> = self
-            .forward(x, false)?
-            .flatten_all()?
-            .to_device(&Device::Cpu)?
-            .to_vec1()?;
-        Ok(logits.iter().all(|v| v.is_finite()).then_some(logits))
+    /// Adds deep supervision's heads at [`deep_supervision::levels`] (PyTorch's default init),
+    /// created in `vb` after the network's own parameters.
+    pub fn with_deep_supervision(mut self, vb: VarBuilder) -> Result<Self> {
+        let c = self.config;
+        for level in deep_supervision::levels(c.depth) {
+            let (k, cin) = (c.classes, c.base_width << level);
+            let vb = vb.pp(format!("aux{level}"));
+            let init = torch_uniform(cin);
+            let head = Head {
+                weight: vb.get_with_hints((k, cin, 1, 1), "weight", init)?,
+                bias: vb.get_with_hints(k, "bias", init)?,
+            };
+            self.aux.push((level, head));
+        }
+        Ok(self)
     }
 
     /// Logits `(N, classes, H, W)` of images `(N, in_channels, H, W)`; H and W divisible by
@@ -436,41 +481,56 @@ impl UNet {
 
     /// [`Self::forward`] with a chosen implementation.
     pub fn forward_using(&self, kernels: Kernels, x: &Tensor, train: bool) -> Result<Tensor> {
+        self.check_side(x)?;
+        match kernels {
+            Kernels::Candle => self.forward_generic(x, train),
+            Kernels::FastCpu => self.forward_fast(x, train, false).map(|mut o| o.remove(0)),
+        }
+    }
+
+    fn check_side(&self, x: &Tensor) -> Result<()> {
         let (_, _, h, w) = x.dims4()?;
         let multiple = 1 << self.config.depth;
         if h % multiple != 0 || w % multiple != 0 {
             candle_core::bail!("input {h}x{w} is not divisible by 2^depth = {multiple}");
         }
-        match kernels {
-            Kernels::Candle => self.forward_generic(x, train),
-            Kernels::FastCpu => self.forward_fast(x, train),
-        }
+        Ok(())
     }
 
-    /// Mixed precision: the forward (and so the backward) pass in `dtype` (f32, bf16 or f16)
-    /// on copies of the f32 weights, BatchNorm in f32, f32 logits. f32 is [`Self::forward`].
-    pub fn forward_in(&self, x: &Tensor, train: bool, dtype: DType) -> Result<Tensor> {
-        self.forward_in_using(Kernels::for_device(x.device()), x, train, dtype)
-    }
-
-    /// [`Self::forward_in`] with a chosen implementation for f32 (half precision runs
-    /// Candle's ops).
-    pub fn forward_in_using(
+    /// The logits and, in training with deep supervision, every auxiliary head's
+    /// `(N, classes, H/2^l, W/2^l)` logits (shallowest first), all f32, the pass run in
+    /// `dtype` (half precision runs Candle's ops).
+    pub fn forward_outputs(
         &self,
         kernels: Kernels,
         x: &Tensor,
         train: bool,
         dtype: DType,
-    ) -> Result<Tensor> {
-        if dtype == DType::F32 {
-            return self.forward_using(kernels, x, train);
+    ) -> Result<Vec<Tensor>> {
+        self.check_side(x)?;
+        if dtype == DType::F32 && kernels == Kernels::FastCpu {
+            return self.forward_fast(x, train, train);
         }
-        self.forward_using(Kernels::Candle, &x.to_dtype(dtype)?, train)?
-            .to_dtype(DType::F32)
+        self.forward_generic_outputs(&x.to_dtype(dtype)?, train, train)?
+            .into_iter()
+            .map(|t| t.to_dtype(DType::F32))
+            .collect()
+    }
+
+    /// Mixed precision: the forward (and so the backward) pass in `dtype` (f32, bf16 or f16)
+    /// on copies of the f32 weights, BatchNorm in f32, f32 logits. f32 is [`Self::forward`].
+    pub fn forward_in(&self, x: &Tensor, train: bool, dtype: DType) -> Result<Tensor> {
+        let kernels = Kernels::for_device(x.device());
+        Ok(self.forward_outputs(kernels, x, train, dtype)?.remove(0))
     }
 
     /// The forward pass with Candle's ops (any device), in `x`'s floating-point type.
     fn forward_generic(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        Ok(self.forward_generic_outputs(x, train, false)?.remove(0))
+    }
+
+    /// The logits, then (if `aux`) the auxiliary heads' logits, with Candle's ops.
+    fn forward_generic_outputs(&self, x: &Tensor, train: bool, aux: bool) -> Result<Vec<Tensor>> {
         let mut skips = vec![self.inc.forward(x, train)?];
         for down in &self.downs {
             let last = skips.last().expect("non-empty");
@@ -480,11 +540,19 @@ impl UNet {
             skips.push(down.forward(&pooled, train)?);
         }
         let mut x = skips.pop().expect("non-empty");
+        let mut aux_outputs = vec![];
         for up in &self.ups {
             x = up.forward(&x, &skips.pop().expect("one skip per level"), train)?;
+            let level = skips.len();
+            if let Some((_, head)) = self.aux.iter().find(|(l, _)| aux && *l == level) {
+                aux_outputs.push(head.forward(&x)?);
+            }
         }
-        conv_in(&x, &self.head_weight, |x, w| x.conv2d(w, 0, 1, 1, 1))?
-            .broadcast_add(&self.head_bias.to_dtype(x.dtype())?.reshape((1, (), 1, 1))?)
+        // the decoder runs deepest first; the outputs are listed shallowest first
+        aux_outputs.reverse();
+        let mut outputs = vec![self.head.forward(&x)?];
+        outputs.extend(aux_outputs);
+        Ok(outputs)
     }
 
     /// The blocks in network order: `inc`, `down1..`, then the `up` blocks with their
@@ -496,8 +564,9 @@ impl UNet {
             .chain(self.ups.iter().map(|u| (&u.conv, Some(u))))
     }
 
-    /// The forward pass with the fast CPU kernels: the whole network as one op.
-    fn forward_fast(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+    /// The forward pass with the fast CPU kernels: the whole network as one op; the logits,
+    /// then (if `aux`) the auxiliary heads' logits.
+    fn forward_fast(&self, x: &Tensor, train: bool, aux: bool) -> Result<Vec<Tensor>> {
         let mut params: Vec<Tensor> = vec![];
         for (block, up) in self.blocks() {
             if let Some(u) = up {
@@ -508,12 +577,18 @@ impl UNet {
                 params.push(p.flatten_all()?);
             }
         }
-        params.push(self.head_weight.flatten_all()?);
-        params.push(self.head_bias.clone());
+        let aux: &[(usize, Head)] = if aux { &self.aux } else { &[] };
+        for head in std::iter::once(&self.head).chain(aux.iter().map(|(_, h)| h)) {
+            params.push(head.weight.flatten_all()?);
+            params.push(head.bias.clone());
+        }
         let packed = Tensor::cat(&params, 0)?;
         let norms: Vec<&BatchNorm> = self.blocks().flat_map(|(b, _)| b.batch_norms()).collect();
+        let levels: Vec<usize> = aux.iter().map(|(l, _)| *l).collect();
         let op = if train {
-            UNetKernel::train(self.config, BN_EPS)
+            UNetKernel::train(self.config, BN_EPS, levels.clone())
+        } else if !levels.is_empty() {
+            candle_core::bail!("the fast CPU op computes the auxiliary heads in training only")
         } else {
             UNetKernel::eval(
                 self.config,
@@ -522,7 +597,7 @@ impl UNet {
             )
         };
         let moments = op.moments();
-        let logits = x.contiguous()?.apply_op2(&packed, op)?;
+        let output = x.contiguous()?.apply_op2(&packed, op)?;
         if train {
             let batch = moments.lock().expect("moments lock");
             for (bn, (m, count)) in norms.iter().zip(batch.iter()) {
@@ -532,20 +607,43 @@ impl UNet {
                 bn.update(&mean, &var, *count)?;
             }
         }
-        Ok(logits)
+        if levels.is_empty() {
+            return Ok(vec![output]);
+        }
+        // one flat output: the logits, then each auxiliary head's
+        let (n, _, h, w) = x.dims4()?;
+        let k = self.config.classes;
+        let mut start = 0;
+        let mut outputs = vec![];
+        for side in std::iter::once((h, w)).chain(levels.iter().map(|l| (h >> l, w >> l))) {
+            let len = n * k * side.0 * side.1;
+            outputs.push(
+                output
+                    .narrow(0, start, len)?
+                    .reshape((n, k, side.0, side.1))?,
+            );
+            start += len;
+        }
+        Ok(outputs)
     }
 }
 
-/// A fresh, seeded model and the `VarMap` that owns its parameters and running statistics.
+/// A fresh, seeded model (with deep supervision's heads if asked) and the `VarMap` that owns
+/// its parameters and running statistics. The network's own weights do not depend on
+/// `deep_supervision`.
 pub fn init(
     config: UNetConfig,
     prior: Option<f64>,
+    deep_supervision: bool,
     seed: u64,
     device: &Device,
 ) -> Result<(UNet, VarMap)> {
     let map = VarMap::new();
     let vb = seeded_var_builder(&map, seed, DType::F32, device);
-    let model = UNet::new(config, prior, vb)?;
+    let mut model = UNet::new(config, prior, vb.clone())?;
+    if deep_supervision {
+        model = model.with_deep_supervision(vb)?;
+    }
     Ok((model, map))
 }
 

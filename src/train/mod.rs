@@ -25,7 +25,7 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
-use candle_nn::{VarBuilder, VarMap};
+use candle_nn::VarMap;
 use indicatif::{MultiProgress, ProgressBar};
 use serde::{Deserialize, Serialize};
 
@@ -39,7 +39,7 @@ use crate::inference::{Predictor, Symmetry, Window};
 use crate::kernels::Kernels;
 use crate::loss::Loss;
 use crate::metrics::{Report, Scores};
-use crate::model::{self, UNet, UNetConfig};
+use crate::model::{ModelKind, SegmentationModel, UNetConfig};
 use checkpoint::{Checkpointer, Progress};
 use display::{epoch_line, progress_bar, running_message};
 use optim::AdamW;
@@ -144,7 +144,7 @@ struct Run<'a> {
     dataset: Dataset,
     recipe: BatchRecipe,
     loss: Loss,
-    model: UNet,
+    model: Box<dyn SegmentationModel>,
     vars: VarMap,
     optimizer: AdamW,
     progress: Progress,
@@ -170,7 +170,14 @@ impl<'a> Run<'a> {
 
         let dataset = Dataset::open(&config.data, config.seed)?;
         let prior = (config.model.prior > 0.0).then_some(config.model.prior);
-        let (model, vars) = model::init(config.unet(), prior, config.seed, &device)?;
+        let m = &config.model;
+        let (model, vars) = m.kind.init(
+            config.unet(),
+            prior,
+            m.deep_supervision,
+            config.seed,
+            &device,
+        )?;
         let mut optimizer = AdamW::new(trainable(&vars), config.train.weight_decay)?;
         let progress = if checkpoints.is_empty() {
             dir.write_config()?;
@@ -311,7 +318,7 @@ impl<'a> Run<'a> {
             kernels: Kernels::for_device(&self.device),
         };
         let outcome = train_step(
-            &self.model,
+            self.model.as_ref(),
             &self.loss,
             &mut self.optimizer,
             (
@@ -387,9 +394,10 @@ impl<'a> Run<'a> {
     /// The metrics of the current weights on the validation images.
     fn validate(&self) -> Result<Report> {
         let (d, t) = (&self.config.data, &self.config.train);
-        let eval_model = detached_model(&self.vars, self.config.unet(), &self.device)?;
+        let kind = self.config.model.kind;
+        let eval_model = detached_model(&self.vars, kind, self.config.unet(), &self.device)?;
         let predictor = Predictor {
-            model: &eval_model,
+            model: eval_model.as_ref(),
             activation: self.config.activation(),
             temperature: 1.0,
             window: window_of(d),
@@ -419,6 +427,7 @@ impl<'a> Run<'a> {
         let unet = self.config.unet();
         let weights = export::state_dict(&unet, &self.vars, self.progress.step, DType::F32)?;
         let meta = ModelMeta {
+            kind: self.config.model.kind,
             unet,
             window: window_of(&self.config.data),
             activation: self.config.activation(),
@@ -534,20 +543,24 @@ fn interrupted(run_dir: &Path, p: &Progress) -> String {
 }
 
 /// A copy of the model for evaluation that shares the weights' storage but records no
-/// gradients.
-pub fn detached_model(vars: &VarMap, unet: UNetConfig, device: &Device) -> Result<UNet> {
-    let tensors: HashMap<String, Tensor> = vars
-        .data()
+/// gradients (without training-only heads).
+pub fn detached_model(
+    vars: &VarMap,
+    kind: ModelKind,
+    unet: UNetConfig,
+    device: &Device,
+) -> Result<Box<dyn SegmentationModel>> {
+    Ok(kind.from_tensors(unet, detached_tensors(vars), device)?)
+}
+
+/// Every variable of `vars`, sharing its storage but recording no gradients.
+pub fn detached_tensors(vars: &VarMap) -> HashMap<String, Tensor> {
+    vars.data()
         .lock()
         .expect("variable map lock")
         .iter()
         .map(|(k, v)| (k.clone(), v.as_tensor().detach()))
-        .collect();
-    Ok(UNet::new(
-        unet,
-        None,
-        VarBuilder::from_tensors(tensors, DType::F32, device),
-    )?)
+        .collect()
 }
 
 /// The summary of `config`'s run in `runs_dir` if it finished (`summary.json` written) with

@@ -11,8 +11,8 @@ use super::optim::AdamW;
 use crate::config::Precision;
 use crate::cpu::profile::time;
 use crate::kernels::Kernels;
-use crate::loss::{Loss, PositivesAverage};
-use crate::model::{is_trainable, UNet};
+use crate::loss::{Loss, LossValue, PositivesAverage};
+use crate::model::{deep_supervision, is_trainable, SegmentationModel};
 
 /// How one update runs.
 #[derive(Debug, Clone, Copy)]
@@ -35,6 +35,9 @@ pub struct StepState {
     /// The running positives per batch of `normalize = "positives"` terms.
     #[serde(default)]
     positives: PositivesAverage,
+    /// The same for each auxiliary output of deep supervision (its own pixel count).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    aux_positives: Vec<PositivesAverage>,
 }
 
 impl StepState {
@@ -46,6 +49,7 @@ impl StepState {
                 finite_run: 0,
             }),
             positives: PositivesAverage::default(),
+            aux_positives: vec![],
         }
     }
 }
@@ -90,18 +94,18 @@ pub enum StepOutcome {
 
 /// Forward (in `settings.dtype`), loss, backward, clipping and one AdamW update.
 pub fn train_step(
-    model: &UNet,
+    model: &dyn SegmentationModel,
     loss: &Loss,
     optimizer: &mut AdamW,
     (images, masks): (&Tensor, &Tensor),
     settings: StepSettings,
     state: &mut StepState,
 ) -> Result<StepOutcome> {
-    let logits = time("step: forward", || {
-        model.forward_in_using(settings.kernels, images, true, settings.dtype)
+    let outputs = time("step: forward", || {
+        model.training_outputs(images, settings.kernels, settings.dtype)
     })?;
     let value = time("step: loss", || {
-        loss.forward_training(&logits, masks, &mut state.positives)
+        supervised_loss(loss, &outputs, &model.aux_levels(), masks, state)
     })?;
     let scalar = |t: &Tensor| -> Result<f64> { Ok(t.to_dtype(DType::F64)?.to_scalar::<f64>()?) };
     let terms = value.terms.iter().map(scalar).collect::<Result<Vec<_>>>()?;
@@ -142,6 +146,38 @@ pub fn train_step(
         s.finite();
     }
     Ok(StepOutcome::Done { loss: total, terms })
+}
+
+/// The loss of a training forward pass: of the logits alone, or with deep supervision
+/// Σ_l w_l · loss(output_l, target↓2^l) over the logits and the auxiliary outputs at `levels`
+/// (each term, and the total, the same weighted sum).
+fn supervised_loss(
+    loss: &Loss,
+    outputs: &[Tensor],
+    levels: &[usize],
+    masks: &Tensor,
+    state: &mut StepState,
+) -> Result<LossValue> {
+    let Some((logits, aux)) = outputs.split_first() else {
+        anyhow::bail!("the model returned no output");
+    };
+    if aux.is_empty() {
+        return loss.forward_training(logits, masks, &mut state.positives);
+    }
+    state
+        .aux_positives
+        .resize_with(levels.len(), PositivesAverage::default);
+    let weights = deep_supervision::weights(levels);
+    let mut parts = vec![(
+        weights[0],
+        loss.forward_training(logits, masks, &mut state.positives)?,
+    )];
+    for (i, (output, &level)) in aux.iter().zip(levels).enumerate() {
+        let target = deep_supervision::downsample_target(masks, 1 << level)?;
+        let value = loss.forward_training(output, &target, &mut state.aux_positives[i])?;
+        parts.push((weights[i + 1], value));
+    }
+    Ok(LossValue::weighted_sum(&parts)?)
 }
 
 /// The optimiser's parameters: every variable but BatchNorm's running statistics, by name.
