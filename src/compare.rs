@@ -3,8 +3,9 @@
 //! row per run), `report.md` (mean ± standard deviation over seeds, the best of each column, and
 //! whether it beats the seed-to-seed spread) and plots.
 //!
-//! Runs go to `OUT/runs/<variant>-seed<k>/`; a comparison that is interrupted and started
-//! again skips the finished runs and resumes the interrupted one from its checkpoint.
+//! Runs go to `OUT/runs/<variant>-seed<k>/` (with `--folds K`: `<variant>-fold<i>-seed<k>/`,
+//! K-fold cross-validation); a comparison that is interrupted and started again skips the
+//! finished runs and resumes the interrupted one from its checkpoint.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -27,8 +28,10 @@ use crate::train::{self, Summary, TrainOptions};
 #[derive(Debug, Clone)]
 pub struct CompareOptions {
     pub configs: Vec<PathBuf>,
-    /// Runs per variant, with seeds `seed`, `seed + 1`, …
+    /// Runs per variant (and fold), with seeds `seed`, `seed + 1`, …
     pub seeds: usize,
+    /// `--folds K`: K-fold cross-validation, every seed once per fold.
+    pub folds: Option<usize>,
     /// `--set key=value`, applied to every config.
     pub overrides: Vec<String>,
     /// `--sweep key=v1,v2,…`: each config once per value.
@@ -49,6 +52,8 @@ struct Variant {
 /// A finished run and what the report needs of it.
 struct RunResult {
     variant: String,
+    /// The held-out fold of cross-validation.
+    fold: Option<usize>,
     seed: u64,
     summary: Summary,
     /// metrics.csv of the run.
@@ -67,7 +72,9 @@ pub fn compare(opts: &CompareOptions) -> Result<PathBuf> {
     let _lock = DirLock::acquire(&opts.out)?;
     let runs_dir = opts.out.join("runs");
     let bars = MultiProgress::new();
-    let overall = bars.add(ProgressBar::new((variants.len() * opts.seeds) as u64));
+    let overall = bars.add(ProgressBar::new(
+        (variants.len() * runs_per_variant(opts)) as u64,
+    ));
     overall.set_style(
         ProgressStyle::with_template("compare [{bar:25}] {pos}/{len} runs, {elapsed} {msg}")
             .expect("a valid template")
@@ -75,8 +82,7 @@ pub fn compare(opts: &CompareOptions) -> Result<PathBuf> {
     );
     let mut results = vec![];
     for variant in &variants {
-        for k in 0..opts.seeds {
-            let config = seeded(&variant.config, &variant.name, k);
+        for (fold, config) in runs(opts, variant)? {
             overall.set_message(config.name.clone());
             let summary = match train::finished(&config, &runs_dir)? {
                 Some(summary) => {
@@ -105,7 +111,7 @@ pub fn compare(opts: &CompareOptions) -> Result<PathBuf> {
                     })?
                 }
             };
-            results.push(run_result(&variant.name, config.seed, summary)?);
+            results.push(run_result(&variant.name, fold, config.seed, summary)?);
             overall.inc(1);
         }
     }
@@ -158,9 +164,8 @@ fn variants(opts: &CompareOptions) -> Result<Vec<Variant>> {
             );
         }
         // every run folder name is checked before any run starts (and resumes alike)
-        for k in 0..opts.seeds {
-            let run = seeded(&v.config, &v.name, k).name;
-            crate::rules::name(&run).map_err(|m| {
+        for (_, run) in runs(opts, v)? {
+            crate::rules::name(&run.name).map_err(|m| {
                 anyhow!("the run name of variant `{}`: {m}; shorten the config's `name` or the sweep values", v.name)
             })?;
         }
@@ -237,7 +242,35 @@ fn seeded(config: &Config, variant: &str, k: usize) -> Config {
     c
 }
 
-fn run_result(variant: &str, seed: u64, summary: Summary) -> Result<RunResult> {
+/// Runs per variant: seeds × folds.
+fn runs_per_variant(opts: &CompareOptions) -> usize {
+    opts.seeds * opts.folds.unwrap_or(1)
+}
+
+/// A variant's runs in order: every seed (`<variant>-seed<s>`), or every fold's every seed
+/// (`<variant>-fold<i>-seed<s>`), all on the base seed's split or folds.
+fn runs(opts: &CompareOptions, variant: &Variant) -> Result<Vec<(Option<usize>, Config)>> {
+    let Some(folds) = opts.folds else {
+        return Ok((0..opts.seeds)
+            .map(|k| (None, seeded(&variant.config, &variant.name, k)))
+            .collect());
+    };
+    let mut runs = vec![];
+    for fold in 0..folds {
+        let config = variant.config.with_fold(folds, fold)?;
+        for k in 0..opts.seeds {
+            runs.push((Some(fold), seeded(&config, &config.name, k)));
+        }
+    }
+    Ok(runs)
+}
+
+fn run_result(
+    variant: &str,
+    fold: Option<usize>,
+    seed: u64,
+    summary: Summary,
+) -> Result<RunResult> {
     let path = summary.run_dir.join("metrics.csv");
     let text = std::fs::read_to_string(&path)
         .with_context(|| format!("cannot read {}", path.display()))?;
@@ -248,6 +281,7 @@ fn run_result(variant: &str, seed: u64, summary: Summary) -> Result<RunResult> {
         .with_context(|| format!("{}: reliability diagram", model.display()))?;
     Ok(RunResult {
         variant: variant.to_string(),
+        fold,
         seed,
         summary,
         metrics,
@@ -376,9 +410,42 @@ fn write_report(
         .map(|k| (first.seed + k as u64).to_string())
         .collect();
     let t = &first.train;
+    let n_runs = runs_per_variant(opts);
+    let spread_name = match opts.folds {
+        Some(_) => "run-to-run",
+        None => "seed-to-seed",
+    };
+    let (folds, split, validation) = match opts.folds {
+        Some(k) => (
+            format!("{k} folds × "),
+            format!(
+                "{k}-fold cross-validation (folds seeded by {}, stratified by the classes present)",
+                first.data.split_seed.unwrap_or(first.seed)
+            ),
+            format!(
+                "{} in all, each held out once",
+                results
+                    .iter()
+                    .filter(|r| r.variant == variants[0].name && r.seed == first.seed)
+                    .map(|r| r.summary.val_images.len())
+                    .sum::<usize>()
+            ),
+        ),
+        None => (
+            String::new(),
+            format!(
+                "split (seed {})",
+                first.data.split_seed.unwrap_or(first.seed)
+            ),
+            results
+                .first()
+                .map_or(0, |r| r.summary.val_images.len())
+                .to_string(),
+        ),
+    };
     let mut md = String::from("# Loss comparison\n\n");
     md += &format!(
-        "{} variants × {} seed{} ({}) on `{}`, {} epochs{}, the same split (seed {}), augmentation stream and schedule for every variant; only the loss{} differs. Validation images: {}.\n\n",
+        "{} variants × {folds}{} seed{} ({}) on `{}`, {} epochs{}, the same {split}, augmentation stream and schedule for every variant; only the loss{} differs. Validation images: {validation}.\n\n",
         variants.len(),
         opts.seeds,
         if opts.seeds == 1 { "" } else { "s" },
@@ -387,16 +454,16 @@ fn write_report(
         t.epochs,
         t.steps_per_epoch
             .map_or(String::new(), |s| format!(" of {s} updates")),
-        first.data.split_seed.unwrap_or(first.seed),
         opts.sweep
             .as_deref()
             .map_or(String::new(), |s| format!(" (and the sweep `{s}`)")),
-        results.first().map_or(0, |r| r.summary.val_images.len()),
     );
-    md += &table.markdown(variants, opts.seeds);
+    md += &table.markdown(variants, n_runs);
     md += &format!(
         "\n{} at each run's selected epoch (`train.select_by = {}`). **Bold**: the best of the column — higher is better for {}; lower for {} (see the README's Metrics section for their definitions).\n\n",
-        if opts.seeds > 1 {
+        if n_runs > 1 && opts.folds.is_some() {
+            "Mean ± sample standard deviation over the runs (folds × seeds),"
+        } else if n_runs > 1 {
             "Mean ± sample standard deviation over the seeds,"
         } else {
             "Values"
@@ -405,11 +472,11 @@ fn write_report(
         table.titles(Better::Higher),
         table.titles(Better::Lower),
     );
-    md += "## Is the best better than the seed-to-seed spread?\n\n";
-    md += &table.verdicts(variants, opts.seeds);
+    md += &format!("## Is the best better than the {spread_name} spread?\n\n");
+    md += &table.verdicts(variants, n_runs, spread_name);
     md += "## Plots\n\n![Validation Dice per epoch](val_dice.png)\n\n![Training loss per term](train_loss.png)\n\n![Reliability diagrams](reliability.png)\n\n";
     md += &format!(
-        "Curves are means over the seeds; reliability diagrams pool the seeds' validation pixels. One row per run in `results.csv`; the runs are in `{}`.\n",
+        "Curves are means over the runs; reliability diagrams pool the runs' validation pixels. One row per run in `results.csv`; the runs are in `{}`.\n",
         opts.out.join("runs").display()
     );
     let path = opts.out.join("report.md");
@@ -417,20 +484,27 @@ fn write_report(
     Ok(path)
 }
 
-/// `results.csv`: one row per run — the variant, the seed, the registry's metrics, the best
-/// epoch and the training time.
+/// `results.csv`: one row per run — the variant, the fold (empty without cross-validation),
+/// the seed, the registry's metrics, the best epoch and the training time.
 fn write_results_csv(out: &Path, results: &[RunResult]) -> Result<()> {
     let mut csv = csv::WriterBuilder::new()
         .has_headers(false)
         .from_writer(vec![]);
-    let mut header = vec!["variant", "seed"];
+    let mut header = vec!["variant", "fold", "seed"];
     header.extend(metrics::names());
     header.extend(["best_epoch", "train_seconds"]);
     csv.write_record(&header)?;
     for r in results {
         let s = &r.summary;
         let values: Vec<Option<f64>> = s.val.iter().map(|(_, v)| v).collect();
-        csv.serialize((&r.variant, r.seed, values, s.best_epoch, s.train_seconds))?;
+        csv.serialize((
+            &r.variant,
+            r.fold,
+            r.seed,
+            values,
+            s.best_epoch,
+            s.train_seconds,
+        ))?;
     }
     atomic_write(&out.join("results.csv"), &csv.into_inner()?)
 }
@@ -546,12 +620,13 @@ impl Table {
     }
 
     /// For each metric, whether the best variant beats the runner-up by more than the
-    /// seed-to-seed spread (the larger of the two standard deviations).
-    fn verdicts(&self, variants: &[Variant], seeds: usize) -> String {
+    /// spread between its runs (`spread_name`: over seeds, or folds × seeds; the larger of the
+    /// two standard deviations).
+    fn verdicts(&self, variants: &[Variant], runs: usize, spread_name: &str) -> String {
         if variants.len() < 2 {
             return "One variant: nothing to compare.\n\n".into();
         }
-        if seeds < 2 {
+        if runs < 2 {
             return "One seed per variant: there is no seed-to-seed spread to judge the differences by. Repeat with `--seeds 3` before trusting a ranking.\n\n".into();
         }
         let mut md = String::new();
@@ -569,9 +644,9 @@ impl Table {
             let noise = sa.std.max(sb.std);
             let d = c.digits + 1;
             let verdict = if gap <= noise {
-                format!("the gap {gap:.d$} is within the seed-to-seed spread ({noise:.d$}): not a clear difference")
+                format!("the gap {gap:.d$} is within the {spread_name} spread ({noise:.d$}): not a clear difference")
             } else {
-                format!("the gap {gap:.d$} exceeds the seed-to-seed spread ({noise:.d$})")
+                format!("the gap {gap:.d$} exceeds the {spread_name} spread ({noise:.d$})")
             };
             md += &format!(
                 "- {}: **{}** {:.d$} vs {} {:.d$}: {verdict}.\n",

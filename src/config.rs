@@ -240,6 +240,21 @@ impl Config {
         Ok(config)
     }
 
+    /// The run of fold `fold` of `folds`-fold cross-validation: named `<name>-fold<fold>`, its
+    /// split seeded by the config's `seed` unless `data.split_seed` fixes it (so that every
+    /// fold and every seed of a comparison shares one assignment of images to folds).
+    pub fn with_fold(&self, folds: usize, fold: usize) -> Result<Self> {
+        rule("--folds", rules::folds(folds))?;
+        rule("--fold", rules::fold(fold, folds))?;
+        let mut c = self.clone();
+        c.data.folds = Some(folds);
+        c.data.fold = fold;
+        c.data.split_seed.get_or_insert(c.seed);
+        c.name = format!("{}-fold{fold}", c.name);
+        rule("name", rules::name(&c.name))?;
+        Ok(c)
+    }
+
     /// The loss of the `[[loss]]` tables, checked against the model's output channels.
     pub fn loss(&self) -> Result<Loss> {
         let loss = Loss::from_tables(&self.loss, self.term_defaults())?;
@@ -401,6 +416,19 @@ impl Config {
             rule("data.std", rules::std(std, d.channels))?;
         }
         rule("data.workers", rules::count(d.workers, rules::MAX_WORKERS))?;
+        match d.folds {
+            Some(k) => {
+                rule("data.folds", rules::folds(k))?;
+                rule("data.fold", rules::fold(d.fold, k))?;
+            }
+            None if d.fold != 0 => {
+                return bad(
+                    "data.fold",
+                    format!("is {} but data.folds is not set", d.fold),
+                )
+            }
+            None => {}
+        }
         if let Some(s) = &d.synth {
             s.validate().map_err(|e| anyhow!("data.synth.{e}"))?;
         }

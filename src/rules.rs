@@ -15,6 +15,8 @@ pub const MAX_SIDE: usize = 16384;
 /// Masks hold one byte per pixel.
 pub const MAX_CLASSES: usize = 256;
 pub const MAX_WORKERS: usize = 64;
+/// Cross-validation folds.
+pub const MAX_FOLDS: usize = 100;
 pub const MAX_BATCH_SIZE: usize = 4096;
 pub const MAX_EPOCHS: usize = 1_000_000;
 /// Longest time budget or limit, in minutes: a week.
@@ -56,6 +58,29 @@ pub fn count(v: usize, max: usize) -> Check {
         Err("must be >= 1, got 0".into())
     } else if v > max {
         Err(format!("must be ≤ {max}, got {v}"))
+    } else {
+        Ok(())
+    }
+}
+
+/// K-fold cross-validation: 2 ..= MAX_FOLDS folds.
+pub fn folds(k: usize) -> Check {
+    if k < 2 {
+        Err(format!(
+            "must be >= 2 (one fold is held out, the others train), got {k}"
+        ))
+    } else {
+        count(k, MAX_FOLDS)
+    }
+}
+
+/// The held-out fold: 0 ..= folds − 1.
+pub fn fold(i: usize, folds: usize) -> Check {
+    if i >= folds {
+        Err(format!(
+            "must lie in 0..={} (the folds are numbered from 0), got {i}",
+            folds - 1
+        ))
     } else {
         Ok(())
     }

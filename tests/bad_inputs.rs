@@ -407,6 +407,29 @@ fn bad_inputs_fail_cleanly_and_name_the_problem() {
             expect: vec!["train.epochs"],
         },
         Case {
+            name: "one fold",
+            args: train(&good_cfg, &["--set", "data.folds=1"]),
+            expect: vec!["data.folds", ">= 2"],
+        },
+        Case {
+            name: "held-out fold beyond the folds",
+            args: train(
+                &good_cfg,
+                &["--set", "data.folds=3", "--set", "data.fold=3"],
+            ),
+            expect: vec!["data.fold", "0..=2"],
+        },
+        Case {
+            name: "fold without folds",
+            args: train(&good_cfg, &["--set", "data.fold=1"]),
+            expect: vec!["data.fold", "data.folds is not set"],
+        },
+        Case {
+            name: "more folds than images",
+            args: train(&good_cfg, &["--set", "data.folds=7"]),
+            expect: vec!["data.folds", "7 folds need at least 7", "found 6"],
+        },
+        Case {
             name: "unknown model kind",
             args: train(&good_cfg, &["--set", "model.kind=\"unte\""]),
             expect: vec!["model.kind", "unte", "unet"],

@@ -58,6 +58,7 @@ fn compare_writes_a_fair_table_plots_and_skips_finished_runs() {
     assert_eq!(rows.len(), 5, "{rows:?}");
     for column in [
         "variant",
+        "fold",
         "seed",
         "dice",
         "hd95",
@@ -67,9 +68,10 @@ fn compare_writes_a_fair_table_plots_and_skips_finished_runs() {
     ] {
         assert!(rows[0].contains(&column.to_string()), "{:?}", rows[0]);
     }
+    let seed = rows[0].iter().position(|c| c == "seed").unwrap();
     let runs: Vec<(String, String)> = rows[1..]
         .iter()
-        .map(|r| (r[0].clone(), r[1].clone()))
+        .map(|r| (r[0].clone(), r[seed].clone()))
         .collect();
     assert_eq!(
         runs,
@@ -207,4 +209,99 @@ fn compare_sweeps_a_key_and_refuses_unfair_configs() {
         "{err}"
     );
     assert!(!long_out.join("runs").exists());
+}
+
+/// `--folds 3 --seeds 2`: every variant × fold × seed is a run; the folds' validation sets are
+/// disjoint and cover the data set once, the same for every seed and variant; empty images
+/// spread evenly; a second call skips every finished run.
+#[test]
+fn compare_cross_validates_with_stratified_folds() {
+    let dir = temp_dir("compare-folds");
+    let root = tiny_dataset(&dir, "data", "lesion", 13, 32);
+    let dice = config(&dir, &root, "dice", "[[loss]]\nkind = \"dice\"", 1);
+    let focal = config(&dir, &root, "focal", "[[loss]]\nkind = \"focal\"", 1);
+    let out = dir.join("out");
+    let out_s = out.to_str().unwrap();
+    let args = [
+        "compare", &dice, &focal, "--folds", "3", "--seeds", "2", "--out", out_s,
+    ];
+    let stdout = ok(&args);
+    assert!(stdout.contains("3 folds × 2 seeds"), "{stdout}");
+    assert!(stdout.contains("Validation images: 13 in all"), "{stdout}");
+
+    let rows = results(&out);
+    let col = |name: &str| rows[0].iter().position(|c| c == name).unwrap();
+    let (fold, seed) = (col("fold"), col("seed"));
+    let runs: Vec<String> = rows[1..]
+        .iter()
+        .map(|r| format!("{}-fold{}-seed{}", r[0], r[fold], r[seed]))
+        .collect();
+    let mut want = vec![];
+    for variant in ["dice", "focal"] {
+        for f in 0..3 {
+            for s in [7, 8] {
+                want.push(format!("{variant}-fold{f}-seed{s}"));
+            }
+        }
+    }
+    assert_eq!(runs, want);
+
+    let val = |run: &str| -> Vec<String> {
+        let s: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(out.join("runs").join(run).join("summary.json")).unwrap(),
+        )
+        .unwrap();
+        serde_json::from_value(s["val_images"].clone()).unwrap()
+    };
+    let mut all: Vec<String> = vec![];
+    for f in 0..3 {
+        let held_out = val(&format!("dice-fold{f}-seed7"));
+        assert!((4..=5).contains(&held_out.len()), "fold {f}: {held_out:?}");
+        assert_eq!(held_out, val(&format!("dice-fold{f}-seed8")));
+        assert_eq!(held_out, val(&format!("focal-fold{f}-seed7")));
+        all.extend(held_out);
+    }
+    all.sort();
+    let mut stems: Vec<String> = std::fs::read_dir(root.join("images"))
+        .unwrap()
+        .map(|e| {
+            let p = e.unwrap().path();
+            p.file_stem().unwrap().to_str().unwrap().to_string()
+        })
+        .collect();
+    stems.sort();
+    assert_eq!(all, stems, "each image is held out exactly once");
+
+    let again = common::segtrain(&args);
+    assert!(again.status.success());
+    let stderr = String::from_utf8_lossy(&again.stderr);
+    assert_eq!(
+        stderr.matches("finished before, skipped").count(),
+        12,
+        "{stderr}"
+    );
+
+    // one fold alone, from train; a fold out of range is refused with its bound
+    let runs = dir.join("single");
+    ok(&common::train_args(
+        Path::new(&dice),
+        &runs,
+        &["--folds", "3", "--fold", "2"],
+    ));
+    let summary = runs.join("dice-fold2/summary.json");
+    let s: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(summary).unwrap()).unwrap();
+    let mut single: Vec<String> = serde_json::from_value(s["val_images"].clone()).unwrap();
+    let mut fold2 = val("dice-fold2-seed7");
+    single.sort();
+    fold2.sort();
+    assert_eq!(single, fold2, "train --fold 2 holds out compare's fold 2");
+    let err = fails(&common::train_args(
+        Path::new(&dice),
+        &runs,
+        &["--folds", "3", "--fold", "3"],
+    ));
+    assert!(err.contains("--fold") && err.contains("0..=2"), "{err}");
+    let err = fails(&["compare", &dice, "--folds", "1", "--out", out_s]);
+    assert!(err.contains("--folds") && err.contains(">= 2"), "{err}");
 }

@@ -14,6 +14,10 @@ pub struct Args {
     /// Runs per variant, with seeds seed, seed+1, … (mean ± std in the report).
     #[arg(long, default_value_t = 1)]
     seeds: usize,
+    /// K-fold cross-validation: every seed of every variant once per fold (folds stratified by
+    /// the classes present, fixed by data.split_seed or the config's seed).
+    #[arg(long)]
+    folds: Option<usize>,
     /// Override a key of every config, e.g. --set train.epochs=5.
     #[arg(long = "set", value_name = "KEY=VALUE")]
     sets: Vec<String>,
@@ -31,6 +35,7 @@ pub fn run(a: Args) -> Result<()> {
     let report = compare(&CompareOptions {
         configs: a.configs,
         seeds: a.seeds,
+        folds: a.folds,
         overrides: a.sets,
         sweep: a.sweep,
         out: a.out,

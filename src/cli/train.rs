@@ -23,13 +23,22 @@ pub struct Args {
     /// Replace an existing run of the same name.
     #[arg(long)]
     overwrite: bool,
+    /// K-fold cross-validation: train on all folds but --fold (run `<name>-fold<I>`).
+    #[arg(long, requires = "fold")]
+    folds: Option<usize>,
+    /// The held-out fold, 0 ..= K − 1.
+    #[arg(long, requires = "folds")]
+    fold: Option<usize>,
     /// Folder of the run folders.
     #[arg(long, default_value = "runs")]
     runs: PathBuf,
 }
 
 pub fn run(a: Args) -> Result<()> {
-    let config = Config::load(&a.config, &a.sets)?;
+    let mut config = Config::load(&a.config, &a.sets)?;
+    if let (Some(folds), Some(fold)) = (a.folds, a.fold) {
+        config = config.with_fold(folds, fold)?;
+    }
     let opts = TrainOptions {
         device: a.device,
         resume: a.resume,

@@ -44,6 +44,14 @@ pub struct DataConfig {
     /// that every seed of every variant sees the same split.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub split_seed: Option<u64>,
+    /// K-fold cross-validation: the pairs in `folds` folds (seeded by `split_seed`, stratified
+    /// by the classes present in each mask, so empty images spread evenly), fold `fold`
+    /// (0-based) held out for validation; replaces `val_fraction`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub folds: Option<usize>,
+    /// The held-out fold of `folds`.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub fold: usize,
     /// Mask value excluded from the loss and metrics (class-index masks).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ignore_index: Option<i64>,
@@ -152,6 +160,10 @@ fn yes() -> bool {
 fn one_f() -> f64 {
     1.0
 }
+fn is_zero(v: &usize) -> bool {
+    *v == 0
+}
+
 fn default_val_fraction() -> f64 {
     0.2
 }

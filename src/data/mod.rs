@@ -1098,11 +1098,31 @@ fn check_generated_with(root: &Path, synth: &synth::SynthConfig) -> Result<()> {
     Ok(())
 }
 
-/// The training and validation pairs of `cfg.root`: its `train/` and `val/` folders, or a
-/// `val_fraction` of its pairs held out by `split_seed` (default: the run's seed).
+/// The training and validation pairs of `cfg.root`: its `train/` and `val/` folders, fold
+/// `fold` of `folds` held out, or a `val_fraction` of its pairs held out by `split_seed`
+/// (default: the run's seed).
 fn split_pairs(cfg: &DataConfig, seed: u64) -> Result<(Vec<PairPaths>, Vec<PairPaths>)> {
     let root = &cfg.root;
-    let (train_pairs, val_pairs) = if root.join("train").is_dir() && root.join("val").is_dir() {
+    let fixed = root.join("train").is_dir() && root.join("val").is_dir();
+    let (train_pairs, val_pairs) = if let Some(folds) = cfg.folds {
+        let all = if fixed {
+            // cross-validation pools a fixed split's two halves
+            let mut all = scan_pairs(&root.join("train"))?;
+            all.extend(scan_pairs(&root.join("val"))?);
+            all
+        } else {
+            scan_pairs(root)?
+        };
+        let split_seed = cfg.split_seed.unwrap_or(seed);
+        let fold_of = fold_assignment(&all, folds, split_seed, &Format::of(cfg).native())
+            .with_context(|| root.display().to_string())?;
+        let (val, train): (Vec<_>, Vec<_>) = all
+            .into_iter()
+            .zip(fold_of)
+            .partition(|(_, f)| *f == cfg.fold);
+        let paths = |v: Vec<(PairPaths, usize)>| v.into_iter().map(|(p, _)| p).collect();
+        (paths(train), paths(val))
+    } else if fixed {
         (
             scan_pairs(&root.join("train"))?,
             scan_pairs(&root.join("val"))?,
@@ -1147,6 +1167,50 @@ fn split_pairs(cfg: &DataConfig, seed: u64) -> Result<(Vec<PairPaths>, Vec<PairP
         );
     }
     Ok((train_pairs, val_pairs))
+}
+
+/// The fold (0..`folds`) of each pair: the pairs shuffled by `split_seed`, grouped by the set
+/// of classes their mask holds (empty masks are one group), and dealt round-robin group after
+/// group, so every fold gets its share of each group (± 1) and the folds' sizes differ by at
+/// most one. Refused when there are fewer pairs than folds.
+pub fn fold_assignment(
+    pairs: &[PairPaths],
+    folds: usize,
+    split_seed: u64,
+    format: &Format,
+) -> Result<Vec<usize>> {
+    if pairs.len() < folds {
+        bail!(
+            "data.folds: {folds} folds need at least {folds} image/mask pairs, found {}",
+            pairs.len()
+        );
+    }
+    let ignore = format.ignore_mask_value();
+    let mut order: Vec<(Vec<bool>, usize)> = pairs
+        .iter()
+        .enumerate()
+        .map(|(i, pair)| {
+            let (mask, _) = load_mask(&pair.mask, format)?;
+            let mut present = vec![false; format.classes.max(2)];
+            for &m in &mask {
+                if Some(m) != ignore {
+                    if let Some(p) = present.get_mut(m as usize) {
+                        *p = true;
+                    }
+                }
+            }
+            present[0] = false; // background says nothing about a mask
+            Ok((present, i))
+        })
+        .collect::<Result<_>>()?;
+    order.shuffle(&mut ChaCha8Rng::seed_from_u64(split_seed ^ 0xF01D_5EED));
+    // stable: the shuffled order survives within each group
+    order.sort_by(|a, b| a.0.cmp(&b.0));
+    let mut fold_of = vec![0; pairs.len()];
+    for (k, (_, i)) in order.iter().enumerate() {
+        fold_of[*i] = k % folds;
+    }
+    Ok(fold_of)
 }
 
 impl Dataset {
@@ -1233,6 +1297,60 @@ mod tests {
             )
             .unwrap();
         bytes
+    }
+
+    /// 12 empty masks, 6 holding class 1, 3 holding classes 1 and 2: three folds get 4, 2 and
+    /// 1 of each, whatever the seed; another seed deals differently.
+    #[test]
+    fn folds_are_stratified_by_the_classes_present() {
+        let dir = std::env::temp_dir().join(format!("segtrain-folds-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let kinds: Vec<u8> = [0; 12].into_iter().chain([1; 6]).chain([2; 3]).collect();
+        let pairs: Vec<PairPaths> = kinds
+            .iter()
+            .enumerate()
+            .map(|(i, &kind)| {
+                let mask = dir.join(format!("m{i}.png"));
+                image::GrayImage::from_fn(8, 8, |x, _| {
+                    image::Luma([if x < kind as u32 { (x + 1) as u8 } else { 0 }])
+                })
+                .save(&mask)
+                .unwrap();
+                PairPaths {
+                    stem: format!("m{i}"),
+                    image: mask.clone(),
+                    mask,
+                }
+            })
+            .collect();
+        let format = Format {
+            channels: 1,
+            classes: 3,
+            ignore_index: None,
+            resize: None,
+        };
+        for seed in [1, 2, 3] {
+            let folds = fold_assignment(&pairs, 3, seed, &format).unwrap();
+            for fold in 0..3 {
+                let count = |kind: u8| {
+                    (0..pairs.len())
+                        .filter(|&i| folds[i] == fold && kinds[i] == kind)
+                        .count()
+                };
+                assert_eq!(
+                    (count(0), count(1), count(2)),
+                    (4, 2, 1),
+                    "seed {seed}, fold {fold}"
+                );
+            }
+        }
+        assert_ne!(
+            fold_assignment(&pairs, 3, 1, &format).unwrap(),
+            fold_assignment(&pairs, 3, 2, &format).unwrap()
+        );
+        let err = fold_assignment(&pairs[..2], 3, 1, &format).unwrap_err();
+        assert!(format!("{err}").contains("data.folds"), "{err}");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
