@@ -24,6 +24,8 @@ use crate::report::Csv;
 use crate::toml_util::first_difference;
 use crate::train::{self, Summary, TrainOptions};
 
+mod paired;
+
 /// What to compare and where.
 #[derive(Debug, Clone)]
 pub struct CompareOptions {
@@ -59,6 +61,8 @@ struct RunResult {
     /// metrics.csv of the run.
     metrics: Csv,
     diagram: Diagram,
+    /// The run's `per_image.csv` (None: a run folder of an older segtrain).
+    per_image: Option<Vec<metrics::ImageScores>>,
 }
 
 /// Trains every variant with every seed (skipping finished runs) and writes the report.
@@ -279,6 +283,10 @@ fn run_result(
     let (_, meta) = export::read(&model, &candle_core::Device::Cpu)?;
     let diagram = serde_json::from_value(meta.metrics["reliability"].clone())
         .with_context(|| format!("{}: reliability diagram", model.display()))?;
+    let per_image = match summary.run_dir.join(train::PER_IMAGE).exists() {
+        true => Some(train::read_per_image(&summary.run_dir)?),
+        false => None,
+    };
     Ok(RunResult {
         variant: variant.to_string(),
         fold,
@@ -286,6 +294,7 @@ fn run_result(
         summary,
         metrics,
         diagram,
+        per_image,
     })
 }
 
@@ -402,6 +411,16 @@ fn write_report(
     std::fs::create_dir_all(&opts.out)
         .with_context(|| format!("cannot create {}", opts.out.display()))?;
     write_results_csv(&opts.out, results)?;
+    let images: Vec<paired::RunImages> = results
+        .iter()
+        .map(|r| paired::RunImages {
+            variant: &r.variant,
+            fold: r.fold,
+            seed: r.seed,
+            scores: r.per_image.as_deref(),
+        })
+        .collect();
+    paired::write_csv(&opts.out, &images)?;
     write_plots(&opts.out, variants, results)?;
     let table = Table::new(variants, results);
 
@@ -474,6 +493,8 @@ fn write_report(
     );
     md += &format!("## Is the best better than the {spread_name} spread?\n\n");
     md += &table.verdicts(variants, n_runs, spread_name);
+    let names: Vec<String> = variants.iter().map(|v| v.name.clone()).collect();
+    md += &paired::section(&names, &images, opts.folds.is_some());
     md += "## Plots\n\n![Validation Dice per epoch](val_dice.png)\n\n![Training loss per term](train_loss.png)\n\n![Reliability diagrams](reliability.png)\n\n";
     md += &format!(
         "Curves are means over the runs; reliability diagrams pool the runs' validation pixels. One row per run in `results.csv`; the runs are in `{}`.\n",

@@ -24,5 +24,6 @@ pub mod plan;
 pub mod predict;
 pub mod report;
 pub mod rules;
+pub mod stats;
 pub mod toml_util;
 pub mod train;

@@ -144,7 +144,54 @@ pub struct Report {
     pub images: usize,
 }
 
+/// One image's scores at a run's selected epoch: a row of the run's `per_image.csv`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ImageScores {
+    /// The image's file stem.
+    pub image: String,
+    /// Dice, mean over the scored classes (a class absent from both counts 1).
+    pub dice: f64,
+    /// IoU, the same way.
+    pub iou: f64,
+    /// Mean Dice over the classes the target holds; empty for an image without a lesion.
+    pub lesion_dice: Option<f64>,
+    /// Mean HD95 (pixels) over the classes where it is defined.
+    pub hd95: Option<f64>,
+    /// For an image without a lesion, whether any foreground was predicted; empty otherwise.
+    pub false_alarm: Option<bool>,
+}
+
 impl Evaluation {
+    /// Each image's scores, named by `names` (in the order the images were added).
+    pub fn per_image(&self, names: &[String]) -> Vec<ImageScores> {
+        let mean = |v: Vec<f64>| (!v.is_empty()).then(|| v.iter().sum::<f64>() / v.len() as f64);
+        self.images
+            .iter()
+            .zip(names)
+            .enumerate()
+            .map(|(i, (counts, name))| {
+                let lesion = counts.iter().any(Counts::has_target);
+                ImageScores {
+                    image: name.clone(),
+                    dice: mean(counts.iter().map(Counts::dice).collect()).unwrap_or(1.0),
+                    iou: mean(counts.iter().map(Counts::iou).collect()).unwrap_or(1.0),
+                    lesion_dice: mean(
+                        counts
+                            .iter()
+                            .filter(|c| c.has_target())
+                            .map(Counts::dice)
+                            .collect(),
+                    ),
+                    hd95: self
+                        .hd95
+                        .get(i)
+                        .and_then(|h| mean(h.iter().flatten().copied().collect())),
+                    false_alarm: (!lesion).then(|| counts.iter().any(|c| c.fp > 0)),
+                }
+            })
+            .collect()
+    }
+
     pub fn push(&mut self, counts: Vec<Counts>) {
         self.images.push(counts);
     }

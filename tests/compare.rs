@@ -272,6 +272,71 @@ fn compare_cross_validates_with_stratified_folds() {
     stems.sort();
     assert_eq!(all, stems, "each image is held out exactly once");
 
+    // per-image scores: every run's validation images, and the paired section built on them
+    let per_image = std::fs::read_to_string(out.join("per_image.csv")).unwrap();
+    let lines: Vec<Vec<&str>> = per_image.lines().map(|l| l.split(',').collect()).collect();
+    assert_eq!(
+        lines[0],
+        [
+            "variant",
+            "fold",
+            "seed",
+            "image",
+            "dice",
+            "iou",
+            "lesion_dice",
+            "hd95",
+            "false_alarm"
+        ]
+    );
+    assert_eq!(
+        lines.len() - 1,
+        2 * 2 * 13,
+        "each variant × seed scores every image once"
+    );
+    let report = std::fs::read_to_string(out.join("report.md")).unwrap();
+    for needle in [
+        "## Paired per-image comparison",
+        "out of fold",
+        "Wilcoxon p",
+        "Holm p",
+    ] {
+        assert!(
+            report.contains(needle),
+            "report lacks {needle:?}:\n{report}"
+        );
+    }
+    // the paired table's per-variant means, recomputed here from per_image.csv
+    let paired = &report[report.find("## Paired per-image comparison").unwrap()..];
+    for variant in ["dice", "focal"] {
+        let mut by_image: std::collections::BTreeMap<&str, Vec<f64>> = Default::default();
+        for l in lines[1..]
+            .iter()
+            .filter(|l| l[0] == variant && !l[6].is_empty())
+        {
+            by_image
+                .entry(l[3])
+                .or_default()
+                .push(l[6].parse().unwrap());
+        }
+        let means: Vec<f64> = by_image
+            .values()
+            .map(|v| v.iter().sum::<f64>() / v.len() as f64)
+            .collect();
+        let mean = means.iter().sum::<f64>() / means.len() as f64;
+        let row = paired
+            .lines()
+            .find(|l| {
+                l.starts_with(&format!("| {variant} |"))
+                    || l.starts_with(&format!("| **{variant}** |"))
+            })
+            .unwrap_or_else(|| panic!("no paired row for {variant}:\n{report}"));
+        assert!(
+            row.contains(&format!("{mean:.4}")),
+            "{variant}: {mean:.4} not in {row}"
+        );
+    }
+
     let again = common::segtrain(&args);
     assert!(again.status.success());
     let stderr = String::from_utf8_lossy(&again.stderr);

@@ -13,6 +13,7 @@ mod checkpoint;
 mod display;
 pub mod optim;
 mod record;
+pub use record::{read_per_image, PER_IMAGE};
 mod run_dir;
 pub mod schedule;
 pub mod step;
@@ -38,7 +39,7 @@ use crate::fsutil::atomic_write;
 use crate::inference::{Predictor, Symmetry, Window};
 use crate::kernels::Kernels;
 use crate::loss::Loss;
-use crate::metrics::{Report, Scores};
+use crate::metrics::{Evaluation, Report, Scores};
 use crate::model::{ModelKind, SegmentationModel, UNetConfig};
 use checkpoint::{Checkpointer, Progress};
 use display::{epoch_line, progress_bar, running_message};
@@ -356,12 +357,13 @@ impl<'a> Run<'a> {
     /// Validates the epoch just trained, logs it, keeps its model if it is the best so far and
     /// checkpoints; stopped before the last epoch, fails with how to resume.
     fn end_epoch(&mut self, lr: f64) -> Result<()> {
-        let report = self.validate()?;
+        let evaluation = self.validate()?;
+        let report = evaluation.report();
         let row = EpochRow::finished(&self.progress, lr, &report);
         let line = epoch_line(&row, &report, self.config.train.epochs, &self.log.terms);
         self.opts.suspend(|| println!("{line}"));
         self.log.push(row)?;
-        self.select(&report)?;
+        self.select(&report, &evaluation)?;
         self.progress.next_epoch(self.log.terms.len());
         self.checkpoints
             .save(&self.vars, &self.optimizer, &self.progress)?;
@@ -391,8 +393,8 @@ impl<'a> Run<'a> {
         true
     }
 
-    /// The metrics of the current weights on the validation images.
-    fn validate(&self) -> Result<Report> {
+    /// The current weights evaluated on the validation images.
+    fn validate(&self) -> Result<Evaluation> {
         let (d, t) = (&self.config.data, &self.config.train);
         let kind = self.config.model.kind;
         let eval_model = detached_model(&self.vars, kind, self.config.unet(), &self.device)?;
@@ -412,11 +414,12 @@ impl<'a> Run<'a> {
             min_lesion_pixels: d.min_lesion_pixels,
         };
         let ignore = self.dataset.format.ignore_mask_value();
-        Ok(predictor.evaluate(&self.dataset.val, ignore)?.report())
+        Ok(predictor.evaluate(&self.dataset.val, ignore)?)
     }
 
-    /// Exports the model of the epoch just validated if `train.select_by` prefers it.
-    fn select(&mut self, report: &Report) -> Result<()> {
+    /// Exports the model of the epoch just validated, with its per-image scores
+    /// (`per_image.csv`), if `train.select_by` prefers it.
+    fn select(&mut self, report: &Report, evaluation: &Evaluation) -> Result<()> {
         let select_by = self.config.train.select_by;
         let score = select_by.metric().selection_score(report);
         if !improves(select_by, score, &self.progress) {
@@ -437,6 +440,11 @@ impl<'a> Run<'a> {
             config: self.dir.resolved.clone(),
             metrics: serde_json::to_value(report)?,
         };
+        let names: Vec<String> = self.dataset.val.iter().map(|s| s.stem.clone()).collect();
+        record::write_per_image(
+            &self.dir.path.join(record::PER_IMAGE),
+            &evaluation.per_image(&names),
+        )?;
         export::save(&self.dir.path.join("model.safetensors"), &weights, &meta)
     }
 

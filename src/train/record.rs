@@ -7,7 +7,7 @@ use anyhow::{anyhow, Context, Result};
 
 use super::checkpoint::Progress;
 use crate::fsutil::atomic_write;
-use crate::metrics::{Report, Scores};
+use crate::metrics::{ImageScores, Report, Scores};
 
 /// One row of `metrics.csv`.
 #[derive(Debug, Clone)]
@@ -178,4 +178,28 @@ fn read_rows(run_dir: &Path, before: usize) -> Result<Vec<EpochRow>> {
         });
     }
     Ok(rows)
+}
+
+/// The selected epoch's per-image validation scores in a run folder.
+pub const PER_IMAGE: &str = "per_image.csv";
+
+/// Writes `rows` as `per_image.csv` (one row per validation image; empty cells where a score
+/// is undefined), atomically.
+pub fn write_per_image(path: &Path, rows: &[ImageScores]) -> Result<()> {
+    let mut csv = csv::Writer::from_writer(vec![]);
+    for row in rows {
+        csv.serialize(row)?;
+    }
+    atomic_write(path, &csv.into_inner()?)
+}
+
+/// The rows of a run's `per_image.csv`.
+pub fn read_per_image(run_dir: &Path) -> Result<Vec<ImageScores>> {
+    let path = run_dir.join(PER_IMAGE);
+    let mut reader =
+        csv::Reader::from_path(&path).with_context(|| format!("cannot read {}", path.display()))?;
+    reader
+        .deserialize()
+        .collect::<std::result::Result<Vec<ImageScores>, _>>()
+        .with_context(|| path.display().to_string())
 }
