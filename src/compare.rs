@@ -24,6 +24,7 @@ use crate::report::Csv;
 use crate::toml_util::first_difference;
 use crate::train::{self, Summary, TrainOptions};
 
+mod html;
 mod paired;
 
 /// What to compare and where.
@@ -494,12 +495,36 @@ fn write_report(
     md += &format!("## Is the best better than the {spread_name} spread?\n\n");
     md += &table.verdicts(variants, n_runs, spread_name);
     let names: Vec<String> = variants.iter().map(|v| v.name.clone()).collect();
-    md += &paired::section(&names, &images, opts.folds.is_some());
+    let section = paired::section(&names, &images, opts.folds.is_some());
+    if !section.scatter.is_empty() {
+        plot::paired(
+            &opts.out.join(paired::PLOT),
+            &section.scatter,
+            ("lesion Dice of the best", "lesion Dice"),
+        )?;
+    }
+    md += &section.markdown;
     md += "## Plots\n\n![Validation Dice per epoch](val_dice.png)\n\n![Training loss per term](train_loss.png)\n\n![Reliability diagrams](reliability.png)\n\n";
     md += &format!(
         "Curves are means over the runs; reliability diagrams pool the runs' validation pixels. One row per run in `results.csv`; the runs are in `{}`.\n",
         opts.out.join("runs").display()
     );
+    md += "## The variants\n\nWhat differs between them (all else is checked to be equal):\n\n";
+    for v in variants {
+        let loss = toml::to_string(&toml::Table::from_iter([(
+            "loss".to_string(),
+            toml::Value::Array(
+                v.config
+                    .loss
+                    .iter()
+                    .cloned()
+                    .map(toml::Value::Table)
+                    .collect(),
+            ),
+        )]))?;
+        md += &format!("**{}**\n\n```toml\n{}```\n\n", v.name, loss);
+    }
+    html::write(&opts.out, "Loss comparison", &md)?;
     let path = opts.out.join("report.md");
     atomic_write(&path, md.as_bytes())?;
     Ok(path)

@@ -370,3 +370,171 @@ fn compare_cross_validates_with_stratified_folds() {
     let err = fails(&["compare", &dice, "--folds", "1", "--out", out_s]);
     assert!(err.contains("--folds") && err.contains(">= 2"), "{err}");
 }
+
+/// A browser on this machine: `SEGTRAIN_CHROMIUM`, or chromium / chromium-browser /
+/// google-chrome on the PATH.
+fn chromium() -> Option<std::path::PathBuf> {
+    if let Some(p) = std::env::var_os("SEGTRAIN_CHROMIUM") {
+        return Some(p.into());
+    }
+    let path = std::env::var_os("PATH")?;
+    ["chromium", "chromium-browser", "google-chrome"]
+        .iter()
+        .flat_map(|name| std::env::split_paths(&path).map(move |dir| dir.join(name)))
+        .find(|p| p.is_file())
+}
+
+/// Headless chromium on `page` with `args`, killed after two minutes: (stdout, stderr).
+fn headless(browser: &Path, profile: &Path, page: &Path, args: &[&str]) -> (String, String) {
+    let out = std::process::Command::new("timeout")
+        .arg("120")
+        .arg(browser)
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--allow-file-access-from-files",
+            "--virtual-time-budget=5000",
+            "--enable-logging=stderr",
+            "--v=0",
+        ])
+        .arg(format!("--user-data-dir={}", profile.display()))
+        .args(args)
+        .arg(format!("file://{}", page.display()))
+        .output()
+        .expect("chromium runs");
+    assert!(out.status.success(), "chromium failed: {out:?}");
+    (
+        String::from_utf8_lossy(&out.stdout).into(),
+        String::from_utf8_lossy(&out.stderr).into(),
+    )
+}
+
+/// report.html is one self-contained page (tables, inline SVG plots, no external resource);
+/// in a real headless browser it loads without console messages and clicking a column
+/// header re-orders the rows, ascending then descending. A screenshot is saved beside the
+/// test's other output. Skipped, saying so, where no chromium is installed (CI installs
+/// Debian's `chromium`).
+#[test]
+fn the_html_report_is_self_contained_and_sorts_in_a_browser() {
+    let dir = temp_dir("compare-html");
+    let root = tiny_dataset(&dir, "data", "lesion", 9, 32);
+    let dice = config(&dir, &root, "dice", "[[loss]]\nkind = \"dice\"", 2);
+    let focal = config(&dir, &root, "focal", "[[loss]]\nkind = \"focal\"", 2);
+    let out = dir.join("out");
+    ok(&[
+        "compare",
+        &dice,
+        &focal,
+        "--folds",
+        "3",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    let page = out.join("report.html");
+    let html = std::fs::read_to_string(&page).unwrap();
+    for needle in [
+        "<table>",
+        "<svg",
+        "Paired per-image comparison",
+        "Wilcoxon p",
+        "<script>",
+    ] {
+        assert!(html.contains(needle), "report.html lacks {needle:?}");
+    }
+    assert!(
+        html.matches("<svg").count() >= 4,
+        "the four plots are inline"
+    );
+    for external in [" src=", " href=", "<link", "url("] {
+        assert!(
+            !html.contains(external),
+            "report.html loads something: {external:?}"
+        );
+    }
+
+    let Some(browser) = chromium() else {
+        eprintln!("SKIPPED the browser part of this test: no chromium found (set SEGTRAIN_CHROMIUM or install Debian's `chromium`)");
+        return;
+    };
+    let profile = dir.join("chromium-profile");
+    let (dom, log) = headless(&browser, &profile, &page, &["--dump-dom"]);
+    assert!(dom.contains("Paired per-image comparison"), "{dom}");
+    let console: Vec<&str> = log.lines().filter(|l| l.contains(":CONSOLE")).collect();
+    assert!(console.is_empty(), "console messages: {console:?}");
+
+    // a page beside it opens the report in a frame, clicks the variant header of the first
+    // table twice, then the first numeric column (of any table) whose values all differ, and
+    // records the order of the rows after each click
+    let probe = out.join("probe.html");
+    std::fs::write(
+        &probe,
+        r#"<!DOCTYPE html><html><body><iframe id="f" src="report.html"></iframe><script>
+document.getElementById('f').addEventListener('load', function () {
+  var out = {};
+  try {
+    var d = this.contentDocument;
+    var cells = function (table, j) {
+      return Array.prototype.map.call(table.tBodies[0].rows, function (r) { return r.cells[j].textContent; });
+    };
+    var first = d.querySelector('table');
+    var th = first.querySelectorAll('thead th')[0];
+    out.header = th.textContent;
+    out.before = cells(first, 0);
+    th.click(); out.asc = cells(first, 0);
+    th.click(); out.desc = cells(first, 0);
+    d.querySelectorAll('table').forEach(function (table) {
+      table.querySelectorAll('thead th').forEach(function (h, j) {
+        if (out.numeric) { return; }
+        var v = cells(table, j).map(parseFloat);
+        if (v.length > 1 && v.every(function (x) { return !isNaN(x); }) && new Set(v).size === v.length) {
+          h.click(); var up = cells(table, j).map(parseFloat);
+          h.click(); var down = cells(table, j).map(parseFloat);
+          out.numeric = { header: h.textContent, asc: up, desc: down };
+        }
+      });
+    });
+  } catch (e) { out.error = String(e); }
+  document.body.setAttribute('data-result', JSON.stringify(out));
+});
+</script></body></html>"#,
+    )
+    .unwrap();
+    let (dom, log) = headless(&browser, &profile, &probe, &["--dump-dom"]);
+    let start = dom.find("data-result=\"").expect("the probe ran") + 13;
+    let json = dom[start..][..dom[start..].find('"').unwrap()].replace("&quot;", "\"");
+    let result: serde_json::Value = serde_json::from_str(&json).unwrap();
+    assert!(result.get("error").is_none(), "{result}\n{log}");
+    let names = |k: &str| -> Vec<String> { serde_json::from_value(result[k].clone()).unwrap() };
+    assert_eq!(result["header"], "variant");
+    assert_eq!(names("before"), ["dice", "focal"], "{result}");
+    assert_eq!(names("asc"), ["dice", "focal"], "{result}");
+    assert_eq!(
+        names("desc"),
+        ["focal", "dice"],
+        "a second click reverses: {result}"
+    );
+    if let Some(numeric) = result.get("numeric") {
+        let values = |k: &str| -> Vec<f64> { serde_json::from_value(numeric[k].clone()).unwrap() };
+        assert!(values("asc").windows(2).all(|w| w[0] < w[1]), "{result}");
+        assert!(values("desc").windows(2).all(|w| w[0] > w[1]), "{result}");
+    }
+
+    let shot = Path::new(env!("CARGO_TARGET_TMPDIR")).join("report-html.png");
+    let _ = std::fs::remove_file(&shot);
+    headless(
+        &browser,
+        &profile,
+        &page,
+        &[
+            "--window-size=1280,2400",
+            &format!("--screenshot={}", shot.display()),
+        ],
+    );
+    assert!(
+        std::fs::metadata(&shot).unwrap().len() > 10_000,
+        "{}",
+        shot.display()
+    );
+    eprintln!("screenshot of report.html: {}", shot.display());
+}

@@ -102,8 +102,27 @@ struct Paired {
     p: Option<f64>,
 }
 
+/// The report's paired section and the points of its plot.
+pub(super) struct Section {
+    pub markdown: String,
+    /// Per variant but the best: ("<variant> vs <best>", (best's score, its score) per image).
+    pub scatter: Vec<(String, Vec<(f64, f64)>)>,
+}
+
+impl From<String> for Section {
+    fn from(markdown: String) -> Self {
+        Self {
+            markdown,
+            scatter: vec![],
+        }
+    }
+}
+
+/// The plot of [`Section::scatter`], referenced by the section.
+pub(super) const PLOT: &str = "paired";
+
 /// The report's section: the table of each variant against the best, or why there is none.
-pub(super) fn section(variants: &[String], runs: &[RunImages], folds: bool) -> String {
+pub(super) fn section(variants: &[String], runs: &[RunImages], folds: bool) -> Section {
     let mut md = String::from("## Paired per-image comparison\n\n");
     let missing: Vec<String> = runs
         .iter()
@@ -111,14 +130,15 @@ pub(super) fn section(variants: &[String], runs: &[RunImages], folds: bool) -> S
         .map(|r| format!("{} (seed {})", r.variant, r.seed))
         .collect();
     if !missing.is_empty() {
-        return md
+        return (md
             + &format!(
                 "No paired test: the run folders of {} hold no `per_image.csv` (trained before segtrain wrote it); retrain them to get one.\n\n",
                 missing.join(", ")
-            );
+            ))
+            .into();
     }
     if variants.len() < 2 {
-        return md + "One variant: nothing to compare.\n\n";
+        return (md + "One variant: nothing to compare.\n\n").into();
     }
     let per_variant: Vec<BTreeMap<String, f64>> =
         variants.iter().map(|v| image_means(v, runs)).collect();
@@ -126,11 +146,15 @@ pub(super) fn section(variants: &[String], runs: &[RunImages], folds: bool) -> S
         .iter()
         .map(|m| mean(m.values().copied()))
         .collect();
+    // the first of equal means (max_by keeps the last)
     let Some(best) = (0..variants.len())
+        .rev()
         .filter(|&i| means[i].is_finite())
         .max_by(|&a, &b| means[a].total_cmp(&means[b]))
     else {
-        return md + "No validation image holds a lesion: there is no lesion Dice to compare.\n\n";
+        return (md
+            + "No validation image holds a lesion: there is no lesion Dice to compare.\n\n")
+            .into();
     };
     let paired: Vec<Paired> = (0..variants.len())
         .filter(|&i| i != best)
@@ -196,7 +220,27 @@ pub(super) fn section(variants: &[String], runs: &[RunImages], folds: bool) -> S
             p.p.map_or("—".into(), |_| p_value(*adj)),
         );
     }
-    md + "\n"
+    let scatter = paired
+        .iter()
+        .map(|p| {
+            let points = per_variant[p.variant]
+                .iter()
+                .filter_map(|(image, v)| per_variant[best].get(image).map(|b| (*b, *v)))
+                .collect();
+            (
+                format!("{} vs {}", variants[p.variant], variants[best]),
+                points,
+            )
+        })
+        .collect();
+    md += &format!(
+        "\n![Per-image lesion Dice: each variant (y) against {} (x); under the diagonal, {} was better]({PLOT}.png)\n\n",
+        variants[best], variants[best]
+    );
+    Section {
+        markdown: md,
+        scatter,
+    }
 }
 
 #[cfg(test)]
@@ -251,7 +295,7 @@ mod tests {
             })
             .collect();
         let names: Vec<String> = sets.iter().map(|(n, _)| n.to_string()).collect();
-        let md = section(&names, &runs, false);
+        let md = section(&names, &runs, false).markdown;
         let row = |name: &str| {
             md.lines()
                 .find(|l| l.starts_with(&format!("| {name} |")))
@@ -288,7 +332,7 @@ mod tests {
             seed: 1,
             scores: None,
         };
-        let md = section(&["a".into(), "b".into()], &[with, without], false);
+        let md = section(&["a".into(), "b".into()], &[with, without], false).markdown;
         assert!(
             md.contains("b (seed 1)") && md.contains("per_image.csv"),
             "{md}"
@@ -299,6 +343,8 @@ mod tests {
             seed: 1,
             scores: Some(&s),
         };
-        assert!(section(&["a".into()], &[with], false).contains("One variant"));
+        assert!(section(&["a".into()], &[with], false)
+            .markdown
+            .contains("One variant"));
     }
 }

@@ -188,15 +188,23 @@ pub fn lines(
     charts(stem, &[chart], 1)
 }
 
-fn draw_reliability<DB: DrawingBackend>(
+/// A panel on the unit square with its diagonal: bars `[x0, x1] × [0, y]` and points.
+struct UnitPanel {
+    title: String,
+    bars: Vec<(f64, f64, f64)>,
+    points: Vec<(f64, f64)>,
+}
+
+fn draw_unit_panels<DB: DrawingBackend>(
     root: DrawingArea<DB, Shift>,
-    panels: &[(String, Diagram)],
+    panels: &[UnitPanel],
+    labels: (&str, &str),
 ) -> Result<()> {
     root.fill(&WHITE).map_err(err)?;
     let cells = root.split_evenly((1, panels.len().max(1)));
-    for (i, (cell, (name, bins))) in cells.iter().zip(panels).enumerate() {
+    for (i, (cell, panel)) in cells.iter().zip(panels).enumerate() {
         let mut chart = ChartBuilder::on(cell)
-            .caption(name, ("sans-serif", 16))
+            .caption(&panel.title, ("sans-serif", 16))
             .margin(8)
             .x_label_area_size(36)
             .y_label_area_size(44)
@@ -204,8 +212,8 @@ fn draw_reliability<DB: DrawingBackend>(
             .map_err(err)?;
         chart
             .configure_mesh()
-            .x_desc("confidence")
-            .y_desc(if i == 0 { "accuracy" } else { "" })
+            .x_desc(labels.0)
+            .y_desc(if i == 0 { labels.1 } else { "" })
             .label_style(("sans-serif", 12))
             .draw()
             .map_err(err)?;
@@ -215,37 +223,77 @@ fn draw_reliability<DB: DrawingBackend>(
                 BLACK.mix(0.5).stroke_width(1),
             ))
             .map_err(err)?;
-        // one bar per bin of 1/15, at the bin's accuracy
         let c = colour(i);
         chart
-            .draw_series(bins.iter().map(|&(conf, acc, _)| {
-                let b = (conf * 15.0).floor().min(14.0) / 15.0;
-                Rectangle::new(
-                    [(b + 0.005, 0.0), (b + 1.0 / 15.0 - 0.005, acc)],
-                    c.mix(0.7).filled(),
-                )
-            }))
+            .draw_series(
+                panel
+                    .bars
+                    .iter()
+                    .map(|&(x0, x1, y)| Rectangle::new([(x0, 0.0), (x1, y)], c.mix(0.7).filled())),
+            )
             .map_err(err)?;
+        // points over bars in black, alone in the panel's colour
+        let dot = if panel.bars.is_empty() { c } else { BLACK };
         chart
             .draw_series(
-                bins.iter()
-                    .map(|&(conf, acc, _)| Circle::new((conf, acc), 3, BLACK.filled())),
+                panel
+                    .points
+                    .iter()
+                    .map(|&p| Circle::new(p, 3, dot.filled())),
             )
             .map_err(err)?;
     }
     root.present().map_err(err)
 }
 
-/// Reliability diagrams side by side (accuracy per confidence bin; the diagonal is perfect
-/// calibration), as `<stem>.png` and `<stem>.svg`.
-pub fn reliability(stem: &Path, panels: &[(String, Diagram)]) -> Result<()> {
+/// Renders unit-square panels side by side as `<stem>.png` and `<stem>.svg`.
+fn unit_panels(stem: &Path, panels: &[UnitPanel], labels: (&str, &str)) -> Result<()> {
     let size = (320 * panels.len().max(1) as u32, 340);
     render(
         stem,
         size,
-        |a| draw_reliability(a, panels),
-        |a| draw_reliability(a, panels),
+        |a| draw_unit_panels(a, panels, labels),
+        |a| draw_unit_panels(a, panels, labels),
     )
+}
+
+/// Reliability diagrams side by side (accuracy per confidence bin; the diagonal is perfect
+/// calibration), as `<stem>.png` and `<stem>.svg`.
+pub fn reliability(stem: &Path, panels: &[(String, Diagram)]) -> Result<()> {
+    let panels: Vec<UnitPanel> = panels
+        .iter()
+        .map(|(name, bins)| UnitPanel {
+            title: name.clone(),
+            // one bar per bin of 1/15, at the bin's accuracy
+            bars: bins
+                .iter()
+                .map(|&(conf, acc, _)| {
+                    let b = (conf * 15.0).floor().min(14.0) / 15.0;
+                    (b + 0.005, b + 1.0 / 15.0 - 0.005, acc)
+                })
+                .collect(),
+            points: bins.iter().map(|&(conf, acc, _)| (conf, acc)).collect(),
+        })
+        .collect();
+    unit_panels(stem, &panels, ("confidence", "accuracy"))
+}
+
+/// Paired per-image scores: one panel per (title, points (x: the reference's score, y: the
+/// other's)); points under the diagonal are images where the reference scores higher.
+pub fn paired(
+    stem: &Path,
+    panels: &[(String, Vec<(f64, f64)>)],
+    labels: (&str, &str),
+) -> Result<()> {
+    let panels: Vec<UnitPanel> = panels
+        .iter()
+        .map(|(title, points)| UnitPanel {
+            title: title.clone(),
+            bars: vec![],
+            points: points.clone(),
+        })
+        .collect();
+    unit_panels(stem, &panels, labels)
 }
 
 /// The focal-loss paper's figure: `FL(p_t) = −(1 − p_t)^γ log p_t` against p_t for each γ
