@@ -37,6 +37,12 @@ pub struct Args {
     /// noise then applies to train/ only).
     #[arg(long, default_value_t = 0)]
     val_count: usize,
+    /// mri: the largest lesion of an image up to this factor times the smallest (1: equal).
+    #[arg(long, default_value_t = 1.0)]
+    size_spread: f64,
+    /// mri: lesion contrast in (0, 1] (1: bright lesions; small: faint).
+    #[arg(long, default_value_t = 1.0)]
+    contrast: f64,
 }
 
 pub fn run(a: Args) -> Result<()> {
@@ -49,6 +55,8 @@ pub fn run(a: Args) -> Result<()> {
         empty_fraction: a.empty_fraction,
         label_noise: a.label_noise,
         val_count: a.val_count,
+        size_spread: a.size_spread,
+        contrast: a.contrast,
     };
     write_dataset(&cfg, &a.out)?;
     println!(

@@ -11,7 +11,9 @@
 //!
 //! Knobs: foreground fraction, share of images without a lesion, and `label_noise`: the share
 //! of masks that are dilated, eroded, shifted or dropped — noisy labels for studying focal
-//! loss's sensitivity to them. Image `i` depends only on (seed, kind, i).
+//! loss's sensitivity to them; for `mri`, `size_spread` (lesions of very different sizes in
+//! one image) and `contrast` (faint lesions): data sets on which losses do differ. Image `i`
+//! depends only on (seed, kind, i).
 
 use std::f64::consts::PI;
 use std::path::Path;
@@ -87,6 +89,22 @@ pub struct SynthConfig {
     /// masks (label noise applies to `train/` only); 0: one `images/` + `masks/` folder.
     #[serde(default)]
     pub val_count: usize,
+    /// `mri`: how much one image's lesions differ in area — shares drawn log-uniformly so
+    /// that the largest is up to `size_spread` times the smallest; 1: equal sizes.
+    #[serde(default = "unit", skip_serializing_if = "is_unit")]
+    pub size_spread: f64,
+    /// `mri`: the lesions' contrast against the tissue, 1 = bright lesions, towards 0 they fade
+    /// into it.
+    #[serde(default = "unit", skip_serializing_if = "is_unit")]
+    pub contrast: f64,
+}
+
+fn unit() -> f64 {
+    1.0
+}
+
+fn is_unit(v: &f64) -> bool {
+    *v == 1.0
 }
 
 fn default_count() -> usize {
@@ -125,6 +143,26 @@ impl SynthConfig {
                 bail!("{key}: must lie in [0, 1], got {v}");
             }
         }
+        if !(1.0..=1000.0).contains(&self.size_spread) {
+            bail!(
+                "size_spread: must lie in [1, 1000], got {}",
+                self.size_spread
+            );
+        }
+        if !(self.contrast > 0.0 && self.contrast <= 1.0) {
+            bail!("contrast: must lie in (0, 1], got {}", self.contrast);
+        }
+        for (key, v) in [
+            ("size_spread", self.size_spread),
+            ("contrast", self.contrast),
+        ] {
+            if v != 1.0 && self.kind != SynthKind::Mri {
+                bail!(
+                    "{key}: only the mri kind has it (kind = {})",
+                    self.kind.name()
+                );
+            }
+        }
         Ok(())
     }
 
@@ -153,7 +191,7 @@ pub fn generate(cfg: &SynthConfig, index: usize, clean: bool) -> Generated {
     let mut g = match cfg.kind {
         SynthKind::Lesion => dermoscopy(&mut rng, s, cfg.foreground(), empty, false),
         SynthKind::Multiclass => dermoscopy(&mut rng, s, cfg.foreground(), empty, true),
-        SynthKind::Mri => mri(&mut rng, s, cfg.foreground(), empty),
+        SynthKind::Mri => mri(&mut rng, cfg, empty),
         SynthKind::Vessel => fundus(&mut rng, s, cfg.foreground(), empty),
     };
     if rng.random_bool(cfg.label_noise) && !clean {
@@ -470,7 +508,8 @@ fn draw_path(
 }
 
 /// A grey MRI-like axial slice with a few small bright lesions.
-fn mri(rng: &mut ChaCha8Rng, s: usize, foreground: f64, empty: bool) -> Generated {
+fn mri(rng: &mut ChaCha8Rng, cfg: &SynthConfig, empty: bool) -> Generated {
+    let (s, foreground) = (cfg.size, cfg.foreground());
     let sf = s as f64;
     let (ax, ay) = (
         sf * rng.random_range(0.38..0.45),
@@ -492,8 +531,17 @@ fn mri(rng: &mut ChaCha8Rng, s: usize, foreground: f64, empty: bool) -> Generate
     if !empty {
         let n = rng.random_range(1..=4);
         let total = foreground * rng.random_range(0.6..1.4) * sf * sf;
-        for _ in 0..n {
-            let radius = (total / n as f64 / PI).sqrt().max(1.2);
+        // equal shares draw nothing: data sets without size_spread keep their images
+        let shares: Vec<f64> = if cfg.size_spread > 1.0 {
+            (0..n)
+                .map(|_| cfg.size_spread.powf(rng.random_range(0.0..1.0)))
+                .collect()
+        } else {
+            vec![1.0; n]
+        };
+        let sum: f64 = shares.iter().sum();
+        for share in shares {
+            let radius = (total * share / sum / PI).sqrt().max(1.2);
             // inside the brain, away from the skull
             let (lx, ly) = loop {
                 let p = (rng.random_range(0.0..sf), rng.random_range(0.0..sf));
@@ -533,7 +581,7 @@ fn mri(rng: &mut ChaCha8Rng, s: usize, foreground: f64, empty: bool) -> Generate
             }
             for (blob, brightness) in &lesions {
                 let d = blob.signed(fx, fy);
-                let alpha = 1.0 - smoothstep(-0.8, 0.8, d);
+                let alpha = cfg.contrast * (1.0 - smoothstep(-0.8, 0.8, d));
                 v = v * (1.0 - alpha) + brightness * alpha;
                 if d < 0.0 {
                     mask[y * s + x] = 1;
@@ -696,4 +744,102 @@ fn morph(mask: &[u8], s: usize, k: isize, dilate: bool) -> Vec<u8> {
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::metrics::components;
+
+    fn mri(size_spread: f64, contrast: f64) -> SynthConfig {
+        SynthConfig {
+            kind: SynthKind::Mri,
+            count: 60,
+            size: 96,
+            seed: 4,
+            foreground: Some(0.01),
+            empty_fraction: 0.0,
+            label_noise: 0.0,
+            val_count: 0,
+            size_spread,
+            contrast,
+        }
+    }
+
+    /// Mean over images with several lesions of (largest area / smallest area).
+    fn size_ratio(cfg: &SynthConfig) -> f64 {
+        let ratios: Vec<f64> = (0..cfg.count)
+            .filter_map(|i| {
+                let g = generate(cfg, i, true);
+                let areas: Vec<usize> = components(&g.mask, cfg.size, cfg.size)
+                    .iter()
+                    .map(Vec::len)
+                    .collect();
+                (areas.len() >= 2).then(|| {
+                    *areas.iter().max().unwrap() as f64 / *areas.iter().min().unwrap() as f64
+                })
+            })
+            .collect();
+        ratios.iter().sum::<f64>() / ratios.len() as f64
+    }
+
+    /// Mean intensity inside the lesions minus the mean of a ring 3–5 pixels outside them.
+    fn lesion_contrast(cfg: &SynthConfig) -> f64 {
+        let s = cfg.size as isize;
+        let (mut inside, mut outside) = ((0.0, 0), (0.0, 0));
+        for i in 0..cfg.count {
+            let g = generate(cfg, i, true);
+            let near = |x: isize, y: isize, r: isize| {
+                (-r..=r).any(|dy| {
+                    (-r..=r).any(|dx| {
+                        let (u, v) = (x + dx, y + dy);
+                        u >= 0 && v >= 0 && u < s && v < s && g.mask[(v * s + u) as usize] == 1
+                    })
+                })
+            };
+            for y in 0..s {
+                for x in 0..s {
+                    let v = g.image[(y * s + x) as usize] as f64;
+                    if g.mask[(y * s + x) as usize] == 1 {
+                        inside = (inside.0 + v, inside.1 + 1);
+                    } else if near(x, y, 5) && !near(x, y, 2) {
+                        outside = (outside.0 + v, outside.1 + 1);
+                    }
+                }
+            }
+        }
+        inside.0 / inside.1 as f64 - outside.0 / outside.1 as f64
+    }
+
+    #[test]
+    fn size_spread_makes_one_images_lesions_differ_in_size() {
+        let (equal, spread) = (size_ratio(&mri(1.0, 1.0)), size_ratio(&mri(30.0, 1.0)));
+        assert!(
+            spread > 3.0 * equal,
+            "largest/smallest: {equal:.2} equal, {spread:.2} spread"
+        );
+    }
+
+    #[test]
+    fn contrast_fades_the_lesions_into_the_tissue() {
+        let (full, faint) = (
+            lesion_contrast(&mri(1.0, 1.0)),
+            lesion_contrast(&mri(1.0, 0.3)),
+        );
+        assert!(full > 0.2, "{full}");
+        assert!((faint / full - 0.3).abs() < 0.1, "{faint} vs {full}");
+    }
+
+    #[test]
+    fn the_mri_knobs_are_checked_and_belong_to_mri() {
+        assert!(mri(30.0, 0.3).validate().is_ok());
+        let err = |c: SynthConfig| c.validate().unwrap_err().to_string();
+        assert!(err(mri(0.5, 1.0)).starts_with("size_spread"));
+        assert!(err(mri(1.0, 0.0)).starts_with("contrast"));
+        let lesion = SynthConfig {
+            kind: SynthKind::Lesion,
+            ..mri(1.0, 0.5)
+        };
+        assert!(err(lesion).contains("only the mri kind"));
+    }
 }
