@@ -492,6 +492,9 @@ fn write_report(
         table.titles(Better::Higher),
         table.titles(Better::Lower),
     );
+    if let Some(folds) = opts.folds {
+        md += &per_fold_table(variants, results, folds, t.select_by.metric());
+    }
     md += &format!("## Is the best better than the {spread_name} spread?\n\n");
     md += &table.verdicts(variants, n_runs, spread_name);
     let names: Vec<String> = variants.iter().map(|v| v.name.clone()).collect();
@@ -528,6 +531,40 @@ fn write_report(
     let path = opts.out.join("report.md");
     atomic_write(&path, md.as_bytes())?;
     Ok(path)
+}
+
+/// The selection metric of each variant on each held-out fold (mean over the seeds): how much
+/// of the spread comes from the folds.
+fn per_fold_table(
+    variants: &[Variant],
+    results: &[RunResult],
+    folds: usize,
+    metric: &Metric,
+) -> String {
+    let mut md =
+        format!(
+        "## Per fold\n\n{} on each held-out fold, mean over the seeds.\n\n| variant |{}\n|---|{}\n",
+        metric.title,
+        (0..folds).map(|f| format!(" fold {f} |")).collect::<String>(),
+        "---|".repeat(folds)
+    );
+    for v in variants {
+        md += &format!("| {} |", v.name);
+        for fold in 0..folds {
+            let values: Vec<f64> = results
+                .iter()
+                .filter(|r| r.variant == v.name && r.fold == Some(fold))
+                .filter_map(|r| r.summary.val.get(metric.name))
+                .collect();
+            let d = metric.digits;
+            md += &match spread(&values) {
+                Some(s) => format!(" {:.d$} |", s.mean),
+                None => " — |".into(),
+            };
+        }
+        md += "\n";
+    }
+    md + "\n"
 }
 
 /// `results.csv`: one row per run — the variant, the fold (empty without cross-validation),

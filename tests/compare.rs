@@ -300,6 +300,8 @@ fn compare_cross_validates_with_stratified_folds() {
         "out of fold",
         "Wilcoxon p",
         "Holm p",
+        "## Per fold",
+        "| variant | fold 0 | fold 1 | fold 2 |",
     ] {
         assert!(
             report.contains(needle),
