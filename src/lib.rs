@@ -24,6 +24,7 @@ pub mod plan;
 pub mod predict;
 pub mod report;
 pub mod rules;
+pub mod score;
 pub mod stats;
 pub mod toml_util;
 pub mod train;

@@ -11,6 +11,7 @@ pub mod loss;
 pub mod plan;
 pub mod plot;
 pub mod predict;
+pub mod score;
 pub mod synth;
 pub mod train;
 
@@ -42,6 +43,9 @@ pub enum Command {
     Eval(eval::Args),
     /// Predict masks for images (files or folders of images).
     Predict(predict::Args),
+    /// Compare predicted masks with true ones (two folders of PNG masks matched by stem):
+    /// Dice, IoU, HD95 per image and pooled, and lesion-wise detection.
+    Score(score::Args),
     /// Fit a temperature on labelled images (minimum NLL) and store it in the model file;
     /// `predict` and `eval` apply it. Reports ECE and Brier score before and after.
     Calibrate(ModelOnData),
@@ -77,6 +81,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Compare(a) => compare::run(a),
         Command::Eval(a) => eval::run(a),
         Command::Predict(a) => predict::run(a),
+        Command::Score(a) => score::run(a),
         Command::Calibrate(a) => calibrate::run(a),
         Command::Synth(a) => synth::run(a),
         Command::Plan(a) => plan::run(a),

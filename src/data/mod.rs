@@ -249,6 +249,41 @@ pub fn scan_pairs(dir: &Path) -> Result<Vec<PairPaths>> {
         .collect()
 }
 
+/// The masks of two folders paired by stem (`(stem, a, b)`, sorted): e.g. predicted and true
+/// masks. Where `a_dir` holds files named `<stem>_mask.png` (`segtrain predict`'s output) only
+/// those are read from it, under `<stem>`. A mask without a partner is an error naming it.
+pub fn mask_pairs(a_dir: &Path, b_dir: &Path) -> Result<Vec<(String, PathBuf, PathBuf)>> {
+    let (mut a, b) = (list_folder(a_dir, true)?, list_folder(b_dir, true)?);
+    if a.files.keys().any(|s| s.ends_with("_mask")) {
+        a.files = std::mem::take(&mut a.files)
+            .into_iter()
+            .filter_map(|(stem, path)| Some((stem.strip_suffix("_mask")?.to_string(), path)))
+            .collect();
+    }
+    for (stem, path) in &b.files {
+        if !a.files.contains_key(stem) {
+            bail!(
+                "{}: no mask of that stem in {}{}",
+                path.display(),
+                a_dir.display(),
+                near_miss(stem, &a, true)
+            );
+        }
+    }
+    a.files
+        .into_iter()
+        .map(|(stem, path)| match b.files.get(&stem) {
+            Some(other) => Ok((stem, path, other.clone())),
+            None => Err(anyhow!(
+                "{}: no mask of that stem in {}{}",
+                path.display(),
+                b_dir.display(),
+                near_miss(&stem, &b, true)
+            )),
+        })
+        .collect()
+}
+
 // ---------------------------------------------------------------------------------------------
 // Reading image and mask files: the one place where files are decoded (data sets for training,
 // validation, `eval` and `calibrate`, and `predict`'s inputs).
