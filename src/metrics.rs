@@ -501,41 +501,102 @@ impl<'de> Deserialize<'de> for Scores {
     }
 }
 
-/// Squared Euclidean distance from every pixel to the nearest `true` pixel of an `h × w` grid,
-/// exact (Felzenszwalb & Huttenlocher's separable lower-envelope transform); `f32::INFINITY`
-/// everywhere when there is none.
-pub fn squared_distance_transform(mask: &[bool], h: usize, w: usize) -> Vec<f32> {
+/// A row-major grid: `dims` slowest axis first (an image `[h, w]`, a volume `[nz, ny, nx]`)
+/// and the spacing of each axis (pixels: 1; volumes: mm).
+#[derive(Debug, Clone, Copy)]
+pub struct Grid<'a> {
+    pub dims: &'a [usize],
+    pub spacing: &'a [f64],
+}
+
+const PIXELS: [f64; 2] = [1.0, 1.0];
+
+impl<'a> Grid<'a> {
+    /// An `h × w` image of unit pixels.
+    pub fn image(dims: &'a [usize; 2]) -> Self {
+        Self {
+            dims,
+            spacing: &PIXELS,
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.dims.iter().product()
+    }
+
+    fn strides(&self) -> Vec<usize> {
+        let mut strides = vec![1; self.dims.len()];
+        for a in (0..self.dims.len().saturating_sub(1)).rev() {
+            strides[a] = strides[a + 1] * self.dims[a + 1];
+        }
+        strides
+    }
+
+    /// The flat indices of the neighbours of `i` (`strides` = [`Self::strides`]) that differ by
+    /// at most one step along every axis (8 in 2-D, 26 in 3-D), or along one axis only
+    /// (`faces`: 4 in 2-D, 6 in 3-D); returns how many would lie beyond the border.
+    fn neighbours(&self, strides: &[usize], i: usize, faces: bool, out: &mut Vec<usize>) -> usize {
+        out.clear();
+        let mut outside = 0;
+        for code in 0..3usize.pow(self.dims.len() as u32) {
+            let (mut c, mut j, mut moved, mut inside) = (code, 0isize, 0, true);
+            for (&stride, &dim) in strides.iter().zip(self.dims) {
+                let step = (c % 3) as isize - 1;
+                c /= 3;
+                moved += (step != 0) as usize;
+                let x = (i / stride % dim) as isize + step;
+                inside &= x >= 0 && x < dim as isize;
+                j += x * stride as isize;
+            }
+            if moved == 0 || (faces && moved > 1) {
+                continue;
+            }
+            if inside {
+                out.push(j as usize);
+            } else {
+                outside += 1;
+            }
+        }
+        outside
+    }
+}
+
+/// Squared Euclidean distance (in the grid's units) from every element to the nearest `true`
+/// one, exact (Felzenszwalb & Huttenlocher's separable lower-envelope transform, one pass per
+/// axis with that axis's spacing); `f64::INFINITY` everywhere when there is none.
+pub fn squared_distance_transform_grid(mask: &[bool], grid: Grid) -> Vec<f64> {
     const FAR: f64 = 1e20;
     let mut d: Vec<f64> = mask.iter().map(|&m| if m { 0.0 } else { FAR }).collect();
-    let mut column = vec![0f64; h];
-    for x in 0..w {
-        for y in 0..h {
-            column[y] = d[y * w + x];
+    let strides = grid.strides();
+    let mut line = vec![];
+    for (a, (&n, &stride)) in grid.dims.iter().zip(&strides).enumerate() {
+        // every line along axis a starts at an index whose coordinate on a is 0
+        for start in (0..grid.len()).filter(|i| i / stride % n == 0) {
+            line.clear();
+            line.extend((0..n).map(|k| d[start + k * stride]));
+            for (k, v) in envelope(&line, grid.spacing[a]).into_iter().enumerate() {
+                d[start + k * stride] = v;
+            }
         }
-        let out = envelope(&column);
-        for y in 0..h {
-            d[y * w + x] = out[y];
-        }
-    }
-    for y in 0..h {
-        let out = envelope(&d[y * w..(y + 1) * w]);
-        d[y * w..(y + 1) * w].copy_from_slice(&out);
     }
     d.iter()
-        .map(|&v| {
-            if v >= FAR / 2.0 {
-                f32::INFINITY
-            } else {
-                v as f32
-            }
-        })
+        .map(|&v| if v >= FAR / 2.0 { f64::INFINITY } else { v })
         .collect()
 }
 
-/// One-dimensional squared distance transform of sampled costs `f` (lower envelope of
-/// parabolas).
-fn envelope(f: &[f64]) -> Vec<f64> {
+/// [`squared_distance_transform_grid`] of an `h × w` image, in pixels².
+pub fn squared_distance_transform(mask: &[bool], h: usize, w: usize) -> Vec<f32> {
+    squared_distance_transform_grid(mask, Grid::image(&[h, w]))
+        .into_iter()
+        .map(|v| v as f32)
+        .collect()
+}
+
+/// One-dimensional squared distance transform of costs `f` sampled every `step` (lower
+/// envelope of the parabolas (x − step·p)² + f[p]).
+fn envelope(f: &[f64], step: f64) -> Vec<f64> {
     let n = f.len();
+    let at = |q: usize| q as f64 * step;
     let mut v = vec![0usize; n];
     let mut z = vec![0f64; n + 1];
     let mut k = 0;
@@ -544,8 +605,7 @@ fn envelope(f: &[f64]) -> Vec<f64> {
     for q in 1..n {
         loop {
             let p = v[k];
-            let s = ((f[q] + (q * q) as f64) - (f[p] + (p * p) as f64))
-                / (2.0 * q as f64 - 2.0 * p as f64);
+            let s = ((f[q] + at(q) * at(q)) - (f[p] + at(p) * at(p))) / (2.0 * at(q) - 2.0 * at(p));
             if s <= z[k] && k > 0 {
                 k -= 1;
             } else {
@@ -560,56 +620,66 @@ fn envelope(f: &[f64]) -> Vec<f64> {
     let mut out = vec![0f64; n];
     k = 0;
     for (q, o) in out.iter_mut().enumerate() {
-        while z[k + 1] < q as f64 {
+        while z[k + 1] < at(q) {
             k += 1;
         }
         let p = v[k];
-        *o = (q as f64 - p as f64).powi(2) + f[p];
+        *o = (at(q) - at(p)).powi(2) + f[p];
     }
     out
 }
 
-/// The surface (boundary) of a region: its pixels with a 4-neighbour outside it or on the
-/// image border.
-pub fn surface(mask: &[bool], h: usize, w: usize) -> Vec<bool> {
-    let at = |y: isize, x: isize| {
-        y >= 0 && x >= 0 && y < h as isize && x < w as isize && mask[y as usize * w + x as usize]
-    };
-    (0..h * w)
+/// The surface (boundary) of a region: its elements with a face neighbour outside it or on
+/// the grid's border.
+pub fn surface_grid(mask: &[bool], grid: Grid) -> Vec<bool> {
+    let (strides, mut around) = (grid.strides(), vec![]);
+    (0..mask.len())
         .map(|i| {
-            let (y, x) = ((i / w) as isize, (i % w) as isize);
-            mask[i] && !(at(y - 1, x) && at(y + 1, x) && at(y, x - 1) && at(y, x + 1))
+            mask[i] && {
+                let outside = grid.neighbours(&strides, i, true, &mut around);
+                outside > 0 || around.iter().any(|&j| !mask[j])
+            }
         })
         .collect()
 }
 
+/// [`surface_grid`] of an `h × w` image (4-neighbours).
+pub fn surface(mask: &[bool], h: usize, w: usize) -> Vec<bool> {
+    surface_grid(mask, Grid::image(&[h, w]))
+}
+
 /// HD95: the 95th percentile (linear interpolation) of the symmetric surface distances between
-/// two regions, in pixels. Both empty: 0; exactly one empty: undefined (None).
-pub fn hd95(pred: &[bool], target: &[bool], h: usize, w: usize) -> Option<f64> {
-    let (sp, sg) = (surface(pred, h, w), surface(target, h, w));
+/// two regions, in the grid's units. Both empty: 0; exactly one empty: undefined (None).
+pub fn hd95_grid(pred: &[bool], target: &[bool], grid: Grid) -> Option<f64> {
+    let (sp, sg) = (surface_grid(pred, grid), surface_grid(target, grid));
     match (sp.contains(&true), sg.contains(&true)) {
         (false, false) => return Some(0.0),
         (true, false) | (false, true) => return None,
         _ => {}
     }
     let (dp, dg) = (
-        squared_distance_transform(&sp, h, w),
-        squared_distance_transform(&sg, h, w),
+        squared_distance_transform_grid(&sp, grid),
+        squared_distance_transform_grid(&sg, grid),
     );
     let mut d: Vec<f64> = sp
         .iter()
         .zip(&dg)
         .filter(|(s, _)| **s)
-        .map(|(_, v)| (*v as f64).sqrt())
+        .map(|(_, v)| v.sqrt())
         .chain(
             sg.iter()
                 .zip(&dp)
                 .filter(|(s, _)| **s)
-                .map(|(_, v)| (*v as f64).sqrt()),
+                .map(|(_, v)| v.sqrt()),
         )
         .collect();
     d.sort_by(f64::total_cmp);
     Some(percentile(&d, 95.0))
+}
+
+/// [`hd95_grid`] of an `h × w` image, in pixels.
+pub fn hd95(pred: &[bool], target: &[bool], h: usize, w: usize) -> Option<f64> {
+    hd95_grid(pred, target, Grid::image(&[h, w]))
 }
 
 /// The `q`-th percentile of sorted values, linearly interpolated (NumPy's default).
@@ -705,12 +775,13 @@ impl Calibration {
     }
 }
 
-/// The 8-connected components of the non-zero classes of an `h × w` label map (row-major): the
-/// pixel indices of each region of one class value, in scan order of their first pixel.
-pub fn components(labels: &[u8], h: usize, w: usize) -> Vec<Vec<usize>> {
+/// The connected components of the non-zero classes of a label grid (neighbours across
+/// edges and corners: 8 in 2-D, 26 in 3-D): the indices of each region of one class value, in
+/// scan order of their first element.
+pub fn components_grid(labels: &[u8], grid: Grid) -> Vec<Vec<usize>> {
     let mut seen = vec![false; labels.len()];
     let mut found = vec![];
-    let mut stack = vec![];
+    let (strides, mut stack, mut around) = (grid.strides(), vec![], vec![]);
     for start in 0..labels.len() {
         let class = labels[start];
         if class == 0 || seen[start] {
@@ -718,23 +789,25 @@ pub fn components(labels: &[u8], h: usize, w: usize) -> Vec<Vec<usize>> {
         }
         seen[start] = true;
         stack.push(start);
-        let mut pixels = vec![];
+        let mut region = vec![];
         while let Some(i) = stack.pop() {
-            pixels.push(i);
-            let (y, x) = (i / w, i % w);
-            for ny in y.saturating_sub(1)..=(y + 1).min(h - 1) {
-                for nx in x.saturating_sub(1)..=(x + 1).min(w - 1) {
-                    let j = ny * w + nx;
-                    if labels[j] == class && !seen[j] {
-                        seen[j] = true;
-                        stack.push(j);
-                    }
+            region.push(i);
+            grid.neighbours(&strides, i, false, &mut around);
+            for &j in &around {
+                if labels[j] == class && !seen[j] {
+                    seen[j] = true;
+                    stack.push(j);
                 }
             }
         }
-        found.push(pixels);
+        found.push(region);
     }
     found
+}
+
+/// The 8-connected components of the non-zero classes of an `h × w` label map (row-major).
+pub fn components(labels: &[u8], h: usize, w: usize) -> Vec<Vec<usize>> {
+    components_grid(labels, Grid::image(&[h, w]))
 }
 
 #[cfg(test)]

@@ -1,6 +1,7 @@
-//! `segtrain score`: metrics between two sets of binary masks (predicted and true) matched by
-//! file stem — overlap per image and pooled, boundary distance, and lesion-wise detection from
-//! 8-connected components.
+//! `segtrain score`: metrics between predicted and true binary masks — two folders of PNG
+//! masks matched by file stem, or label volumes (NIfTI/NRRD) on one voxel grid: overlap per
+//! case and pooled, HD95 (pixels; mm for volumes, from the spacing), lesion volumes in mL, and
+//! lesion-wise detection from connected components (8-connected in 2-D, 26 in 3-D).
 //!
 //! Lesion matching: a true lesion is **detected** when at least one predicted component
 //! overlaps it by a pixel or more; a predicted component is a **true positive** when it
@@ -11,13 +12,15 @@
 //! sensitivity = detected / true lesions, precision = true-positive / predicted components,
 //! F1 their harmonic mean.
 
-use std::path::Path;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
 
-use anyhow::Result;
+use anyhow::{anyhow, bail, Context, Result};
 use serde::Serialize;
 
 use crate::data::{load_mask, mask_pairs, Format};
-use crate::metrics::{components, hd95, Counts};
+use crate::import::{read_label, volume_stem, Canonical, Limits};
+use crate::metrics::{components_grid, hd95_grid, Counts, Grid};
 
 /// Lesion-wise counts of one image (or summed over images).
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
@@ -68,13 +71,13 @@ impl LesionMatch {
     }
 }
 
-/// Matches the 8-connected components of `pred` and `target` (`h × w`, row-major); see the
-/// module documentation for the rule.
-pub fn match_lesions(pred: &[bool], target: &[bool], h: usize, w: usize) -> LesionMatch {
+/// Matches the connected components of `pred` and `target` on `grid`; see the module
+/// documentation for the rule.
+pub fn match_lesions(pred: &[bool], target: &[bool], grid: Grid) -> LesionMatch {
     let labels = |m: &[bool]| m.iter().map(|&b| b as u8).collect::<Vec<u8>>();
-    let truth = components(&labels(target), h, w);
-    let predicted = components(&labels(pred), h, w);
-    let mut component_of = vec![usize::MAX; h * w];
+    let truth = components_grid(&labels(target), grid);
+    let predicted = components_grid(&labels(pred), grid);
+    let mut component_of = vec![usize::MAX; pred.len()];
     for (k, c) in predicted.iter().enumerate() {
         for &i in c {
             component_of[i] = k;
@@ -110,32 +113,51 @@ pub fn match_lesions(pred: &[bool], target: &[bool], h: usize, w: usize) -> Lesi
     m
 }
 
-/// The scores of one image.
+/// The scores of one image or volume.
 #[derive(Debug, Clone, Serialize)]
-pub struct ImageScore {
-    pub image: String,
+pub struct CaseScore {
+    /// The file stem (volumes: without the extension and a `_seg` suffix).
+    pub case: String,
     pub dice: f64,
     pub iou: f64,
-    /// Pixels; None when exactly one of the masks is empty.
+    /// In the report's `unit`; None when exactly one of the masks is empty.
     pub hd95: Option<f64>,
-    pub true_pixels: u64,
-    pub predicted_pixels: u64,
+    pub true_voxels: u64,
+    pub predicted_voxels: u64,
+    /// Voxels (pixels) in both.
+    pub overlap_voxels: u64,
+    /// Volumes: the true and predicted lesion volume (mL) and their difference.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub volumes: Option<Volumes>,
     pub lesions: LesionMatch,
 }
 
-/// Every image's scores and the pooled ones.
+/// Lesion volumes of a case, mL.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct Volumes {
+    pub true_ml: f64,
+    pub predicted_ml: f64,
+    /// predicted − true.
+    pub error_ml: f64,
+    /// (predicted − true) / true; None for an empty true mask.
+    pub relative_error: Option<f64>,
+}
+
+/// Every case's scores and the pooled ones.
 #[derive(Debug, Clone, Serialize)]
 pub struct ScoreReport {
-    pub images: Vec<ImageScore>,
-    /// Dice over all pixels of all images.
+    /// The unit of the HD95 figures: `px` (images) or `mm` (volumes).
+    pub unit: &'static str,
+    pub cases: Vec<CaseScore>,
+    /// Dice over all pixels of all cases.
     pub pooled_dice: f64,
-    /// Mean of the images' Dice (both masks empty: 1).
+    /// Mean of the cases' Dice (both masks empty: 1).
     pub mean_dice: f64,
-    /// Mean Dice over the images whose true mask holds a lesion.
-    pub lesion_image_dice: Option<f64>,
-    /// Mean HD95 over the images where it is defined.
+    /// Mean Dice over the cases whose true mask holds a lesion.
+    pub lesion_case_dice: Option<f64>,
+    /// Mean HD95 over the cases where it is defined.
     pub mean_hd95: Option<f64>,
-    /// Lesion-wise counts summed over the images.
+    /// Lesion-wise counts summed over the cases.
     pub lesions: LesionMatch,
     pub lesion_sensitivity: Option<f64>,
     pub lesion_precision: Option<f64>,
@@ -148,12 +170,154 @@ fn mean(v: impl Iterator<Item = f64>) -> Option<f64> {
     (n > 0).then(|| s / n as f64)
 }
 
-/// Scores the masks of `pred_dir` against those of `label_dir` (PNG, matched by stem; any
-/// non-zero value is foreground). Masks of one stem must have the same size.
-pub fn score(pred_dir: &Path, label_dir: &Path) -> Result<ScoreReport> {
+/// The scores of one case: `pred` and `target` on `grid`; `voxel_ml` for volumes.
+fn case(
+    name: String,
+    pred: &[bool],
+    target: &[bool],
+    grid: Grid,
+    voxel_ml: Option<f64>,
+) -> CaseScore {
+    let mut counts = Counts::default();
+    for (&p, &t) in pred.iter().zip(target) {
+        counts.tp += (p && t) as u64;
+        counts.fp += (p && !t) as u64;
+        counts.fn_ += (!p && t) as u64;
+    }
+    let (true_voxels, predicted_voxels) = (counts.tp + counts.fn_, counts.tp + counts.fp);
+    CaseScore {
+        case: name,
+        dice: counts.dice(),
+        iou: counts.iou(),
+        hd95: hd95_grid(pred, target, grid),
+        true_voxels,
+        predicted_voxels,
+        overlap_voxels: counts.tp,
+        volumes: voxel_ml.map(|v| {
+            let (t, p) = (true_voxels as f64 * v, predicted_voxels as f64 * v);
+            Volumes {
+                true_ml: t,
+                predicted_ml: p,
+                error_ml: p - t,
+                relative_error: (true_voxels > 0).then(|| (p - t) / t),
+            }
+        }),
+        lesions: match_lesions(pred, target, grid),
+    }
+}
+
+/// Scores predicted against true masks: two PNG files' folders (matched by stem; predict's
+/// `<stem>_mask.png` read under `<stem>`; any non-zero value is foreground, masks of one stem
+/// of one size), two label volumes, or two folders of label volumes (matched by name, a
+/// predicted `<name>_seg` under `<name>`) on one voxel grid each.
+pub fn score(pred: &Path, label: &Path) -> Result<ScoreReport> {
+    let volumes = if pred.is_dir() {
+        volume_pairs(pred, label)?
+    } else {
+        vec![(
+            case_name(pred).to_string(),
+            pred.to_path_buf(),
+            label.to_path_buf(),
+        )]
+    };
+    let (unit, cases) = if volumes.is_empty() {
+        ("px", mask_cases(pred, label)?)
+    } else {
+        let limits = Limits::from_env()?;
+        let cases = volumes
+            .into_iter()
+            .map(|(name, p, l)| volume_case(name, &p, &l, &limits))
+            .collect::<Result<Vec<_>>>()?;
+        ("mm", cases)
+    };
+    let mut pooled = Counts::default();
+    let mut lesions = LesionMatch::default();
+    for c in &cases {
+        lesions.add(&c.lesions);
+        pooled.add(&Counts {
+            tp: c.overlap_voxels,
+            fp: c.predicted_voxels - c.overlap_voxels,
+            fn_: c.true_voxels - c.overlap_voxels,
+        });
+    }
+    Ok(ScoreReport {
+        unit,
+        pooled_dice: pooled.dice(),
+        mean_dice: mean(cases.iter().map(|c| c.dice)).unwrap_or(1.0),
+        lesion_case_dice: mean(cases.iter().filter(|c| c.true_voxels > 0).map(|c| c.dice)),
+        mean_hd95: mean(cases.iter().filter_map(|c| c.hd95)),
+        lesion_sensitivity: lesions.sensitivity(),
+        lesion_precision: lesions.precision(),
+        lesion_f1: lesions.f1(),
+        mean_detected_lesion_dice: lesions.mean_detected_dice(),
+        lesions,
+        cases,
+    })
+}
+
+/// A volume file's case name: its name without the extension and a `_seg` suffix.
+fn case_name(path: &Path) -> &str {
+    let stem = volume_stem(path).unwrap_or_default();
+    stem.strip_suffix("_seg").unwrap_or(stem)
+}
+
+/// The volume files of two folders paired by case name; empty when `pred_dir` holds none.
+fn volume_pairs(pred_dir: &Path, label_dir: &Path) -> Result<Vec<(String, PathBuf, PathBuf)>> {
+    let list = |dir: &Path| -> Result<BTreeMap<String, PathBuf>> {
+        let mut found = BTreeMap::new();
+        for entry in
+            std::fs::read_dir(dir).with_context(|| format!("cannot list {}", dir.display()))?
+        {
+            let path = entry
+                .with_context(|| format!("cannot list {}", dir.display()))?
+                .path();
+            if volume_stem(&path).is_some() {
+                if let Some(other) = found.insert(case_name(&path).to_string(), path.clone()) {
+                    bail!(
+                        "{} and {}: two volumes of one case",
+                        other.display(),
+                        path.display()
+                    );
+                }
+            }
+        }
+        Ok(found)
+    };
+    let predicted = list(pred_dir)?;
+    if predicted.is_empty() {
+        return Ok(vec![]);
+    }
+    let truth = list(label_dir)?;
+    for (name, path) in &truth {
+        if !predicted.contains_key(name) {
+            bail!(
+                "{}: no predicted volume of case `{name}` in {}",
+                path.display(),
+                pred_dir.display()
+            );
+        }
+    }
+    predicted
+        .into_iter()
+        .map(|(name, p)| match truth.get(&name) {
+            Some(l) => Ok((name, p, l.clone())),
+            None => Err(anyhow!(
+                "{}: no label volume of case `{name}` in {}",
+                p.display(),
+                label_dir.display()
+            )),
+        })
+        .collect()
+}
+
+/// The cases of two folders of PNG masks.
+fn mask_cases(pred_dir: &Path, label_dir: &Path) -> Result<Vec<CaseScore>> {
     let pairs = mask_pairs(pred_dir, label_dir)?;
     if pairs.is_empty() {
-        anyhow::bail!("{}: holds no .png mask", pred_dir.display());
+        bail!(
+            "{}: holds no .png mask and no label volume",
+            pred_dir.display()
+        );
     }
     let binary = Format {
         channels: 1,
@@ -161,53 +325,64 @@ pub fn score(pred_dir: &Path, label_dir: &Path) -> Result<ScoreReport> {
         ignore_index: None,
         resize: None,
     };
-    let mut images = vec![];
-    let mut pooled = Counts::default();
-    let mut lesions = LesionMatch::default();
-    for (stem, pred_path, label_path) in pairs {
-        let (pred, (pw, ph)) = load_mask(&pred_path, &binary)?;
-        let (target, (tw, th)) = load_mask(&label_path, &binary)?;
-        if (pw, ph) != (tw, th) {
-            anyhow::bail!(
-                "{}: {pw}×{ph}, but {} is {tw}×{th}",
-                pred_path.display(),
-                label_path.display()
-            );
-        }
-        let (h, w) = (th as usize, tw as usize);
-        let pred: Vec<bool> = pred.iter().map(|&v| v > 0).collect();
-        let target: Vec<bool> = target.iter().map(|&v| v > 0).collect();
-        let mut counts = Counts::default();
-        for (&p, &t) in pred.iter().zip(&target) {
-            counts.tp += (p && t) as u64;
-            counts.fp += (p && !t) as u64;
-            counts.fn_ += (!p && t) as u64;
-        }
-        pooled.add(&counts);
-        let matched = match_lesions(&pred, &target, h, w);
-        lesions.add(&matched);
-        images.push(ImageScore {
-            image: stem,
-            dice: counts.dice(),
-            iou: counts.iou(),
-            hd95: hd95(&pred, &target, h, w),
-            true_pixels: counts.tp + counts.fn_,
-            predicted_pixels: counts.tp + counts.fp,
-            lesions: matched,
-        });
+    pairs
+        .into_iter()
+        .map(|(stem, pred_path, label_path)| {
+            let (pred, (pw, ph)) = load_mask(&pred_path, &binary)?;
+            let (target, (tw, th)) = load_mask(&label_path, &binary)?;
+            if (pw, ph) != (tw, th) {
+                bail!(
+                    "{}: {pw}×{ph}, but {} is {tw}×{th}",
+                    pred_path.display(),
+                    label_path.display()
+                );
+            }
+            let dims = [th as usize, tw as usize];
+            let to_bool = |m: Vec<u8>| m.into_iter().map(|v| v > 0).collect::<Vec<bool>>();
+            Ok(case(
+                stem,
+                &to_bool(pred),
+                &to_bool(target),
+                Grid::image(&dims),
+                None,
+            ))
+        })
+        .collect()
+}
+
+/// One pair of label volumes (any non-zero label is foreground), which must share their voxel
+/// grid as stored: same size, spacing, directions and origin, and the same axis order.
+fn volume_case(name: String, pred: &Path, label: &Path, limits: &Limits) -> Result<CaseScore> {
+    let (pdims, pgeom, pvalues) = read_label(pred, limits, None)?;
+    let (ldims, lgeom, lvalues) = read_label(label, limits, None)?;
+    let (pc, lc) = (
+        Canonical::new(pred, pdims, &pgeom)?,
+        Canonical::new(label, ldims, &lgeom)?,
+    );
+    pc.check_same_grid(&lc, pred, label)?;
+    if pc != lc {
+        bail!(
+            "{} and {}: the same grid stored in another axis order or direction; write both alike (e.g. resample one with the other as reference)",
+            pred.display(),
+            label.display()
+        );
     }
-    Ok(ScoreReport {
-        pooled_dice: pooled.dice(),
-        mean_dice: mean(images.iter().map(|i| i.dice)).unwrap_or(1.0),
-        lesion_image_dice: mean(images.iter().filter(|i| i.true_pixels > 0).map(|i| i.dice)),
-        mean_hd95: mean(images.iter().filter_map(|i| i.hd95)),
-        lesion_sensitivity: lesions.sensitivity(),
-        lesion_precision: lesions.precision(),
-        lesion_f1: lesions.f1(),
-        mean_detected_lesion_dice: lesions.mean_detected_dice(),
-        lesions,
-        images,
-    })
+    let [nx, ny, nz] = ldims;
+    let [sx, sy, sz] = lgeom.spacing();
+    let dims = [nz, ny, nx];
+    let spacing = [sz, sy, sx];
+    let grid = Grid {
+        dims: &dims,
+        spacing: &spacing,
+    };
+    let to_bool = |m: Vec<u8>| m.into_iter().map(|v| v > 0).collect::<Vec<bool>>();
+    Ok(case(
+        name,
+        &to_bool(pvalues),
+        &to_bool(lvalues),
+        grid,
+        Some(sx * sy * sz / 1000.0),
+    ))
 }
 
 #[cfg(test)]
@@ -227,7 +402,7 @@ mod tests {
     fn matched(pred: &[&str], truth: &[&str]) -> LesionMatch {
         let (p, h, w) = mask(pred);
         let (t, ..) = mask(truth);
-        match_lesions(&p, &t, h, w)
+        match_lesions(&p, &t, Grid::image(&[h, w]))
     }
 
     #[test]

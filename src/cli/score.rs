@@ -8,13 +8,15 @@ use crate::score::{score, ScoreReport};
 
 #[derive(clap::Args)]
 pub struct Args {
-    /// Folder of predicted masks (PNG; any non-zero value is foreground), e.g. predict's --out.
+    /// Predicted masks: a folder of PNG masks (e.g. predict's --out), a label volume
+    /// (.nii, .nii.gz, .nrrd, .nhdr) or a folder of them; any non-zero value is foreground.
     #[arg(long)]
     pred: PathBuf,
-    /// Folder of true masks, matched to the predicted ones by file stem.
+    /// True masks: the same kind, matched to the predicted ones by name (a predicted
+    /// <stem>_mask.png or <name>_seg volume under <stem> / <name>).
     #[arg(long)]
     label: PathBuf,
-    /// Print JSON (every image and the pooled scores) instead of a table.
+    /// Print JSON (every case and the pooled scores) instead of a table.
     #[arg(long)]
     json: bool,
 }
@@ -32,31 +34,44 @@ pub fn run(a: Args) -> Result<()> {
 fn table(r: &ScoreReport) -> String {
     let opt = |v: Option<f64>, d: usize| v.map_or("—".to_string(), |v| format!("{v:.d$}"));
     let mut out = format!(
-        "{:<24} {:>7} {:>7} {:>8} {:>7} {:>9} {:>8}\n",
-        "image", "Dice", "IoU", "HD95 px", "lesions", "detected", "false +"
+        "{:<24} {:>7} {:>7} {:>8} {:>7} {:>9} {:>8} {:>9} {:>9}\n",
+        "case",
+        "Dice",
+        "IoU",
+        format!("HD95 {}", r.unit),
+        "lesions",
+        "detected",
+        "false +",
+        "true mL",
+        "pred mL"
     );
-    for i in &r.images {
-        let l = &i.lesions;
+    for c in &r.cases {
+        let l = &c.lesions;
+        let ml = |f: fn(&crate::score::Volumes) -> f64| opt(c.volumes.as_ref().map(f), 3);
         out += &format!(
-            "{:<24} {:>7.4} {:>7.4} {:>8} {:>7} {:>9} {:>8}\n",
-            i.image,
-            i.dice,
-            i.iou,
-            opt(i.hd95, 2),
+            "{:<24} {:>7.4} {:>7.4} {:>8} {:>7} {:>9} {:>8} {:>9} {:>9}\n",
+            c.case,
+            c.dice,
+            c.iou,
+            opt(c.hd95, 2),
             l.true_lesions,
             l.detected,
-            l.predicted - l.true_positive
+            l.predicted - l.true_positive,
+            ml(|v| v.true_ml),
+            ml(|v| v.predicted_ml)
         );
     }
     let l = &r.lesions;
     out += &format!(
-        "\n{} images: Dice pooled {:.4}, mean {:.4}, over images with a lesion {}; mean HD95 {} px\n\
-         lesions (8-connected): {} true, {} detected, {} predicted of which {} false; sensitivity {}, precision {}, F1 {}; mean Dice of the detected {}\n",
-        r.images.len(),
+        "\n{} cases: Dice pooled {:.4}, mean {:.4}, over cases with a lesion {}; mean HD95 {} {}\n\
+         lesions ({}-connected): {} true, {} detected, {} predicted of which {} false; sensitivity {}, precision {}, F1 {}; mean Dice of the detected {}\n",
+        r.cases.len(),
         r.pooled_dice,
         r.mean_dice,
-        opt(r.lesion_image_dice, 4),
+        opt(r.lesion_case_dice, 4),
         opt(r.mean_hd95, 2),
+        r.unit,
+        if r.unit == "mm" { 26 } else { 8 },
         l.true_lesions,
         l.detected,
         l.predicted,
