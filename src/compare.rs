@@ -512,7 +512,7 @@ fn write_report(
         "Curves are means over the runs; reliability diagrams pool the runs' validation pixels. One row per run in `results.csv`; the runs are in `{}`.\n",
         opts.out.join("runs").display()
     );
-    md += "## The variants\n\nWhat differs between them (all else is checked to be equal):\n\n";
+    md += "\n## The variants\n\nWhat differs between them (all else is checked to be equal):\n\n";
     for v in variants {
         let loss = toml::to_string(&toml::Table::from_iter([(
             "loss".to_string(),
