@@ -1,6 +1,6 @@
 //! Branch-free f32 math that LLVM vectorises, and runtime dispatch to an AVX2 + FMA build of a
 //! kernel loop: the element-wise kernels are written as plain scalar loops over slices, and
-//! [`with_avx2!`] compiles them a second time with those features enabled, used when the CPU
+//! [`with_simd!`] compiles them a second time with those features enabled, used when the CPU
 //! has them.
 //!
 //! `exp` and `ln` follow the Cephes single-precision polynomials (relative error ≈ 1e-7 over
@@ -103,17 +103,40 @@ pub fn has_avx2() -> bool {
     }
 }
 
-/// `with_avx2!(expr)` evaluates `expr` (typically a call of an `#[inline(always)]` kernel) in a
-/// function compiled with AVX2 + FMA when the CPU has them, and as it is otherwise.
-macro_rules! with_avx2 {
+/// True when the CPU runs the AVX-512 builds of the kernels (F, BW and VL, with AVX2 + FMA).
+pub fn has_avx512() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        has_avx2()
+            && std::is_x86_feature_detected!("avx512f")
+            && std::is_x86_feature_detected!("avx512bw")
+            && std::is_x86_feature_detected!("avx512vl")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// `with_simd!(expr)` evaluates `expr` (typically a call of an `#[inline(always)]` kernel) in a
+/// function compiled for the widest vectors the CPU has — AVX-512 (512-bit), else AVX2 + FMA —
+/// and as it is otherwise (one binary for every x86-64 and ARM machine).
+macro_rules! with_simd {
     ($body:expr) => {{
         #[cfg(target_arch = "x86_64")]
         {
+            #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
+            unsafe fn widest<R>(f: impl FnOnce() -> R) -> R {
+                f()
+            }
             #[target_feature(enable = "avx2,fma")]
             unsafe fn wide<R>(f: impl FnOnce() -> R) -> R {
                 f()
             }
-            if $crate::cpu::simd::has_avx2() {
+            if $crate::cpu::simd::has_avx512() {
+                // SAFETY: the CPU supports the enabled features (checked just above).
+                unsafe { widest(|| $body) }
+            } else if $crate::cpu::simd::has_avx2() {
                 // SAFETY: the CPU supports the enabled features (checked just above).
                 unsafe { wide(|| $body) }
             } else {
@@ -126,7 +149,7 @@ macro_rules! with_avx2 {
         }
     }};
 }
-pub(crate) use with_avx2;
+pub(crate) use with_simd;
 
 #[cfg(test)]
 mod tests {

@@ -17,7 +17,7 @@ use candle_core::{bail, CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::Activation;
-use crate::cpu::simd::{exp, ln, sigmoid_parts, sigmoid_pq, with_avx2};
+use crate::cpu::simd::{exp, ln, sigmoid_parts, sigmoid_pq, with_simd};
 use crate::cpu::{slice, with_data};
 
 /// The per-element loss of a pixel term: `a · (1 − p_t)^γ · CE`.
@@ -419,7 +419,7 @@ fn sigmoid_unit(
     // one build of the range loop per (soft targets, γ = 2, pixel term, statistics)
     macro_rules! range {
         ($soft:literal, $square:literal, $pixel:literal, $stats:literal, $spec:expr, $grad:expr, $scale:expr) => {
-            with_avx2!(sigmoid_range::<$soft, $square, $pixel, $stats>(
+            with_simd!(sigmoid_range::<$soft, $square, $pixel, $stats>(
                 $spec, x, t, mask, $grad, pq, $scale
             ))
         };
@@ -576,11 +576,11 @@ fn softmax_unit(
     for (i, term) in terms.iter().enumerate() {
         let (spec, scale, grad) = (&term.spec, term.scale as f32, &mut *grads[i]);
         let (sum, s) = if i == 0 && with_stats {
-            with_avx2!(softmax_image::<true, true>(
+            with_simd!(softmax_image::<true, true>(
                 spec, scale, x, t, mask, c, hw, grad
             ))
         } else {
-            with_avx2!(softmax_image::<true, false>(
+            with_simd!(softmax_image::<true, false>(
                 spec, scale, x, t, mask, c, hw, grad
             ))
         };
@@ -591,7 +591,7 @@ fn softmax_unit(
     }
     if terms.is_empty() && with_stats {
         let spec = PixelSpec::cross_entropy();
-        stats = with_avx2!(softmax_image::<false, true>(
+        stats = with_simd!(softmax_image::<false, true>(
             &spec,
             1.0,
             x,
@@ -847,7 +847,7 @@ impl CustomOp1 for FusedOp {
                             let units = units(n * c, hw);
                             let pieces = split_units(&mut dx, &units);
                             units.par_iter().zip(pieces).for_each(|(&u, d)| {
-                                with_avx2!(sum_terms(d, u.range()));
+                                with_simd!(sum_terms(d, u.range()));
                                 let Some(region) = &region else { return };
                                 let k: &[f32; STATS] =
                                     region[u.plane * STATS..][..STATS].try_into().expect("7");
@@ -859,13 +859,13 @@ impl CustomOp1 for FusedOp {
                                     let c1 = k[0] - k[5] - k[6];
                                     let c0 = k[1] + k[5];
                                     let pq = &pq[u.range()];
-                                    with_avx2!({
+                                    with_simd!({
                                         for ((d, &g), &pq) in d.iter_mut().zip(t).zip(pq) {
                                             *d += pq * (c1 * g + c0);
                                         }
                                     })
                                 } else {
-                                    with_avx2!({
+                                    with_simd!({
                                         for (((d, &x), &g), &keep) in
                                             d.iter_mut().zip(x).zip(t).zip(m)
                                         {
@@ -879,12 +879,12 @@ impl CustomOp1 for FusedOp {
                         Activation::Softmax => {
                             dx.par_chunks_mut(c * hw).enumerate().for_each(|(img, d)| {
                                 let r = img * c * hw..(img + 1) * c * hw;
-                                with_avx2!(sum_terms(d, r.clone()));
+                                with_simd!(sum_terms(d, r.clone()));
                                 let Some(region) = &region else { return };
                                 let (xs, ts) = (&x[r.clone()], &t[r]);
                                 let coef = &region[img * c * STATS..][..c * STATS];
                                 let mask = mask.map(|m| &m[img * hw..(img + 1) * hw]);
-                                with_avx2!(softmax_region_grad(xs, ts, mask, coef, c, hw, d))
+                                with_simd!(softmax_region_grad(xs, ts, mask, coef, c, hw, d))
                             });
                         }
                     }

@@ -12,7 +12,7 @@ use rayon::prelude::*;
 
 use super::fused::{self, PixelTerm, Stat};
 use super::Activation;
-use crate::cpu::simd::with_avx2;
+use crate::cpu::simd::with_simd;
 use crate::cpu::with_data;
 use crate::kernels::Kernels;
 
@@ -400,7 +400,7 @@ fn value_range(t: &Tensor) -> Result<(f32, f32)> {
     let merge = |a: (f32, f32), b: (f32, f32)| (a.0.min(b.0), a.1.max(b.1));
     let (lo, hi, nan) = with_data(&t, |v| {
         Ok(v.par_chunks(1 << 16)
-            .map(|c| with_avx2!(chunk_range(c)))
+            .map(|c| with_simd!(chunk_range(c)))
             .reduce(
                 || (f32::INFINITY, f32::NEG_INFINITY, false),
                 |a, b| {
