@@ -426,58 +426,13 @@ fn write_report(
     let table = Table::new(variants, results);
 
     let first = &variants[0].config;
-    let seeds: Vec<String> = (0..opts.seeds)
-        .map(|k| (first.seed + k as u64).to_string())
-        .collect();
     let t = &first.train;
     let n_runs = runs_per_variant(opts);
     let spread_name = match opts.folds {
         Some(_) => "run-to-run",
         None => "seed-to-seed",
     };
-    let (folds, split, validation) = match opts.folds {
-        Some(k) => (
-            format!("{k} folds × "),
-            format!(
-                "{k}-fold cross-validation (folds seeded by {}, stratified by the classes present)",
-                first.data.split_seed.unwrap_or(first.seed)
-            ),
-            format!(
-                "{} in all, each held out once",
-                results
-                    .iter()
-                    .filter(|r| r.variant == variants[0].name && r.seed == first.seed)
-                    .map(|r| r.summary.val_images.len())
-                    .sum::<usize>()
-            ),
-        ),
-        None => (
-            String::new(),
-            format!(
-                "split (seed {})",
-                first.data.split_seed.unwrap_or(first.seed)
-            ),
-            results
-                .first()
-                .map_or(0, |r| r.summary.val_images.len())
-                .to_string(),
-        ),
-    };
-    let mut md = String::from("# Loss comparison\n\n");
-    md += &format!(
-        "{} variants × {folds}{} seed{} ({}) on `{}`, {} epochs{}, the same {split}, augmentation stream and schedule for every variant; only the loss{} differs. Validation images: {validation}.\n\n",
-        variants.len(),
-        opts.seeds,
-        if opts.seeds == 1 { "" } else { "s" },
-        seeds.join(", "),
-        first.data.root.display(),
-        t.epochs,
-        t.steps_per_epoch
-            .map_or(String::new(), |s| format!(" of {s} updates")),
-        opts.sweep
-            .as_deref()
-            .map_or(String::new(), |s| format!(" (and the sweep `{s}`)")),
-    );
+    let mut md = intro(opts, variants, results);
     md += &table.markdown(variants, n_runs);
     md += &format!(
         "\n{} at each run's selected epoch (`train.select_by = {}`). **Bold**: the best of the column — higher is better for {}; lower for {} (see the README's Metrics section for their definitions).\n\n",
@@ -512,7 +467,70 @@ fn write_report(
         "Curves are means over the runs; reliability diagrams pool the runs' validation pixels. One row per run in `results.csv`; the runs are in `{}`.\n",
         opts.out.join("runs").display()
     );
-    md += "\n## The variants\n\nWhat differs between them (all else is checked to be equal):\n\n";
+    md += &variants_section(variants)?;
+    html::write(&opts.out, "Loss comparison", &md)?;
+    let path = opts.out.join("report.md");
+    atomic_write(&path, md.as_bytes())?;
+    Ok(path)
+}
+
+/// The report's title and first paragraph: what was trained on what, split how.
+fn intro(opts: &CompareOptions, variants: &[Variant], results: &[RunResult]) -> String {
+    let first = &variants[0].config;
+    let seeds: Vec<String> = (0..opts.seeds)
+        .map(|k| (first.seed + k as u64).to_string())
+        .collect();
+    let t = &first.train;
+    let (folds, split, validation) = match opts.folds {
+        Some(k) => (
+            format!("{k} folds × "),
+            format!(
+                "{k}-fold cross-validation (folds seeded by {}, stratified by the classes present)",
+                first.data.split_seed.unwrap_or(first.seed)
+            ),
+            format!(
+                "{} in all, each held out once",
+                results
+                    .iter()
+                    .filter(|r| r.variant == variants[0].name && r.seed == first.seed)
+                    .map(|r| r.summary.val_images.len())
+                    .sum::<usize>()
+            ),
+        ),
+        None => (
+            String::new(),
+            format!(
+                "split (seed {})",
+                first.data.split_seed.unwrap_or(first.seed)
+            ),
+            results
+                .first()
+                .map_or(0, |r| r.summary.val_images.len())
+                .to_string(),
+        ),
+    };
+    String::from("# Loss comparison\n\n")
+        + &format!(
+        "{} variants × {folds}{} seed{} ({}) on `{}`, {} epochs{}, the same {split}, augmentation stream and schedule for every variant; only the loss{} differs. Validation images: {validation}.\n\n",
+        variants.len(),
+        opts.seeds,
+        if opts.seeds == 1 { "" } else { "s" },
+        seeds.join(", "),
+        first.data.root.display(),
+        t.epochs,
+        t.steps_per_epoch
+            .map_or(String::new(), |s| format!(" of {s} updates")),
+        opts.sweep
+            .as_deref()
+            .map_or(String::new(), |s| format!(" (and the sweep `{s}`)")),
+    )
+}
+
+/// What differs between the variants: each one's `[[loss]]` tables.
+fn variants_section(variants: &[Variant]) -> Result<String> {
+    let mut md = String::from(
+        "\n## The variants\n\nWhat differs between them (all else is checked to be equal):\n\n",
+    );
     for v in variants {
         let loss = toml::to_string(&toml::Table::from_iter([(
             "loss".to_string(),
@@ -527,10 +545,7 @@ fn write_report(
         )]))?;
         md += &format!("**{}**\n\n```toml\n{}```\n\n", v.name, loss);
     }
-    html::write(&opts.out, "Loss comparison", &md)?;
-    let path = opts.out.join("report.md");
-    atomic_write(&path, md.as_bytes())?;
-    Ok(path)
+    Ok(md)
 }
 
 /// The selection metric of each variant on each held-out fold (mean over the seeds): how much

@@ -102,6 +102,30 @@ struct Paired {
     p: Option<f64>,
 }
 
+/// The table row of one variant against the best, its p-value Holm-adjusted to `adjusted`.
+fn row(name: &str, p: &Paired, adjusted: f64) -> String {
+    let verdict = match p.p {
+        None => "identical scores".to_string(),
+        Some(_) if adjusted < ALPHA && p.difference < 0.0 => "worse".into(),
+        Some(_) if adjusted < ALPHA => "better".into(),
+        Some(_) => format!(
+            "no detectable difference at this sample size (n = {})",
+            p.images
+        ),
+    };
+    let interval = p
+        .interval
+        .map_or(String::new(), |(lo, hi)| format!(" [{lo:+.4}, {hi:+.4}]"));
+    format!(
+        "| {name} | {:.4} | {} | {:+.4}{interval} | {} | {} | {verdict} |\n",
+        p.mean,
+        p.images,
+        p.difference,
+        p.p.map_or("—".into(), p_value),
+        p.p.map_or("—".into(), |_| p_value(adjusted)),
+    )
+}
+
 /// The report's paired section and the points of its plot.
 pub(super) struct Section {
     pub markdown: String,
@@ -198,27 +222,7 @@ pub(super) fn section(variants: &[String], runs: &[RunImages], folds: bool) -> S
         per_variant[best].len()
     );
     for (p, adj) in paired.iter().zip(&adjusted) {
-        let verdict = match p.p {
-            None => "identical scores".to_string(),
-            Some(_) if *adj < ALPHA && p.difference < 0.0 => "worse".into(),
-            Some(_) if *adj < ALPHA => "better".into(),
-            Some(_) => format!(
-                "no detectable difference at this sample size (n = {})",
-                p.images
-            ),
-        };
-        let interval = p
-            .interval
-            .map_or(String::new(), |(lo, hi)| format!(" [{lo:+.4}, {hi:+.4}]"));
-        md += &format!(
-            "| {} | {:.4} | {} | {:+.4}{interval} | {} | {} | {verdict} |\n",
-            variants[p.variant],
-            p.mean,
-            p.images,
-            p.difference,
-            p.p.map_or("—".into(), p_value),
-            p.p.map_or("—".into(), |_| p_value(*adj)),
-        );
+        md += &row(&variants[p.variant], p, *adj);
     }
     let scatter = paired
         .iter()
