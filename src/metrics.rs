@@ -10,6 +10,8 @@ use serde::de::{IgnoredAny, MapAccess, Visitor};
 use serde::ser::SerializeMap;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
+use crate::stats::mean;
+
 /// Pixel counts of one class.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
 pub struct Counts {
@@ -164,7 +166,6 @@ pub struct ImageScores {
 impl Evaluation {
     /// Each image's scores, named by `names` (in the order the images were added).
     pub fn per_image(&self, names: &[String]) -> Vec<ImageScores> {
-        let mean = |v: Vec<f64>| (!v.is_empty()).then(|| v.iter().sum::<f64>() / v.len() as f64);
         self.images
             .iter()
             .zip(names)
@@ -173,19 +174,13 @@ impl Evaluation {
                 let lesion = counts.iter().any(Counts::has_target);
                 ImageScores {
                     image: name.clone(),
-                    dice: mean(counts.iter().map(Counts::dice).collect()).unwrap_or(1.0),
-                    iou: mean(counts.iter().map(Counts::iou).collect()).unwrap_or(1.0),
-                    lesion_dice: mean(
-                        counts
-                            .iter()
-                            .filter(|c| c.has_target())
-                            .map(Counts::dice)
-                            .collect(),
-                    ),
+                    dice: mean(counts.iter().map(Counts::dice)).unwrap_or(1.0),
+                    iou: mean(counts.iter().map(Counts::iou)).unwrap_or(1.0),
+                    lesion_dice: mean(counts.iter().filter(|c| c.has_target()).map(Counts::dice)),
                     hd95: self
                         .hd95
                         .get(i)
-                        .and_then(|h| mean(h.iter().flatten().copied().collect())),
+                        .and_then(|h| mean(h.iter().flatten().copied())),
                     false_alarm: (!lesion).then(|| counts.iter().any(|c| c.fp > 0)),
                 }
             })

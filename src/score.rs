@@ -20,7 +20,8 @@ use serde::Serialize;
 
 use crate::data::{load_mask, mask_pairs, Format};
 use crate::import::{read_label, volume_stem, Canonical, Limits};
-use crate::metrics::{components_grid, hd95_grid, Counts, Grid};
+use crate::metrics::{components_grid, hd95_grid, image_counts, Counts, Grid};
+use crate::stats::mean;
 
 /// Lesion-wise counts of one image (or summed over images).
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
@@ -66,8 +67,7 @@ impl LesionMatch {
 
     /// Mean Dice of the detected lesions.
     pub fn mean_detected_dice(&self) -> Option<f64> {
-        let d = &self.detected_dice;
-        (!d.is_empty()).then(|| d.iter().sum::<f64>() / d.len() as f64)
+        mean(self.detected_dice.iter().copied())
     }
 }
 
@@ -165,31 +165,20 @@ pub struct ScoreReport {
     pub mean_detected_lesion_dice: Option<f64>,
 }
 
-fn mean(v: impl Iterator<Item = f64>) -> Option<f64> {
-    let (s, n) = v.fold((0.0, 0usize), |(s, n), x| (s + x, n + 1));
-    (n > 0).then(|| s / n as f64)
-}
-
-/// The scores of one case: `pred` and `target` on `grid`; `voxel_ml` for volumes.
-fn case(
-    name: String,
-    pred: &[bool],
-    target: &[bool],
-    grid: Grid,
-    voxel_ml: Option<f64>,
-) -> CaseScore {
-    let mut counts = Counts::default();
-    for (&p, &t) in pred.iter().zip(target) {
-        counts.tp += (p && t) as u64;
-        counts.fp += (p && !t) as u64;
-        counts.fn_ += (!p && t) as u64;
-    }
+/// The scores of one case: binary masks (0/1) `pred` and `target` on `grid`; `voxel_ml` for
+/// volumes.
+fn case(name: String, pred: &[u8], target: &[u8], grid: Grid, voxel_ml: Option<f64>) -> CaseScore {
+    let counts = image_counts(pred, target, 1, None)[0];
+    let (pred, target): (Vec<bool>, Vec<bool>) = (
+        pred.iter().map(|&v| v > 0).collect(),
+        target.iter().map(|&v| v > 0).collect(),
+    );
     let (true_voxels, predicted_voxels) = (counts.tp + counts.fn_, counts.tp + counts.fp);
     CaseScore {
         case: name,
         dice: counts.dice(),
         iou: counts.iou(),
-        hd95: hd95_grid(pred, target, grid),
+        hd95: hd95_grid(&pred, &target, grid),
         true_voxels,
         predicted_voxels,
         overlap_voxels: counts.tp,
@@ -202,7 +191,7 @@ fn case(
                 relative_error: (true_voxels > 0).then(|| (p - t) / t),
             }
         }),
-        lesions: match_lesions(pred, target, grid),
+        lesions: match_lesions(&pred, &target, grid),
     }
 }
 
@@ -338,14 +327,7 @@ fn mask_cases(pred_dir: &Path, label_dir: &Path) -> Result<Vec<CaseScore>> {
                 );
             }
             let dims = [th as usize, tw as usize];
-            let to_bool = |m: Vec<u8>| m.into_iter().map(|v| v > 0).collect::<Vec<bool>>();
-            Ok(case(
-                stem,
-                &to_bool(pred),
-                &to_bool(target),
-                Grid::image(&dims),
-                None,
-            ))
+            Ok(case(stem, &pred, &target, Grid::image(&dims), None))
         })
         .collect()
 }
@@ -375,11 +357,11 @@ fn volume_case(name: String, pred: &Path, label: &Path, limits: &Limits) -> Resu
         dims: &dims,
         spacing: &spacing,
     };
-    let to_bool = |m: Vec<u8>| m.into_iter().map(|v| v > 0).collect::<Vec<bool>>();
+    let binary = |m: Vec<u8>| m.into_iter().map(|v| (v > 0) as u8).collect::<Vec<u8>>();
     Ok(case(
         name,
-        &to_bool(pvalues),
-        &to_bool(lvalues),
+        &binary(pvalues),
+        &binary(lvalues),
         grid,
         Some(sx * sy * sz / 1000.0),
     ))

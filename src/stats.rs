@@ -6,6 +6,14 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use statrs::function::erf::erfc;
 
+/// The mean of `values`; None for none.
+pub fn mean(values: impl IntoIterator<Item = f64>) -> Option<f64> {
+    let (sum, n) = values
+        .into_iter()
+        .fold((0.0, 0usize), |(s, n), x| (s + x, n + 1));
+    (n > 0).then(|| sum / n as f64)
+}
+
 /// Percentile bootstrap interval of the mean of `values` at `level` (e.g. 0.95): the
 /// (1 − level)/2 and (1 + level)/2 quantiles of the means of `resamples` resamples drawn with
 /// replacement (Efron & Tibshirani 1993, ch. 13), seeded. None for no values.

@@ -10,7 +10,7 @@ use anyhow::Result;
 
 use crate::fsutil::atomic_write;
 use crate::metrics::ImageScores;
-use crate::stats::{bootstrap_mean_interval, holm, wilcoxon};
+use crate::stats::{bootstrap_mean_interval, holm, mean, wilcoxon};
 
 /// Family-wise significance level of the verdicts.
 const ALPHA: f64 = 0.05;
@@ -84,11 +84,6 @@ fn p_value(p: f64) -> String {
     } else {
         format!("{p:.3}")
     }
-}
-
-fn mean(v: impl Iterator<Item = f64>) -> f64 {
-    let (s, n) = v.fold((0.0, 0usize), |(s, n), x| (s + x, n + 1));
-    s / n as f64
 }
 
 /// One variant against the best.
@@ -168,7 +163,7 @@ pub(super) fn section(variants: &[String], runs: &[RunImages], folds: bool) -> S
         variants.iter().map(|v| image_means(v, runs)).collect();
     let means: Vec<f64> = per_variant
         .iter()
-        .map(|m| mean(m.values().copied()))
+        .map(|m| mean(m.values().copied()).unwrap_or(f64::NAN))
         .collect();
     // the first of equal means (max_by keeps the last)
     let Some(best) = (0..variants.len())
@@ -191,7 +186,7 @@ pub(super) fn section(variants: &[String], runs: &[RunImages], folds: bool) -> S
                 variant: i,
                 mean: means[i],
                 images: d.len(),
-                difference: mean(d.iter().copied()),
+                difference: mean(d.iter().copied()).unwrap_or(f64::NAN),
                 interval: bootstrap_mean_interval(&d, 0.95, RESAMPLES, 0),
                 p: wilcoxon(&d).map(|w| w.p_value),
             }

@@ -461,12 +461,14 @@ impl UNet {
     pub fn with_deep_supervision(mut self, vb: VarBuilder) -> Result<Self> {
         let c = self.config;
         for level in deep_supervision::levels(c.depth) {
-            let (k, cin) = (c.classes, c.base_width << level);
-            let vb = vb.pp(format!("aux{level}"));
-            let init = torch_uniform(cin);
+            let spec = c.aux_head_spec(&[level]);
+            let [(weight, w_shape), (bias, b_shape)] = &spec[..] else {
+                unreachable!("a head is a weight and a bias")
+            };
+            let init = torch_uniform(c.base_width << level);
             let head = Head {
-                weight: vb.get_with_hints((k, cin, 1, 1), "weight", init)?,
-                bias: vb.get_with_hints(k, "bias", init)?,
+                weight: vb.get_with_hints(w_shape.as_slice(), weight, init)?,
+                bias: vb.get_with_hints(b_shape.as_slice(), bias, init)?,
             };
             self.aux.push((level, head));
         }
