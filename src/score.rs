@@ -12,14 +12,13 @@
 //! sensitivity = detected / true lesions, precision = true-positive / predicted components,
 //! F1 their harmonic mean.
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{bail, Result};
 use serde::Serialize;
 
 use crate::data::{load_mask, mask_pairs, Format};
-use crate::import::{read_label, volume_stem, Canonical, Limits};
+use crate::import::{pair_volumes, read_label, volume_stem, volumes_in, Canonical, Limits};
 use crate::metrics::{components_grid, hd95_grid, image_counts, Counts, Grid};
 use crate::stats::mean;
 
@@ -247,56 +246,23 @@ pub fn score(pred: &Path, label: &Path) -> Result<ScoreReport> {
 /// A volume file's case name: its name without the extension and a `_seg` suffix.
 fn case_name(path: &Path) -> &str {
     let stem = volume_stem(path).unwrap_or_default();
-    stem.strip_suffix("_seg").unwrap_or(stem)
+    stem.strip_suffix(SEG).unwrap_or(stem)
 }
+
+/// The suffix of a predicted volume's name.
+const SEG: &str = "_seg";
 
 /// The volume files of two folders paired by case name; empty when `pred_dir` holds none.
 fn volume_pairs(pred_dir: &Path, label_dir: &Path) -> Result<Vec<(String, PathBuf, PathBuf)>> {
-    let list = |dir: &Path| -> Result<BTreeMap<String, PathBuf>> {
-        let mut found = BTreeMap::new();
-        for entry in
-            std::fs::read_dir(dir).with_context(|| format!("cannot list {}", dir.display()))?
-        {
-            let path = entry
-                .with_context(|| format!("cannot list {}", dir.display()))?
-                .path();
-            if volume_stem(&path).is_some() {
-                if let Some(other) = found.insert(case_name(&path).to_string(), path.clone()) {
-                    bail!(
-                        "{} and {}: two volumes of one case",
-                        other.display(),
-                        path.display()
-                    );
-                }
-            }
-        }
-        Ok(found)
-    };
-    let predicted = list(pred_dir)?;
-    if predicted.is_empty() {
+    if volumes_in(pred_dir)?.is_empty() {
         return Ok(vec![]);
     }
-    let truth = list(label_dir)?;
-    for (name, path) in &truth {
-        if !predicted.contains_key(name) {
-            bail!(
-                "{}: no predicted volume of case `{name}` in {}",
-                path.display(),
-                pred_dir.display()
-            );
-        }
-    }
-    predicted
-        .into_iter()
-        .map(|(name, p)| match truth.get(&name) {
-            Some(l) => Ok((name, p, l.clone())),
-            None => Err(anyhow!(
-                "{}: no label volume of case `{name}` in {}",
-                p.display(),
-                label_dir.display()
-            )),
-        })
-        .collect()
+    pair_volumes(
+        pred_dir,
+        label_dir,
+        SEG,
+        ["predicted volume", "label volume"],
+    )
 }
 
 /// The cases of two folders of PNG masks.

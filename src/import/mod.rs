@@ -262,35 +262,58 @@ impl fmt::Display for ImportReport {
 /// Pairs the volumes of two folders by volume name ([`volume_stem`]); other files are ignored.
 /// A volume without a partner, two volumes of one name, or an empty folder is an error.
 pub fn pair_folders(images: &Path, labels: &Path) -> Result<Vec<(PathBuf, PathBuf)>> {
-    let scans = volumes_in(images)?;
-    let mut masks = volumes_in(labels)?;
-    if scans.is_empty() {
-        bail!(
-            "{}: no volumes (.nii, .nii.gz, .nrrd, .nhdr)",
-            images.display()
-        );
-    }
-    if let Some((name, path)) = masks.iter().find(|(n, _)| !scans.contains_key(*n)) {
-        bail!(
-            "{}: no scan named `{name}` in {}",
-            path.display(),
-            images.display()
-        );
-    }
-    scans
+    Ok(pair_volumes(images, labels, "", ["scan", "label"])?
         .into_iter()
-        .map(|(name, scan)| match masks.remove(&name) {
-            Some(label) => Ok((scan, label)),
+        .map(|(_, scan, label)| (scan, label))
+        .collect())
+}
+
+/// The volumes of folders `a` and `b` paired by name, `(name, a's, b's)`, sorted; `a_suffix`
+/// is cut from the names of `a`'s volumes (a predicted `<name>_seg` is `<name>`), `what`
+/// names the two kinds in errors. A volume without a partner is an error naming it.
+pub fn pair_volumes(
+    a: &Path,
+    b: &Path,
+    a_suffix: &str,
+    what: [&str; 2],
+) -> Result<Vec<(String, PathBuf, PathBuf)>> {
+    let firsts: BTreeMap<String, PathBuf> = volumes_in(a)?
+        .into_iter()
+        .map(|(name, path)| {
+            (
+                name.strip_suffix(a_suffix).unwrap_or(&name).to_string(),
+                path,
+            )
+        })
+        .collect();
+    let mut seconds = volumes_in(b)?;
+    if firsts.is_empty() {
+        bail!("{}: no volumes (.nii, .nii.gz, .nrrd, .nhdr)", a.display());
+    }
+    if let Some((name, path)) = seconds.iter().find(|(n, _)| !firsts.contains_key(*n)) {
+        bail!(
+            "{}: no {} named `{name}` in {}",
+            path.display(),
+            what[0],
+            a.display()
+        );
+    }
+    firsts
+        .into_iter()
+        .map(|(name, first)| match seconds.remove(&name) {
+            Some(second) => Ok((name, first, second)),
             None => bail!(
-                "{}: no label named `{name}` in {}",
-                scan.display(),
-                labels.display()
+                "{}: no {} named `{name}` in {}",
+                first.display(),
+                what[1],
+                b.display()
             ),
         })
         .collect()
 }
 
-fn volumes_in(dir: &Path) -> Result<BTreeMap<String, PathBuf>> {
+/// The volume files of `dir` by name (hidden files skipped; two of one name are an error).
+pub fn volumes_in(dir: &Path) -> Result<BTreeMap<String, PathBuf>> {
     let entries =
         std::fs::read_dir(dir).with_context(|| format!("cannot list {}", dir.display()))?;
     let mut out = BTreeMap::new();
