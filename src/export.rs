@@ -12,6 +12,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::data::{Normalization, Normalizer};
 use crate::fsutil::{read_safetensors, write_safetensors};
+use crate::import::Slicing;
 use crate::inference::Window;
 use crate::model::{Activation, ModelKind, SegmentationModel, UNetConfig};
 use crate::rules;
@@ -36,6 +37,9 @@ pub struct ModelMeta {
     pub config: String,
     /// Validation metrics of the saved weights (JSON).
     pub metrics: serde_json::Value,
+    /// How `import` cut the training slices from their volumes (absent: images not from
+    /// `import`, or files written before it was recorded); `predict` cuts scans alike.
+    pub slicing: Option<Slicing>,
 }
 
 impl ModelMeta {
@@ -64,6 +68,7 @@ impl ModelMeta {
             ("temperature".into(), self.temperature.to_string()),
             ("config".into(), self.config.clone()),
             ("val_metrics".into(), self.metrics.to_string()),
+            ("import".into(), json(&self.slicing)?),
         ]))
     }
 
@@ -121,6 +126,10 @@ impl ModelMeta {
         if !metrics.is_object() {
             return Err(f.field("val_metrics", &"not a JSON object"));
         }
+        let slicing: Option<Slicing> = f.optional::<Option<Slicing>>("import")?.flatten();
+        if let Some(s) = &slicing {
+            f.checked("import", s.intensity.check())?;
+        }
         Ok(Self {
             kind,
             unet,
@@ -131,6 +140,7 @@ impl ModelMeta {
             temperature,
             config: f.get("config")?.clone(),
             metrics,
+            slicing,
         })
     }
 }

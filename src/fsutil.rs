@@ -13,6 +13,21 @@ use image::{ImageBuffer, ImageFormat};
 /// the old file or the new one, never a mix. A symbolic link is written through (the file it
 /// names is replaced); a folder, device, FIFO or socket in the way is an error, not replaced.
 pub fn atomic_write(path: &Path, bytes: &[u8]) -> Result<()> {
+    atomic_write_with(path, "", |tmp| {
+        let mut f = File::create(tmp)?;
+        f.write_all(bytes)?;
+        Ok(())
+    })
+}
+
+/// [`atomic_write`] for a writer that creates the file itself: `write` writes the whole file
+/// at the temporary path it is given (whose name ends in `suffix`, for writers that choose the
+/// format by the name, e.g. `.nii.gz`); it is then synced and renamed over `path`.
+pub fn atomic_write_with(
+    path: &Path,
+    suffix: &str,
+    write: impl FnOnce(&Path) -> Result<()>,
+) -> Result<()> {
     let path = &target_of(path)?;
     let dir = match path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d,
@@ -21,11 +36,10 @@ pub fn atomic_write(path: &Path, bytes: &[u8]) -> Result<()> {
     let name = path
         .file_name()
         .with_context(|| format!("{}: not a file path", path.display()))?;
-    let tmp = dir.join(temporary_name(&name.to_string_lossy()));
-    let result = (|| -> std::io::Result<()> {
-        let mut f = File::create(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
+    let tmp = dir.join(temporary_name(&name.to_string_lossy(), suffix));
+    let result = (|| -> Result<()> {
+        write(&tmp)?;
+        File::open(&tmp)?.sync_all()?;
         fs::rename(&tmp, path)?;
         // make the rename itself durable
         if let Ok(d) = File::open(dir) {
@@ -57,18 +71,18 @@ pub fn target_of(path: &Path) -> Result<std::path::PathBuf> {
     }
 }
 
-/// `.<name>.tmp-<pid>-<n>` (n counts this process's writes, so parallel writes of one name
-/// never share a temporary), the name shortened where the whole would pass the file-name
+/// `.<name>.tmp-<pid>-<n><suffix>` (n counts this process's writes, so parallel writes of one
+/// name never share a temporary), the name shortened where the whole would pass the file-name
 /// limit of 255 bytes.
-fn temporary_name(name: &str) -> String {
+fn temporary_name(name: &str, suffix: &str) -> String {
     static WRITES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let n = WRITES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let suffix = format!(".tmp-{}-{n}", std::process::id());
-    let mut keep = name.len().min(255 - 1 - suffix.len());
+    let tail = format!(".tmp-{}-{n}{suffix}", std::process::id());
+    let mut keep = name.len().min(255 - 1 - tail.len());
     while !name.is_char_boundary(keep) {
         keep -= 1;
     }
-    format!(".{}{suffix}", &name[..keep])
+    format!(".{}{tail}", &name[..keep])
 }
 
 /// Encodes `img` as PNG in memory and writes it with [`atomic_write`].

@@ -218,7 +218,7 @@ pub fn window_weights(patch: usize, blend: Blend) -> Vec<f32> {
 }
 
 impl Predictor<'_> {
-    fn classes(&self) -> usize {
+    pub fn classes(&self) -> usize {
         self.model.classes()
     }
 

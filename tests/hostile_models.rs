@@ -37,6 +37,7 @@ fn tiny_model(path: &Path, classes: usize, window: Window) {
         temperature: 1.0,
         config: "name = \"tiny\"\n".into(),
         metrics: serde_json::json!({ "dice": 0.5 }),
+        slicing: None,
     };
     export::save(path, &tensors, &meta).unwrap();
 }
@@ -318,6 +319,24 @@ fn every_metadata_field_is_checked_and_named() {
             "clip_percentiles",
             Some("[1]".into()),
             vec!["`clip_percentiles`"],
+        ),
+        (
+            &whole,
+            "import",
+            Some(r#"{"axis":"w","intensity":{"window":[0,1]}}"#.into()),
+            vec!["`import`", "unknown variant"],
+        ),
+        (
+            &whole,
+            "import",
+            Some(r#"{"axis":"z","intensity":{"window":[5,1]}}"#.into()),
+            vec!["`import`", "LO < HI"],
+        ),
+        (
+            &whole,
+            "import",
+            Some(r#"{"axis":"z","intensity":{"percentile":[1,400]}}"#.into()),
+            vec!["`import`", "0 <= lo < hi <= 100"],
         ),
         (
             &whole,

@@ -8,6 +8,10 @@ use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 
+use common::volumes::{
+    self, gzip, write_nifti, write_nifti_as, write_nrrd, Grid, NrrdStyle, Stored, RAW_SHORT,
+    RAW_UCHAR,
+};
 use common::{fails, ok, temp_dir};
 use ndarray::{Array, ShapeBuilder};
 use nifti::writer::WriterOptions;
@@ -32,53 +36,16 @@ fn label_value(x: usize, y: usize, z: usize) -> f32 {
     }
 }
 
-/// A volume as stored in a file: voxel (i, j, k) at `data[i + n0·(j + n1·k)]`, voxel axis `a`
-/// at `axes[a]` and the first voxel at `origin` (RAS, mm).
-#[derive(Clone)]
-struct Stored {
-    dims: [usize; 3],
-    data: Vec<f32>,
-    axes: [[f64; 3]; 3],
-    origin: [f64; 3],
+/// The content `f` on the test grid, stored with permuted and flipped axes.
+fn stored(f: fn(usize, usize, usize) -> f32, perm: [usize; 3], flip: [bool; 3]) -> Stored {
+    volumes::stored(&GRID, f, perm, flip)
 }
 
-/// The content `f` on the identity grid (axes along RAS with [`SPACING`], at [`ORIGIN`]),
-/// stored with voxel axis `a` along RAS axis `perm[a]`, backwards where `flip[a]`.
-fn stored(f: fn(usize, usize, usize) -> f32, perm: [usize; 3], flip: [bool; 3]) -> Stored {
-    let dims = perm.map(|w| DIMS[w]);
-    let identity = |p: [usize; 3]| {
-        let mut q = [0; 3];
-        for a in 0..3 {
-            q[perm[a]] = if flip[a] { dims[a] - 1 - p[a] } else { p[a] };
-        }
-        q
-    };
-    let mut data = Vec::with_capacity(dims.iter().product());
-    for k in 0..dims[2] {
-        for j in 0..dims[1] {
-            for i in 0..dims[0] {
-                let q = identity([i, j, k]);
-                data.push(f(q[0], q[1], q[2]));
-            }
-        }
-    }
-    let mut axes = [[0.0; 3]; 3];
-    for a in 0..3 {
-        axes[a][perm[a]] = if flip[a] {
-            -SPACING[perm[a]]
-        } else {
-            SPACING[perm[a]]
-        };
-    }
-    let q0 = identity([0, 0, 0]);
-    let origin = [0, 1, 2].map(|w| ORIGIN[w] + q0[w] as f64 * SPACING[w]);
-    Stored {
-        dims,
-        data,
-        axes,
-        origin,
-    }
-}
+const GRID: Grid = Grid {
+    dims: DIMS,
+    spacing: SPACING,
+    origin: ORIGIN,
+};
 
 const IDENTITY: ([usize; 3], [bool; 3]) = ([0, 1, 2], [false; 3]);
 /// Stored x along S, y along R backwards, z along A.
@@ -90,48 +57,6 @@ fn scan(o: ([usize; 3], [bool; 3])) -> Stored {
 
 fn label(o: ([usize; 3], [bool; 3])) -> Stored {
     stored(label_value, o.0, o.1)
-}
-
-/// A NIfTI header with the volume's affine as sform (code 1).
-fn sform_header(v: &Stored) -> NiftiHeader {
-    let row = |r: usize| {
-        [
-            v.axes[0][r] as f32,
-            v.axes[1][r] as f32,
-            v.axes[2][r] as f32,
-            v.origin[r] as f32,
-        ]
-    };
-    let mut pixdim = [1.0f32; 8];
-    for a in 0..3 {
-        pixdim[a + 1] = v.axes[a].iter().map(|c| c * c).sum::<f64>().sqrt() as f32;
-    }
-    NiftiHeader {
-        sform_code: 1,
-        qform_code: 0,
-        srow_x: row(0),
-        srow_y: row(1),
-        srow_z: row(2),
-        pixdim,
-        ..NiftiHeader::default()
-    }
-}
-
-/// Writes `v` as NIfTI (`.nii` or `.nii.gz` by the name) of voxel type `T`.
-fn write_nifti_as<T>(path: &Path, v: &Stored, header: &NiftiHeader, cast: fn(f32) -> T)
-where
-    T: nifti::DataElement + bytemuck::Pod,
-{
-    let values: Vec<T> = v.data.iter().map(|&x| cast(x)).collect();
-    let array = Array::from_shape_vec((v.dims[0], v.dims[1], v.dims[2]).f(), values).unwrap();
-    WriterOptions::new(path)
-        .reference_header(header)
-        .write_nifti(&array)
-        .unwrap();
-}
-
-fn write_nifti(path: &Path, v: &Stored) {
-    write_nifti_as(path, v, &sform_header(v), |x| x);
 }
 
 /// Writes the identity scan and label as NIfTI files `dir/scan`, `dir/label`.
@@ -149,106 +74,6 @@ fn folders(dir: &Path) -> (PathBuf, PathBuf) {
     std::fs::create_dir_all(&labels).unwrap();
     (images, labels)
 }
-
-/// NRRD file options: encoding, byte order, attached or detached, and names.
-#[derive(Clone, Copy)]
-struct NrrdStyle {
-    /// raw, gzip, bzip2, hex or ascii.
-    encoding: &'static str,
-    big_endian: bool,
-    /// `.nhdr` + a data file.
-    detached: bool,
-    /// NRRD name of the voxel type.
-    type_name: &'static str,
-}
-
-/// Writes `v` as NRRD in LPS (space directions and origin converted from RAS).
-fn write_nrrd(path: &Path, v: &Stored, style: NrrdStyle) {
-    let values = v.data.iter();
-    let bytes: Vec<u8> = match (style.type_name, style.big_endian) {
-        ("short" | "int16", false) => values.flat_map(|&x| (x as i16).to_le_bytes()).collect(),
-        ("short" | "int16", true) => values.flat_map(|&x| (x as i16).to_be_bytes()).collect(),
-        ("float", false) => values.flat_map(|&x| x.to_le_bytes()).collect(),
-        ("double", true) => values.flat_map(|&x| f64::from(x).to_be_bytes()).collect(),
-        ("uchar" | "unsigned char", _) => values.map(|&x| x as u8).collect(),
-        ("ushort", true) => values.flat_map(|&x| (x as u16).to_be_bytes()).collect(),
-        (t, _) => panic!("test writer: no type {t}"),
-    };
-    let payload = match style.encoding {
-        "raw" => bytes,
-        "gzip" => gzip(&bytes),
-        "bzip2" => {
-            let mut enc = bzip2::write::BzEncoder::new(Vec::new(), bzip2::Compression::fast());
-            enc.write_all(&bytes).unwrap();
-            enc.finish().unwrap()
-        }
-        // 16 bytes a line, upper case
-        "hex" => bytes
-            .chunks(16)
-            .map(|line| line.iter().map(|b| format!("{b:02X}")).collect::<String>() + "\n")
-            .collect::<String>()
-            .into_bytes(),
-        // the values as the type holds them, 7 a line
-        "ascii" => v
-            .data
-            .chunks(7)
-            .map(|line| {
-                let text: Vec<String> = line.iter().map(|x| x.to_string()).collect();
-                text.join(" ") + "\n"
-            })
-            .collect::<String>()
-            .into_bytes(),
-        e => panic!("test writer: no encoding {e}"),
-    };
-    let lps = |p: [f64; 3]| format!("({},{},{})", -p[0], -p[1], p[2]);
-    let mut header = format!(
-        "NRRD0004\n# written by the segtrain tests\ntype: {}\ndimension: 3\nspace: \
-         left-posterior-superior\nsizes: {} {} {}\nspace directions: {} {} {}\nkinds: domain \
-         domain domain\nendian: {}\nencoding: {}\nspace origin: {}\nnote:=a key:value pair\n",
-        style.type_name,
-        v.dims[0],
-        v.dims[1],
-        v.dims[2],
-        lps(v.axes[0]),
-        lps(v.axes[1]),
-        lps(v.axes[2]),
-        if style.big_endian { "big" } else { "little" },
-        style.encoding,
-        lps(v.origin)
-    );
-    if style.detached {
-        let data_name = format!(
-            "{}.{}",
-            path.file_stem().unwrap().to_str().unwrap(),
-            style.encoding
-        );
-        header.push_str(&format!("data file: {data_name}\n"));
-        std::fs::write(path, header).unwrap();
-        std::fs::write(path.with_file_name(data_name), payload).unwrap();
-    } else {
-        let mut file = header.into_bytes();
-        file.push(b'\n');
-        file.extend(payload);
-        std::fs::write(path, file).unwrap();
-    }
-}
-
-fn gzip(bytes: &[u8]) -> Vec<u8> {
-    let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
-    enc.write_all(bytes).unwrap();
-    enc.finish().unwrap()
-}
-
-const RAW_SHORT: NrrdStyle = NrrdStyle {
-    encoding: "raw",
-    big_endian: false,
-    detached: false,
-    type_name: "short",
-};
-const RAW_UCHAR: NrrdStyle = NrrdStyle {
-    type_name: "uchar",
-    ..RAW_SHORT
-};
 
 fn opts(axis: Axis) -> ImportOptions {
     ImportOptions {
@@ -596,7 +421,16 @@ fn only_labelled_and_every() {
         every: 3,
         ..opts(Axis::X)
     };
-    run(&s, &l, &same, &other).unwrap();
+    // (one data set's slices share an axis: the other axis's come from a folder imported
+    // before import.json was written, as a copy without it)
+    let legacy = dir.join("legacy");
+    run(&s, &l, &legacy, &other).unwrap();
+    for sub in ["images", "masks"] {
+        std::fs::create_dir_all(same.join(sub)).unwrap();
+        for file in names(&legacy, sub) {
+            std::fs::copy(legacy.join(sub).join(&file), same.join(sub).join(&file)).unwrap();
+        }
+    }
     let other_axis = names(&same, "images");
     std::fs::write(same.join("images/c_z00x1.png"), b"not a slice").unwrap();
     for (only_labelled, every, kept) in cases.iter().chain(cases.iter().rev()) {
@@ -974,14 +808,15 @@ fn command_line() {
     // a scan without a label, and a truncated scan: exit 1, the file named, no panic
     let mr = images.join("mr.nii");
     write_nifti(&mr, &scan(IDENTITY));
-    let stderr = cli(fails, [&images, &labels], &out, &[]);
+    let extra = ["--window", "-1000,400"];
+    let stderr = cli(fails, [&images, &labels], &out, &extra);
     assert!(
         stderr.contains("mr.nii") && stderr.contains("no label"),
         "{stderr}"
     );
     let bytes = std::fs::read(&mr).unwrap();
     std::fs::write(&mr, &bytes[..bytes.len() / 2]).unwrap();
-    let stderr = cli(fails, [&mr, &ct_label], &out, &[]);
+    let stderr = cli(fails, [&mr, &ct_label], &out, &extra);
     assert!(
         stderr.contains("mr.nii") && stderr.contains("truncated"),
         "{stderr}"
@@ -2037,4 +1872,49 @@ fn a_commit_record_without_staged_folders_is_completed() {
     run(&s, &l, &out, &opts(Axis::Z)).unwrap();
     assert_eq!(slices(&out), before);
     assert!(!out.join(segtrain::import::STAGING).exists());
+}
+
+/// `import.json` is read as untrusted input: a malformed or impossible record is an error
+/// naming the file (for import and for training's lookup), and the records of a data set's
+/// `train/` and `val/` splits must agree.
+#[test]
+fn import_records_are_checked() {
+    use segtrain::import::Slicing;
+    let dir = temp_dir("import-record");
+    let (s, l) = identity_pair(&dir, "c.nii", "c_l.nii");
+    let out = dir.join("out");
+    run(&s, &l, &out, &opts(Axis::Z)).unwrap();
+    assert_eq!(
+        Slicing::of_dataset(&out).unwrap(),
+        Some(Slicing {
+            axis: Axis::Z,
+            intensity: Intensity::Percentile(0.5, 99.5)
+        })
+    );
+    for (text, says) in [
+        ("{", "not an import record"),
+        (r#"{"axis":"z"}"#, "missing field"),
+        (r#"{"axis":"z","intensity":{"window":[5,1]}}"#, "LO < HI"),
+        (
+            r#"{"axis":"z","intensity":{"percentile":[0,100]},"x":1}"#,
+            "unknown field",
+        ),
+    ] {
+        std::fs::write(out.join("import.json"), text).unwrap();
+        let e = err_text(run(&s, &l, &out, &opts(Axis::Z)));
+        assert!(e.contains("import.json") && e.contains(says), "{text}: {e}");
+        let e = format!("{:#}", Slicing::of_dataset(&out).unwrap_err());
+        assert!(e.contains("import.json") && e.contains(says), "{text}: {e}");
+    }
+    let split = dir.join("split");
+    for (sub, window) in [("train", "[0.0,1.0]"), ("val", "[0.0,2.0]")] {
+        std::fs::create_dir_all(split.join(sub)).unwrap();
+        let text = format!(r#"{{"axis":"z","intensity":{{"window":{window}}}}}"#);
+        std::fs::write(split.join(sub).join("import.json"), text).unwrap();
+    }
+    let e = format!("{:#}", Slicing::of_dataset(&split).unwrap_err());
+    assert!(
+        e.contains("train/import.json") && e.contains("val/import.json") && e.contains("disagree"),
+        "{e}"
+    );
 }

@@ -4,10 +4,7 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Result};
 
-use crate::import::{
-    import_with, pair_folders, parse_label_map, parse_range, Axis, ImportOptions, Intensity,
-    LabelMap, Limits,
-};
+use crate::import::{import_with, pair_folders, parse_label_map, ImportOptions, LabelMap, Limits};
 
 #[derive(clap::Args)]
 #[command(group(clap::ArgGroup::new("input").required(true).args(["image", "images"])))]
@@ -27,16 +24,8 @@ pub struct Args {
     /// Data set folder: images/ and masks/ are created or added to.
     #[arg(long)]
     out: PathBuf,
-    /// z: axial, y: coronal, x: sagittal slices.
-    #[arg(long, value_enum, default_value = "z")]
-    axis: Axis,
-    /// Fixed intensity window LO,HI (CT Hounsfield units, e.g. -1000,400 for lung).
-    #[arg(long, value_name = "LO,HI", allow_hyphen_values = true,
-          value_parser = parse_range, conflicts_with = "percentile")]
-    window: Option<(f64, f64)>,
-    /// Window between these percentiles of each volume (MRI) [default: 0.5,99.5].
-    #[arg(long, value_name = "P_LO,P_HI", value_parser = parse_range)]
-    percentile: Option<(f64, f64)>,
+    #[command(flatten)]
+    slicing: super::SlicingArgs,
     /// Keep only slices whose label has a non-zero voxel (after --every).
     #[arg(long)]
     only_labelled: bool,
@@ -58,14 +47,11 @@ pub fn run(a: Args) -> Result<()> {
         (.., Some(images), Some(labels)) => pair_folders(&images, &labels)?,
         _ => bail!("give --image and --label, or --images and --labels"),
     };
-    let intensity = match (a.window, a.percentile) {
-        (Some((lo, hi)), _) => Intensity::Window(lo, hi),
-        (None, Some((lo, hi))) => Intensity::Percentile(lo, hi),
-        (None, None) => ImportOptions::default().intensity,
-    };
+    let choice = a.slicing.choice();
+    let defaults = ImportOptions::default();
     let opts = ImportOptions {
-        axis: a.axis,
-        intensity,
+        axis: choice.axis.unwrap_or(defaults.axis),
+        intensity: choice.intensity.unwrap_or(defaults.intensity),
         only_labelled: a.only_labelled,
         every: a.every,
         label_map: a.label_map,

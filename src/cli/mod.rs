@@ -120,6 +120,39 @@ impl InferenceArgs {
     }
 }
 
+/// How scans are cut into 2-D slices (import; predict, where they override the model's
+/// record of its import).
+#[derive(clap::Args)]
+pub struct SlicingArgs {
+    /// z: axial, y: coronal, x: sagittal slices [import: default z; predict: default the axis
+    /// the model's data were imported along].
+    #[arg(long, value_enum)]
+    axis: Option<crate::import::Axis>,
+    /// Fixed intensity window LO,HI (CT Hounsfield units, e.g. -1000,400 for lung).
+    #[arg(long, value_name = "LO,HI", allow_hyphen_values = true,
+          value_parser = crate::import::parse_range, conflicts_with = "percentile")]
+    window: Option<(f64, f64)>,
+    /// Window between these percentiles of each volume (MRI) [import: default 0.5,99.5;
+    /// predict: default the model's import setting].
+    #[arg(long, value_name = "P_LO,P_HI", value_parser = crate::import::parse_range)]
+    percentile: Option<(f64, f64)>,
+}
+
+impl SlicingArgs {
+    /// The choices given (`None` where a flag is absent).
+    fn choice(&self) -> crate::predict::volume::SlicingChoice {
+        use crate::import::Intensity;
+        crate::predict::volume::SlicingChoice {
+            axis: self.axis,
+            intensity: match (self.window, self.percentile) {
+                (Some((lo, hi)), _) => Some(Intensity::Window(lo, hi)),
+                (None, Some((lo, hi))) => Some(Intensity::Percentile(lo, hi)),
+                (None, None) => None,
+            },
+        }
+    }
+}
+
 /// A trained model and a labelled data set.
 #[derive(clap::Args)]
 pub struct ModelOnData {

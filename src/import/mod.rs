@@ -20,6 +20,7 @@
 mod nifti;
 mod nrrd;
 mod volume;
+mod write;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
@@ -38,6 +39,7 @@ pub use volume::{
     Axis, Canonical, Geometry, Limits, Space, Volume, DEFAULT_MAX_VOXELS, MAX_VOXELS_ENV,
 };
 use volume::{Classes, Sink, Values};
+pub use write::{grid_header, write_nifti};
 
 /// The volume file extensions, longest first (a volume's name is its file name without it).
 pub const EXTENSIONS: [&str; 4] = [".nii.gz", ".nii", ".nrrd", ".nhdr"];
@@ -99,7 +101,8 @@ fn read_into(path: &Path, limits: &Limits, sink: &mut dyn Sink) -> Result<([usiz
 }
 
 /// How scan values become 8-bit grey: `round(255·clamp((v − lo)/(hi − lo), 0, 1))`.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase", deny_unknown_fields)]
 pub enum Intensity {
     /// A fixed window `[lo, hi]` in the scan's units (CT: Hounsfield, e.g. −1000,400 for lung).
     Window(f64, f64),
@@ -108,6 +111,102 @@ pub enum Intensity {
     /// that is nearly all one value), the least and greatest finite values instead, so that
     /// what differs from the background stays visible.
     Percentile(f64, f64),
+}
+
+impl Intensity {
+    /// A window needs finite LO < HI; percentiles 0 ≤ LO < HI ≤ 100. The error names the
+    /// command-line flag.
+    pub fn check(&self) -> Result<(), String> {
+        match *self {
+            Intensity::Window(lo, hi) if !(lo.is_finite() && hi.is_finite() && lo < hi) => {
+                Err(format!("--window {lo},{hi}: need finite LO < HI"))
+            }
+            Intensity::Window(..) => Ok(()),
+            Intensity::Percentile(lo, hi) => crate::rules::clip_percentiles([lo, hi])
+                .map_err(|m| format!("--percentile {lo},{hi}: {m}")),
+        }
+    }
+
+    /// The grey value of each scan value of `data` (`path` names the scan in the error where
+    /// no voxel is finite): ⌊x + 0.5⌋ rounds x ∈ [0, 255] (no libm call per voxel); NaN ↦ 0,
+    /// and everything ↦ 0 for an empty window (a constant volume).
+    pub fn grey(&self, data: &[f32], path: &Path) -> Result<impl Fn(f32) -> u8 + Sync + Copy> {
+        let (lo, hi) = window(data, *self).ok_or_else(|| {
+            anyhow!(
+                "{}: no finite voxel (every value is NaN or infinite); nothing to window",
+                path.display()
+            )
+        })?;
+        Ok(move |v: f32| match hi > lo {
+            true => (((f64::from(v) - lo) / (hi - lo)).clamp(0.0, 1.0) * 255.0 + 0.5) as u8,
+            false => 0,
+        })
+    }
+}
+
+/// How a data set's slices were cut from their volumes: the axis and the intensity mapping.
+/// `import` writes it as `OUT/import.json` ([`SLICING_FILE`]); training records it in the model,
+/// so that `predict` cuts a new scan the same way.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Slicing {
+    pub axis: Axis,
+    pub intensity: Intensity,
+}
+
+/// The file of a data set folder that records its [`Slicing`].
+pub const SLICING_FILE: &str = "import.json";
+
+impl Slicing {
+    /// The slicing recorded in `dir/import.json`, if that file exists; a malformed record is an
+    /// error naming the file.
+    pub fn read(dir: &Path) -> Result<Option<Self>> {
+        let path = dir.join(SLICING_FILE);
+        if !path.exists() {
+            return Ok(None);
+        }
+        let text = read_text(&path, MAX_TEXT_BYTES, "import record")?;
+        let slicing: Slicing = serde_json::from_str(&text)
+            .map_err(|e| anyhow!("{}: not an import record ({e})", path.display()))?;
+        slicing
+            .intensity
+            .check()
+            .map_err(|m| anyhow!("{}: `intensity`: {m}", path.display()))?;
+        Ok(Some(slicing))
+    }
+
+    /// The slicing of a data set folder: recorded in `root`, or in its `train/` and `val/`
+    /// splits (which must then agree); `None` where no record exists (images not from
+    /// `import`, or imported before it wrote records).
+    pub fn of_dataset(root: &Path) -> Result<Option<Self>> {
+        let mut found: Option<(PathBuf, Slicing)> = None;
+        for dir in [root.to_path_buf(), root.join("train"), root.join("val")] {
+            let Some(s) = Self::read(&dir)? else { continue };
+            match &found {
+                Some((other, o)) if *o != s => bail!(
+                    "{} and {}: the data set's import records disagree ({} vs {}); its slices \
+                     must be cut alike",
+                    other.join(SLICING_FILE).display(),
+                    dir.join(SLICING_FILE).display(),
+                    o,
+                    s
+                ),
+                Some(_) => {}
+                None => found = Some((dir, s)),
+            }
+        }
+        Ok(found.map(|(_, s)| s))
+    }
+}
+
+impl fmt::Display for Slicing {
+    fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        write!(f, "--axis {}", self.axis.letter())?;
+        match self.intensity {
+            Intensity::Window(lo, hi) => write!(f, " --window {lo},{hi}"),
+            Intensity::Percentile(lo, hi) => write!(f, " --percentile {lo},{hi}"),
+        }
+    }
 }
 
 /// What `import` writes.
@@ -361,15 +460,7 @@ pub fn import_with(
     if opts.every == 0 {
         bail!("--every must be at least 1");
     }
-    if let Intensity::Percentile(lo, hi) = opts.intensity {
-        crate::rules::clip_percentiles([lo, hi])
-            .map_err(|m| anyhow!("--percentile {lo},{hi}: {m}"))?;
-    }
-    if let Intensity::Window(lo, hi) = opts.intensity {
-        if !(lo.is_finite() && hi.is_finite() && lo < hi) {
-            bail!("--window {lo},{hi}: need finite LO < HI");
-        }
-    }
+    opts.intensity.check().map_err(|m| anyhow!(m))?;
     for (scan, label) in pairs {
         volume_stem(scan).ok_or_else(|| unknown_format(scan))?;
         volume_stem(label).ok_or_else(|| unknown_format(label))?;
@@ -385,6 +476,7 @@ pub fn import_with(
         remove_dead_temporaries(&dir)?;
     }
     let recovered = recover(out)?;
+    record_slicing(out, opts)?;
     let volumes = pairs
         .iter()
         .map(|(scan, label)| import_pair(scan, label, out, opts, limits))
@@ -432,18 +524,7 @@ fn import_pair(
     let scan_view = Canonical::new(scan_path, scan.dims, &scan.geometry)?;
     let label_view = Canonical::new(label_path, label_dims, &label_geometry)?;
     label_view.check_same_grid(&scan_view, label_path, scan_path)?;
-    let (lo, hi) = window(&scan.data, opts.intensity).ok_or_else(|| {
-        anyhow!(
-            "{}: no finite voxel (every value is NaN or infinite); nothing to window",
-            scan_path.display()
-        )
-    })?;
-    // ⌊x + 0.5⌋ rounds x ∈ [0, 255] (no libm call per voxel); NaN ↦ 0 (a NaN cast to u8), and
-    // everything ↦ 0 for an empty window (a constant volume)
-    let grey = |v: f32| match hi > lo {
-        true => (((f64::from(v) - lo) / (hi - lo)).clamp(0.0, 1.0) * 255.0 + 0.5) as u8,
-        false => 0,
-    };
+    let grey = opts.intensity.grey(&scan.data, scan_path)?;
 
     let axis = opts.axis;
     let prefix = format!("{name}_{}", axis.letter());
@@ -489,6 +570,47 @@ fn import_pair(
         written: written.len(),
         removed,
     })
+}
+
+/// Writes `OUT/import.json` ([`Slicing`]) before any slice: a data set's slices share one
+/// slicing, so an import that would cut them otherwise than the record says is refused while
+/// `OUT/images` holds slices (one axis and one intensity mapping per data set). Where it holds
+/// slices but no record (imported before records were written), none is written: their
+/// slicing is unknown.
+fn record_slicing(out: &Path, opts: &ImportOptions) -> Result<()> {
+    let slicing = Slicing {
+        axis: opts.axis,
+        intensity: opts.intensity,
+    };
+    let has_slices = has_slices(&out.join("images"))?;
+    match Slicing::read(out)? {
+        Some(recorded) if recorded == slicing => Ok(()),
+        Some(recorded) if has_slices => bail!(
+            "{}: its slices were imported with {recorded}, this import would cut them with \
+             {slicing}; a data set's slices must be cut alike (import into another folder, or \
+             remove {} and its slices)",
+            out.display(),
+            out.join(SLICING_FILE).display()
+        ),
+        None if has_slices => Ok(()),
+        _ => atomic_write(
+            &out.join(SLICING_FILE),
+            format!("{}\n", serde_json::to_string_pretty(&slicing)?).as_bytes(),
+        ),
+    }
+}
+
+/// Whether `dir` holds a PNG file.
+fn has_slices(dir: &Path) -> Result<bool> {
+    let entries =
+        std::fs::read_dir(dir).with_context(|| format!("cannot list {}", dir.display()))?;
+    for entry in entries {
+        let entry = entry.with_context(|| format!("cannot list {}", dir.display()))?;
+        if entry.file_name().to_string_lossy().ends_with(".png") {
+            return Ok(true);
+        }
+    }
+    Ok(false)
 }
 
 /// The folder of `OUT` where each volume's new slices are staged (`<volume>_<axis>/images`,

@@ -36,6 +36,25 @@ pub const MAX_VOX_OFFSET: u64 = 1 << 30;
 /// sform if `sform_code > 0`, else the qform if `qform_code > 0`, else `pixdim` along the RAS
 /// axes. Every error names the file, and the header field at fault.
 pub fn read(path: &Path, limits: &Limits, sink: &mut dyn Sink) -> Result<([usize; 3], Geometry)> {
+    let (mut source, file_len) = open(path)?;
+    read_from(source.as_mut(), file_len, limits, sink)
+        .map_err(|e| e.context(path.display().to_string()))
+}
+
+/// The header of a NIfTI file that [`read`] reads (for writing volumes on its grid).
+pub fn read_header(path: &Path) -> Result<NiftiHeader> {
+    let (mut source, _) = open(path)?;
+    let mut bytes = [0u8; HEADER_BYTES as usize];
+    source
+        .read_exact(&mut bytes)
+        .map_err(|e| anyhow!("{}: not a readable NIfTI file ({e})", path.display()))?;
+    NiftiHeader::from_reader(&bytes[..])
+        .map_err(|e| anyhow!("{}: not a readable NIfTI file ({})", path.display(), why(e)))
+}
+
+/// The file's content from its first byte, inflated where it is gzipped, and its size where
+/// it is not.
+fn open(path: &Path) -> Result<(Box<dyn Source>, Option<u64>)> {
     ensure_regular_file(path)?;
     let file = File::open(path).with_context(|| format!("cannot read {}", path.display()))?;
     let file_len = file
@@ -49,13 +68,11 @@ pub fn read(path: &Path, limits: &Limits, sink: &mut dyn Sink) -> Result<([usize
         .fill_buf()
         .with_context(|| format!("cannot read {}", path.display()))?
         .starts_with(&[0x1f, 0x8b]);
-    let at = |e: anyhow::Error| e.context(path.display().to_string());
-    if gzipped {
-        read_from(&mut MultiGzDecoder::new(file), None, limits, sink)
+    Ok(if gzipped {
+        (Box::new(MultiGzDecoder::new(file)), None)
     } else {
-        read_from(&mut file, Some(file_len), limits, sink)
-    }
-    .map_err(at)
+        (Box::new(file), Some(file_len))
+    })
 }
 
 /// A source that can skip forwards: seeks in a plain file, reads and drops inflated bytes.

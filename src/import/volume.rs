@@ -410,7 +410,10 @@ pub struct Canonical {
 const GRID_TOLERANCE: f64 = 1e-3;
 
 /// Which way an image slice is read off the canonical volume.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
 pub enum Axis {
     /// Sagittal slices (along left–right).
     X,
@@ -493,6 +496,24 @@ impl Canonical {
         self.dims[axis.plane().0]
     }
 
+    /// The (width, height) of a slice along `axis`.
+    pub fn slice_size(&self, axis: Axis) -> (usize, usize) {
+        let (_, col, row, _) = axis.plane();
+        (self.dims[col], self.dims[row])
+    }
+
+    /// The stored index of each pixel of slice `k` along `axis`, in row-major order.
+    fn slice_indices(&self, axis: Axis, k: usize) -> impl Iterator<Item = usize> + '_ {
+        let (s, col, row, reversed) = axis.plane();
+        let (w, h) = self.slice_size(axis);
+        let base = self.offset + k as isize * self.strides[s];
+        (0..h).flat_map(move |r| {
+            let r = if reversed { h - 1 - r } else { r };
+            let start = base + r as isize * self.strides[row];
+            (0..w).map(move |c| (start + c as isize * self.strides[col]) as usize)
+        })
+    }
+
     /// Slice `k` along `axis` of the stored `data`, mapped through `f`, as (width, height,
     /// row-major pixels).
     pub fn slice<T: Copy, U>(
@@ -502,16 +523,17 @@ impl Canonical {
         k: usize,
         f: impl Fn(T) -> U,
     ) -> (usize, usize, Vec<U>) {
-        let (s, col, row, reversed) = axis.plane();
-        let (w, h) = (self.dims[col], self.dims[row]);
-        let base = self.offset + k as isize * self.strides[s];
-        let mut out = Vec::with_capacity(w * h);
-        for r in 0..h {
-            let r = if reversed { h - 1 - r } else { r };
-            let start = base + r as isize * self.strides[row];
-            out.extend((0..w).map(|c| f(data[(start + c as isize * self.strides[col]) as usize])));
-        }
+        let (w, h) = self.slice_size(axis);
+        let out = self.slice_indices(axis, k).map(|i| f(data[i])).collect();
         (w, h, out)
+    }
+
+    /// Writes the row-major `pixels` of slice `k` along `axis` into the stored `data`: the
+    /// inverse of [`Canonical::slice`].
+    pub fn put_slice<T: Copy>(&self, data: &mut [T], axis: Axis, k: usize, pixels: &[T]) {
+        for (i, &p) in self.slice_indices(axis, k).zip(pixels) {
+            data[i] = p;
+        }
     }
 
     /// Checks that `label` (this view) and `scan` (`other`) cover the same voxels in space:

@@ -36,6 +36,7 @@ use crate::data::{DataConfig, Dataset};
 use crate::device::DeviceChoice;
 use crate::export::{self, ModelMeta};
 use crate::fsutil::atomic_write;
+use crate::import::Slicing;
 use crate::inference::{Predictor, Symmetry, Window};
 use crate::kernels::Kernels;
 use crate::loss::Loss;
@@ -143,6 +144,8 @@ struct Run<'a> {
     device: Device,
     device_name: String,
     dataset: Dataset,
+    /// How `import` cut the data set's slices, recorded in the model.
+    slicing: Option<Slicing>,
     recipe: BatchRecipe,
     loss: Loss,
     model: Box<dyn SegmentationModel>,
@@ -170,6 +173,7 @@ impl<'a> Run<'a> {
         opts.suspend(|| eprintln!("device: {device_name}"));
 
         let dataset = Dataset::open(&config.data, config.seed)?;
+        let slicing = Slicing::of_dataset(&config.data.root)?;
         let prior = (config.model.prior > 0.0).then_some(config.model.prior);
         let m = &config.model;
         let (model, vars) = m.kind.init(
@@ -216,6 +220,7 @@ impl<'a> Run<'a> {
             device,
             device_name,
             dataset,
+            slicing,
             loss,
             model,
             vars,
@@ -439,6 +444,7 @@ impl<'a> Run<'a> {
             temperature: 1.0,
             config: self.dir.resolved.clone(),
             metrics: serde_json::to_value(report)?,
+            slicing: self.slicing,
         };
         let names: Vec<String> = self.dataset.val.iter().map(|s| s.stem.clone()).collect();
         record::write_per_image(

@@ -1,6 +1,8 @@
 //! Helpers shared by the end-to-end tests: the binary, tiny data sets and configs.
 #![allow(dead_code)]
 
+pub mod volumes;
+
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};

@@ -1,5 +1,7 @@
-//! `segtrain predict` and `segtrain eval`: a trained model applied to image files or to a
-//! dataset folder.
+//! `segtrain predict` and `segtrain eval`: a trained model applied to image files, scans
+//! ([`volume`]) or a dataset folder.
+
+pub mod volume;
 
 use std::path::{Path, PathBuf};
 
@@ -10,6 +12,7 @@ use image::{ImageBuffer, Luma};
 use crate::data::{self, Format};
 use crate::export::{self, ModelMeta};
 use crate::fsutil::write_png;
+use crate::import::volume_stem;
 use crate::inference::{self, Predictor, Window};
 use crate::metrics::Report;
 use crate::model::SegmentationModel;
@@ -25,6 +28,17 @@ pub struct PredictOptions {
     pub probabilities: bool,
     /// How the model is applied.
     pub inference: Inference,
+    /// How scans are cut into slices, beyond what the model records.
+    pub slicing: volume::SlicingChoice,
+}
+
+/// What [`predict`] did.
+#[derive(Debug, Clone)]
+pub struct Predicted {
+    /// The files written.
+    pub written: Vec<PathBuf>,
+    /// A warning for the user: scans were cut with settings the model does not record.
+    pub note: Option<String>,
 }
 
 /// How a trained model is applied, beyond what its file records.
@@ -53,8 +67,13 @@ fn unreadable(path: &Path, e: &std::io::Error) -> anyhow::Error {
     }
 }
 
-/// Input files: image files as given, folders expanded to the images they hold (sorted; hidden
-/// files skipped; not recursive). A file given twice is predicted once. Anything that is not a
+/// Whether `path` names a scan (NIfTI or NRRD) rather than a 2-D image.
+fn is_volume(path: &Path) -> bool {
+    volume_stem(path).is_some()
+}
+
+/// Input files: image and volume files as given, folders expanded to the images and volumes
+/// they hold (sorted; hidden files skipped; not recursive). A file given twice is predicted once. Anything that is not a
 /// regular file (a FIFO, a device, a folder named like an image inside an input folder) is an
 /// error naming it, so that nothing blocks or is skipped silently.
 pub fn expand_inputs(inputs: &[PathBuf]) -> Result<Vec<PathBuf>> {
@@ -73,7 +92,9 @@ pub fn expand_inputs(inputs: &[PathBuf]) -> Result<Vec<PathBuf>> {
                 let path = entry
                     .with_context(|| format!("cannot list {}", input.display()))?
                     .path();
-                if data::is_hidden(&path) || data::image_extension(&path).is_none() {
+                if data::is_hidden(&path)
+                    || (data::image_extension(&path).is_none() && !is_volume(&path))
+                {
                     continue;
                 }
                 let meta = std::fs::metadata(&path).map_err(|e| unreadable(&path, &e))?;
@@ -113,7 +134,7 @@ pub fn expand_inputs(inputs: &[PathBuf]) -> Result<Vec<PathBuf>> {
             bail!("no input images");
         }
         bail!(
-            "no input images: {} holds no .png, .jpg or .jpeg file",
+            "no input images: {} holds no .png, .jpg or .jpeg image and no .nii, .nii.gz, .nrrd or .nhdr volume",
             empty_folders.join(", ")
         );
     }
@@ -141,7 +162,27 @@ pub fn check_overlap(overlap: Option<f64>) -> Result<()> {
     }
 }
 
-/// The file names `predict` writes for the input of stem `stem`.
+/// The file names `predict` writes for the input `file`: an image's ([`output_names`]) or a
+/// volume's ([`volume::output_names`]).
+fn outputs_of(file: &Path, classes: usize, opts: &PredictOptions) -> Result<Vec<String>> {
+    if let Some(name) = volume_stem(file) {
+        if opts.overlay {
+            bail!(
+                "{}: --overlay draws outlines on 2-D images; a volume gets none (open \
+                 <volume>_seg.nii.gz over the scan in a viewer)",
+                file.display()
+            );
+        }
+        return Ok(volume::output_names(name, classes, opts.probabilities));
+    }
+    let stem = file
+        .file_stem()
+        .with_context(|| format!("{}: not a file name", file.display()))?
+        .to_string_lossy();
+    Ok(output_names(&stem, classes, opts))
+}
+
+/// The file names `predict` writes for the image of stem `stem`.
 pub fn output_names(stem: &str, classes: usize, opts: &PredictOptions) -> Vec<String> {
     let mut names = vec![format!("{stem}_mask.png")];
     if opts.overlay {
@@ -195,11 +236,7 @@ fn check_outputs(
     // `a_mask.png` are one file
     let mut writers: std::collections::HashMap<String, (&PathBuf, String)> = Default::default();
     for file in files {
-        let stem = file
-            .file_stem()
-            .with_context(|| format!("{}: not a file name", file.display()))?
-            .to_string_lossy();
-        for name in output_names(&stem, classes, opts) {
+        for name in outputs_of(file, classes, opts)? {
             if let Some((other, other_name)) =
                 writers.insert(name.to_lowercase(), (file, name.clone()))
             {
@@ -271,22 +308,29 @@ pub fn predictor<'a>(
     }
 }
 
-/// Predicts a mask for every input and writes the outputs into `out`. Returns the files
-/// written.
+/// Predicts a mask for every input and writes the outputs into `out`: a PNG mask per image,
+/// a label volume per scan ([`volume`]).
 ///
 /// Everything that can be checked before writing is checked first (options, the model, every
-/// input's header, output names), so a bad input leaves no output behind; each output file is
-/// written whole or not at all.
+/// image's header, output names), so a bad input leaves no output behind; each output file is
+/// written whole or not at all. (A scan is read whole only when its turn comes: one that
+/// fails stops the command with an error naming it, after the outputs of the inputs before
+/// it.)
 pub fn predict(
     model_path: &Path,
     inputs: &[PathBuf],
     out: &Path,
     opts: PredictOptions,
     device: &Device,
-) -> Result<Vec<PathBuf>> {
+) -> Result<Predicted> {
     check_options(&opts)?;
+    opts.slicing
+        .intensity
+        .map(|i| i.check())
+        .transpose()
+        .map_err(|m| anyhow!(m))?;
     let files = expand_inputs(inputs)?;
-    for file in &files {
+    for file in files.iter().filter(|f| !is_volume(f)) {
         data::ImageFile::open(file)?;
     }
     let (model, meta) = export::load(model_path, device)?;
@@ -296,8 +340,21 @@ pub fn predict(
     std::fs::create_dir_all(out)
         .with_context(|| format!("cannot create the output folder {}", out.display()))?;
     crate::fsutil::remove_dead_temporaries(out)?;
+    let (slicing, note) = volume::slicing(&meta, &opts.slicing);
+    let note = note.filter(|_| files.iter().any(|f| is_volume(f)));
     let mut written = vec![];
     for file in &files {
+        if is_volume(file) {
+            written.extend(volume::predict_volume(
+                &predictor,
+                file,
+                out,
+                &slicing,
+                opts.threshold,
+                opts.probabilities,
+            )?);
+            continue;
+        }
         let image = data::ImageFile::open(file)?;
         let _budget = data::DecodeBudget::reserve(image.pixels())?;
         let decoded = image.decode()?;
@@ -309,7 +366,7 @@ pub fn predict(
             .with_context(|| format!("{} on {}", model_path.display(), file.display()))?
             .remove(0);
         drop(planar);
-        let labels = inference::labels(&probs, classes, opts.threshold);
+        let labels = predictor.labels(&probs, (h, w), opts.threshold);
         let (w32, h32) = (w as u32, h as u32);
         let stem = file
             .file_stem()
@@ -349,7 +406,7 @@ pub fn predict(
             }
         }
     }
-    Ok(written)
+    Ok(Predicted { written, note })
 }
 
 /// The image with the outline of every predicted region drawn in a colour per class.
@@ -449,6 +506,7 @@ mod tests {
             overlay: true,
             probabilities: true,
             inference: Inference::default(),
+            slicing: Default::default(),
         }
     }
 
