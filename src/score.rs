@@ -18,7 +18,9 @@ use anyhow::{bail, Result};
 use serde::Serialize;
 
 use crate::data::{load_mask, mask_pairs, Format};
-use crate::import::{pair_volumes, read_label, volume_stem, volumes_in, Canonical, Limits};
+use crate::import::{
+    pair_volumes, read_label, volume_stem, volumes_in, Canonical, LabelMap, Limits,
+};
 use crate::metrics::{components_grid, hd95_grid, image_counts, Counts, Grid};
 use crate::stats::mean;
 
@@ -198,7 +200,7 @@ fn case(name: String, pred: &[u8], target: &[u8], grid: Grid, voxel_ml: Option<f
 /// `<stem>_mask.png` read under `<stem>`; any non-zero value is foreground, masks of one stem
 /// of one size), two label volumes, or two folders of label volumes (matched by name, a
 /// predicted `<name>_seg` under `<name>`) on one voxel grid each.
-pub fn score(pred: &Path, label: &Path) -> Result<ScoreReport> {
+pub fn score(pred: &Path, label: &Path, label_map: Option<&LabelMap>) -> Result<ScoreReport> {
     let volumes = if pred.is_dir() {
         volume_pairs(pred, label)?
     } else {
@@ -209,38 +211,51 @@ pub fn score(pred: &Path, label: &Path) -> Result<ScoreReport> {
         )]
     };
     let (unit, cases) = if volumes.is_empty() {
+        if label_map.is_some() {
+            bail!(
+                "--label-map maps label volumes' values; {} holds PNG masks",
+                pred.display()
+            );
+        }
         ("px", mask_cases(pred, label)?)
     } else {
         let limits = Limits::from_env()?;
         let cases = volumes
             .into_iter()
-            .map(|(name, p, l)| volume_case(name, &p, &l, &limits))
+            .map(|(name, p, l)| volume_case(name, &p, &l, label_map, &limits))
             .collect::<Result<Vec<_>>>()?;
         ("mm", cases)
     };
-    let mut pooled = Counts::default();
-    let mut lesions = LesionMatch::default();
-    for c in &cases {
-        lesions.add(&c.lesions);
-        pooled.add(&Counts {
-            tp: c.overlap_voxels,
-            fp: c.predicted_voxels - c.overlap_voxels,
-            fn_: c.true_voxels - c.overlap_voxels,
-        });
+    Ok(ScoreReport::new(unit, cases))
+}
+
+impl ScoreReport {
+    /// The report of `cases`, pooled; `unit`: of their HD95 figures.
+    pub fn new(unit: &'static str, cases: Vec<CaseScore>) -> Self {
+        let mut pooled = Counts::default();
+        let mut lesions = LesionMatch::default();
+        for c in &cases {
+            lesions.add(&c.lesions);
+            pooled.add(&Counts {
+                tp: c.overlap_voxels,
+                fp: c.predicted_voxels - c.overlap_voxels,
+                fn_: c.true_voxels - c.overlap_voxels,
+            });
+        }
+        ScoreReport {
+            unit,
+            pooled_dice: pooled.dice(),
+            mean_dice: mean(cases.iter().map(|c| c.dice)).unwrap_or(1.0),
+            lesion_case_dice: mean(cases.iter().filter(|c| c.true_voxels > 0).map(|c| c.dice)),
+            mean_hd95: mean(cases.iter().filter_map(|c| c.hd95)),
+            lesion_sensitivity: lesions.sensitivity(),
+            lesion_precision: lesions.precision(),
+            lesion_f1: lesions.f1(),
+            mean_detected_lesion_dice: lesions.mean_detected_dice(),
+            lesions,
+            cases,
+        }
     }
-    Ok(ScoreReport {
-        unit,
-        pooled_dice: pooled.dice(),
-        mean_dice: mean(cases.iter().map(|c| c.dice)).unwrap_or(1.0),
-        lesion_case_dice: mean(cases.iter().filter(|c| c.true_voxels > 0).map(|c| c.dice)),
-        mean_hd95: mean(cases.iter().filter_map(|c| c.hd95)),
-        lesion_sensitivity: lesions.sensitivity(),
-        lesion_precision: lesions.precision(),
-        lesion_f1: lesions.f1(),
-        mean_detected_lesion_dice: lesions.mean_detected_dice(),
-        lesions,
-        cases,
-    })
 }
 
 /// A volume file's case name: its name without the extension and a `_seg` suffix.
@@ -298,27 +313,36 @@ fn mask_cases(pred_dir: &Path, label_dir: &Path) -> Result<Vec<CaseScore>> {
         .collect()
 }
 
-/// One pair of label volumes (any non-zero label is foreground), which must share their voxel
-/// grid as stored: same size, spacing, directions and origin, and the same axis order.
-fn volume_case(name: String, pred: &Path, label: &Path, limits: &Limits) -> Result<CaseScore> {
+/// One pair of label volumes read from files (any non-zero label is foreground).
+fn volume_case(
+    name: String,
+    pred: &Path,
+    label: &Path,
+    label_map: Option<&LabelMap>,
+    limits: &Limits,
+) -> Result<CaseScore> {
     let (pdims, pgeom, pvalues) = read_label(pred, limits, None)?;
-    let (ldims, lgeom, lvalues) = read_label(label, limits, None)?;
+    let (ldims, lgeom, lvalues) = read_label(label, limits, label_map)?;
     let (pc, lc) = (
         Canonical::new(pred, pdims, &pgeom)?,
         Canonical::new(label, ldims, &lgeom)?,
     );
-    pc.check_same_grid(&lc, pred, label)?;
-    if pc != lc {
-        bail!(
-            "{} and {}: the same grid stored in another axis order or direction; write both alike (e.g. resample one with the other as reference)",
-            pred.display(),
-            label.display()
-        );
-    }
-    let [nx, ny, nz] = ldims;
-    let [sx, sy, sz] = lgeom.spacing();
-    let dims = [nz, ny, nx];
-    let spacing = [sz, sy, sx];
+    volume_scores(name, (&pvalues, &pc, pred), (&lvalues, &lc, label))
+}
+
+/// The scores of a predicted and a true label volume (`(voxels as stored, canonical view,
+/// file)` each; any non-zero label is foreground), which must cover the same voxels in space
+/// (checked as `import` checks a label against its scan); either may store them in any axis
+/// order and direction. Distances and volumes come from the canonical grid's spacing.
+pub fn volume_scores(
+    name: String,
+    (pred, pred_view, pred_path): (&[u8], &Canonical, &Path),
+    (label, label_view, label_path): (&[u8], &Canonical, &Path),
+) -> Result<CaseScore> {
+    pred_view.check_same_grid(label_view, pred_path, label_path)?;
+    let [n0, n1, n2] = label_view.dims;
+    let [s0, s1, s2] = label_view.geometry.spacing();
+    let (dims, spacing) = ([n2, n1, n0], [s2, s1, s0]);
     let grid = Grid {
         dims: &dims,
         spacing: &spacing,
@@ -326,10 +350,10 @@ fn volume_case(name: String, pred: &Path, label: &Path, limits: &Limits) -> Resu
     let binary = |m: Vec<u8>| m.into_iter().map(|v| (v > 0) as u8).collect::<Vec<u8>>();
     Ok(case(
         name,
-        &binary(pvalues),
-        &binary(lvalues),
+        &binary(pred_view.reorder(pred)),
+        &binary(label_view.reorder(label)),
         grid,
-        Some(sx * sy * sz / 1000.0),
+        Some(s0 * s1 * s2 / 1000.0),
     ))
 }
 

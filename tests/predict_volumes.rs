@@ -454,3 +454,97 @@ fn predict_removes_small_lesions() {
     assert_eq!(count("10"), 36);
     assert_eq!(count("40"), 0);
 }
+
+/// `eval --volumes`: scans and label volumes paired by name, the labels stored in another
+/// axis order and format than their scans and read through `--label-map`; per-volume Dice,
+/// lesion counts and volumes in mL from the grid's spacing.
+#[test]
+fn eval_scores_scans_against_label_volumes() {
+    let dir = temp_dir("eval-volumes");
+    let model = dir.join("threshold.safetensors");
+    threshold_model(&model, Some(AXIAL_PERCENTILES));
+    let data = dir.join("set");
+    let (images, labels) = (data.join("images"), data.join("labels"));
+    std::fs::create_dir_all(&images).unwrap();
+    std::fs::create_dir_all(&labels).unwrap();
+    // the atlas value 300 is the lesion; case b's label misses one slice of it
+    let cases: [(&str, Format, usize); 2] = [("a", Format::Sform, 6), ("b", Format::NrrdLps, 5)];
+    for (name, format, last_z) in cases {
+        let scan = volumes::stored(&GRID, scan_value, [2, 0, 1], [false, true, false]);
+        write(&images, name, &scan, format);
+        let atlas = |x, y, z| {
+            let z_ok = z < last_z;
+            if in_lesion(x, y, z) && z_ok {
+                300.0
+            } else {
+                0.0
+            }
+        };
+        let label = volumes::stored(&GRID, atlas, [0, 1, 2], [true, false, false]);
+        write(&labels, name, &label, Format::NrrdRas);
+    }
+    let plain = segtrain(&[
+        "eval",
+        "--model",
+        path_str(&model),
+        "--volumes",
+        path_str(&data),
+        "--json",
+    ]);
+    assert!(!plain.status.success(), "300 is not a class without a map");
+    assert!(String::from_utf8_lossy(&plain.stderr).contains("300"));
+    let json = ok(&[
+        "eval",
+        "--model",
+        path_str(&model),
+        "--volumes",
+        path_str(&data),
+        "--label-map",
+        "300=1",
+        "--json",
+    ]);
+    let r: serde_json::Value = serde_json::from_str(&json).unwrap();
+    let voxel_ml = 0.9 * 1.1 * 2.0 / 1000.0;
+    let lesion_voxels = (8 * 6 + 3 * 10) as f64;
+    let case = |i: usize| &r["cases"][i];
+    assert_eq!(case(0)["case"], "a");
+    assert!(
+        (case(0)["dice"].as_f64().unwrap() - 1.0).abs() < 1e-9,
+        "{json}"
+    );
+    // b: the prediction has 4 lesion slices, the label 3: Dice 2·3/(3 + 4)
+    assert!(
+        (case(1)["dice"].as_f64().unwrap() - 6.0 / 7.0).abs() < 1e-9,
+        "{json}"
+    );
+    let true_ml = case(1)["volumes"]["true_ml"].as_f64().unwrap();
+    assert!(
+        (true_ml - 3.0 * lesion_voxels * voxel_ml).abs() < 1e-9,
+        "{json}"
+    );
+    let predicted_ml = case(1)["volumes"]["predicted_ml"].as_f64().unwrap();
+    assert!(
+        (predicted_ml - 4.0 * lesion_voxels * voxel_ml).abs() < 1e-9,
+        "{json}"
+    );
+    assert_eq!(r["lesions"]["true_lesions"], 2);
+    assert_eq!(r["lesions"]["detected"], 2);
+    assert_eq!(r["unit"], "mm");
+
+    // the table, and the same folders with --labels
+    let table = ok(&[
+        "eval",
+        "--model",
+        path_str(&model),
+        "--volumes",
+        path_str(&images),
+        "--labels",
+        path_str(&labels),
+        "--label-map",
+        "300=1",
+    ]);
+    assert!(
+        table.contains("2 cases") && table.contains("0.8571"),
+        "{table}"
+    );
+}

@@ -39,12 +39,14 @@ pub enum Command {
     /// Train several loss configs on the same data, split, schedule and seeds; write a table
     /// (report.md, results.csv) and plots. Re-running skips the finished runs.
     Compare(compare::Args),
-    /// Metrics of a trained model on a dataset folder.
+    /// Metrics of a trained model on a dataset folder, or on scans and their label volumes
+    /// (--volumes: per-volume Dice, HD95 in mm, mL, lesion-wise detection).
     Eval(eval::Args),
-    /// Predict masks for images (files or folders of images).
+    /// Predict masks for images, and label volumes (<volume>_seg.nii.gz, on the scan's own
+    /// voxel grid) for NIfTI/NRRD scans (files or folders of them).
     Predict(predict::Args),
-    /// Compare predicted masks with true ones (two folders of PNG masks matched by stem):
-    /// Dice, IoU, HD95 per image and pooled, and lesion-wise detection.
+    /// Compare predicted masks with true ones (two folders of PNG masks matched by stem, or
+    /// label volumes): Dice, IoU, HD95 per image and pooled, and lesion-wise detection.
     Score(score::Args),
     /// Fit a temperature on labelled images (minimum NLL) and store it in the model file;
     /// `predict` and `eval` apply it. Reports ECE and Brier score before and after.

@@ -16,13 +16,17 @@ pub struct Args {
     /// <stem>_mask.png or <name>_seg volume under <stem> / <name>).
     #[arg(long)]
     label: PathBuf,
+    /// Map the true label volumes' values to classes, as `import --label-map` (e.g. 37=1,38=1;
+    /// every other value becomes 0).
+    #[arg(long, value_name = "V=C,...", value_parser = crate::import::parse_label_map)]
+    label_map: Option<crate::import::LabelMap>,
     /// Print JSON (every case and the pooled scores) instead of a table.
     #[arg(long)]
     json: bool,
 }
 
 pub fn run(a: Args) -> Result<()> {
-    let report = score(&a.pred, &a.label)?;
+    let report = score(&a.pred, &a.label, a.label_map.as_ref())?;
     if a.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
@@ -31,7 +35,7 @@ pub fn run(a: Args) -> Result<()> {
     Ok(())
 }
 
-fn table(r: &ScoreReport) -> String {
+pub fn table(r: &ScoreReport) -> String {
     let opt = |v: Option<f64>, d: usize| v.map_or("—".to_string(), |v| format!("{v:.d$}"));
     let mut out = format!(
         "{:<24} {:>7} {:>7} {:>8} {:>7} {:>9} {:>8} {:>9} {:>9}\n",

@@ -528,6 +528,22 @@ impl Canonical {
         (w, h, out)
     }
 
+    /// The stored `data` in canonical order: canonical voxel `(c0, c1, c2)` at
+    /// `c0 + n0·(c1 + n1·c2)`.
+    pub fn reorder<T: Copy>(&self, data: &[T]) -> Vec<T> {
+        let [n0, n1, n2] = self.dims;
+        let mut out = Vec::with_capacity(n0 * n1 * n2);
+        for c2 in 0..n2 as isize {
+            for c1 in 0..n1 as isize {
+                let start = self.offset + c1 * self.strides[1] + c2 * self.strides[2];
+                out.extend(
+                    (0..n0 as isize).map(|c0| data[(start + c0 * self.strides[0]) as usize]),
+                );
+            }
+        }
+        out
+    }
+
     /// Writes the row-major `pixels` of slice `k` along `axis` into the stored `data`: the
     /// inverse of [`Canonical::slice`].
     pub fn put_slice<T: Copy>(&self, data: &mut [T], axis: Axis, k: usize, pixels: &[T]) {

@@ -496,6 +496,25 @@ pub fn evaluate(
     Ok(evaluation.report())
 }
 
+/// `eval --volumes`: the scores of a model on scans against their label volumes
+/// ([`volume::evaluate_volumes`]).
+pub fn evaluate_scans(
+    model_path: &Path,
+    folders: (&Path, &Path),
+    label_map: Option<&crate::import::LabelMap>,
+    inference: Inference,
+    choice: &volume::SlicingChoice,
+    device: &Device,
+) -> Result<(crate::score::ScoreReport, Option<String>)> {
+    check_overlap(inference.overlap)?;
+    if let Some(i) = choice.intensity {
+        i.check().map_err(|m| anyhow!(m))?;
+    }
+    let (model, meta) = export::load(model_path, device)?;
+    let predictor = predictor(model.as_ref(), &meta, &inference, device);
+    volume::evaluate_volumes(&predictor, &meta, folders, label_map, choice)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

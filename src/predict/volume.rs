@@ -14,10 +14,11 @@ use image::{DynamicImage, GrayImage};
 use crate::data;
 use crate::export::ModelMeta;
 use crate::import::{
-    grid_header, read_volume, volume_stem, write_nifti, Axis, Canonical, ImportOptions, Intensity,
-    Limits, Slicing,
+    grid_header, pair_volumes, read_label, read_volume, volume_stem, write_nifti, Axis, Canonical,
+    ImportOptions, Intensity, LabelMap, Limits, Slicing,
 };
 use crate::inference::Predictor;
+use crate::score::{volume_scores, ScoreReport};
 
 /// How scans are cut, beyond what the model records (`--axis`, `--window`, `--percentile`).
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
@@ -66,17 +67,27 @@ pub fn output_names(name: &str, classes: usize, probabilities: bool) -> Vec<Stri
     names
 }
 
-/// Predicts the scan `path` slice by slice and writes its label volume (and probability
-/// volumes where `probabilities`) into `out`. Returns the files written.
-pub fn predict_volume(
+/// A scan's predicted labels and probabilities on its own voxel grid (stored order).
+pub struct Segmented {
+    pub dims: [usize; 3],
+    /// The scan's canonical view (also that of the labels).
+    pub view: Canonical,
+    /// The NIfTI header of volumes on the scan's grid.
+    pub header: nifti::NiftiHeader,
+    pub labels: Vec<u8>,
+    /// One probability volume per class where asked for, else none.
+    pub probabilities: Vec<Vec<f32>>,
+}
+
+/// Predicts the scan `path` slice by slice: cut along `slicing`'s axis, mapped to grey by its
+/// intensity, each slice through the image path of PNG slices, in batches.
+pub fn segment(
     predictor: &Predictor,
     path: &Path,
-    out: &Path,
     slicing: &Slicing,
     threshold: f64,
     probabilities: bool,
-) -> Result<Vec<PathBuf>> {
-    let name = volume_stem(path).expect("a volume file, checked by the caller");
+) -> Result<Segmented> {
     let volume = read_volume(path, &Limits::from_env()?)?;
     let view = Canonical::new(path, volume.dims, &volume.geometry)?;
     let header = grid_header(path, &volume.geometry)?;
@@ -85,7 +96,10 @@ pub fn predict_volume(
     let (w, h) = view.slice_size(axis);
     let voxels = volume.data.len();
     let mut labels = vec![0u8; voxels];
-    let mut planes = vec![vec![0f32; if probabilities { voxels } else { 0 }]; classes];
+    let mut planes = match probabilities {
+        true => vec![vec![0f32; voxels]; classes],
+        false => vec![],
+    };
     let slices: Vec<usize> = (0..view.slices(axis)).collect();
     for chunk in slices.chunks(predictor.batch.max(1)) {
         let images: Vec<Vec<f32>> = chunk
@@ -119,24 +133,70 @@ pub fn predict_volume(
                 k,
                 &predictor.labels(p, (h, w), threshold),
             );
-            if probabilities {
-                for (plane, values) in planes.iter_mut().zip(p.chunks(h * w)) {
-                    view.put_slice(plane, axis, k, values);
-                }
+            for (plane, values) in planes.iter_mut().zip(p.chunks(h * w)) {
+                view.put_slice(plane, axis, k, values);
             }
         }
     }
-    drop(volume.data);
-    let mut names = output_names(name, classes, probabilities).into_iter();
+    Ok(Segmented {
+        dims: volume.dims,
+        view,
+        header,
+        labels,
+        probabilities: planes,
+    })
+}
+
+/// Predicts the scan `path` ([`segment`]) and writes its label volume (and probability
+/// volumes where `probabilities`) into `out`. Returns the files written.
+pub fn predict_volume(
+    predictor: &Predictor,
+    path: &Path,
+    out: &Path,
+    slicing: &Slicing,
+    threshold: f64,
+    probabilities: bool,
+) -> Result<Vec<PathBuf>> {
+    let name = volume_stem(path).expect("a volume file, checked by the caller");
+    let s = segment(predictor, path, slicing, threshold, probabilities)?;
+    let mut names = output_names(name, predictor.classes(), probabilities).into_iter();
     let mut next = || out.join(names.next().expect("one name per output"));
-    let mut written = vec![];
     let path = next();
-    write_nifti(&path, &header, volume.dims, labels, "segtrain labels")?;
-    written.push(path);
-    for plane in planes.into_iter().filter(|_| probabilities) {
+    write_nifti(&path, &s.header, s.dims, s.labels, "segtrain labels")?;
+    let mut written = vec![path];
+    for plane in s.probabilities {
         let path = next();
-        write_nifti(&path, &header, volume.dims, plane, "segtrain probabilities")?;
+        write_nifti(&path, &s.header, s.dims, plane, "segtrain probabilities")?;
         written.push(path);
     }
     Ok(written)
+}
+
+/// `eval --volumes`: the model's scores ([`crate::score`]: Dice, HD95 in mm, volumes in mL,
+/// lesion-wise detection) on the scans of `scans` against the label volumes of `labels`,
+/// paired by name as `import --images/--labels` pairs them; the labels read through
+/// `label_map` where given. The second value is [`slicing`]'s note.
+pub fn evaluate_volumes(
+    predictor: &Predictor,
+    meta: &ModelMeta,
+    (scans, labels): (&Path, &Path),
+    label_map: Option<&LabelMap>,
+    choice: &SlicingChoice,
+) -> Result<(ScoreReport, Option<String>)> {
+    let (slicing, note) = slicing(meta, choice);
+    let limits = Limits::from_env()?;
+    let cases = pair_volumes(scans, labels, "", ["scan", "label"])?
+        .into_iter()
+        .map(|(name, scan, label)| {
+            let s = segment(predictor, &scan, &slicing, 0.5, false)?;
+            let (dims, geometry, truth) = read_label(&label, &limits, label_map)?;
+            let truth_view = Canonical::new(&label, dims, &geometry)?;
+            volume_scores(
+                name,
+                (&s.labels, &s.view, &scan),
+                (&truth, &truth_view, &label),
+            )
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok((ScoreReport::new("mm", cases), note))
 }
