@@ -32,15 +32,16 @@ check-cuda *features="cuda":
 
 # real brain MRI from Debian's mricron-data (BSD-3; needs apt-get): the Colin27 T1 scan with the
 # hippocampus (AAL atlas regions 37 + 38) as the lesion stand-in, on the 40 axial slices that
-# hold it; validation = two blocks of 4 neighbouring slices (z 52-55, 72-75), not interleaved
-data-brain out="data/brain-hippocampus":
+# hold it; validation = two blocks of 4 neighbouring slices (z 52-55, 72-75), not interleaved;
+# context=1: each slice with its two neighbours as colour channels (2.5-D, import --context 1)
+data-brain out="data/brain-hippocampus" context="0":
     #!/usr/bin/env bash
     set -euo pipefail
     tmp=$(mktemp -d); trap 'rm -rf "$tmp"' EXIT
     (cd "$tmp" && apt-get download mricron-data && dpkg -x mricron-data_*.deb x)
     t="$tmp/x/usr/share/mricron/templates"
     cargo run --release -- import --image "$t/ch2.nii.gz" --label "$t/aal.nii.gz" \
-        --label-map 37=1,38=1 --only-labelled --out "$tmp/slices"
+        --label-map 37=1,38=1 --only-labelled --context {{context}} --out "$tmp/slices"
     rm -rf "{{out}}"
     for f in "$tmp"/slices/images/*.png; do
         b=$(basename "$f"); z=$((10#${b:5:4}))
@@ -48,4 +49,5 @@ data-brain out="data/brain-hippocampus":
         mkdir -p "{{out}}/$s/images" "{{out}}/$s/masks"
         cp "$f" "{{out}}/$s/images/"; cp "$tmp/slices/masks/$b" "{{out}}/$s/masks/"
     done
+    for s in train val; do cp "$tmp/slices/import.json" "{{out}}/$s/"; done
     echo "{{out}}: $(ls "{{out}}/train/images" | wc -l) training and $(ls "{{out}}/val/images" | wc -l) validation slices"

@@ -128,7 +128,18 @@ impl ModelMeta {
         }
         let slicing: Option<Slicing> = f.optional::<Option<Slicing>>("import")?.flatten();
         if let Some(s) = &slicing {
-            f.checked("import", s.intensity.check())?;
+            f.checked("import", s.check())?;
+            if s.context > 0 && unet.in_channels != s.channels() {
+                return Err(f.field(
+                    "import",
+                    &format!(
+                        "context {} means {} input channels, but `in_channels` is {}",
+                        s.context,
+                        s.channels(),
+                        unet.in_channels
+                    ),
+                ));
+            }
         }
         Ok(Self {
             kind,

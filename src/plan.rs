@@ -95,6 +95,8 @@ pub struct Fingerprint {
     pub widths: Spread,
     /// 1 when every image is grey (R = G = B), else 3.
     pub channels: usize,
+    /// The channels are neighbouring slices of grey scans (`import --context 1`), not colour.
+    pub slices_as_channels: bool,
     pub intensity: Vec<Intensity>,
     /// Each image's mean and standard deviation (grey level, all channels averaged).
     pub image_means: Spread,
@@ -118,7 +120,9 @@ pub struct Fingerprint {
 impl Fingerprint {
     /// What the intensities look like.
     pub fn modality(&self) -> &'static str {
-        if self.channels == 3 {
+        if self.slices_as_channels {
+            "grey scan slices, each with its two neighbours as colour channels (import --context 1)"
+        } else if self.channels == 3 {
             "colour photographs (RGB)"
         } else if self.dark_share > 0.2 {
             "grey scan slices on a black background (MRI, or CT after windowing)"
@@ -246,7 +250,13 @@ pub fn fingerprint(root: &Path) -> Result<Fingerprint> {
         );
     }
     let stats = pairs.par_iter().map(measure).collect::<Result<Vec<_>>>()?;
-    let channels = if stats.iter().all(|s| s.grey) { 1 } else { 3 };
+    let slices_as_channels =
+        crate::import::Slicing::of_dataset(root)?.is_some_and(|s| s.context > 0);
+    let channels = if stats.iter().all(|s| s.grey) && !slices_as_channels {
+        1
+    } else {
+        3
+    };
     let intensity = (0..channels)
         .map(|c| {
             let mut v: Vec<f64> = stats
@@ -291,6 +301,8 @@ pub fn fingerprint(root: &Path) -> Result<Fingerprint> {
         heights: spread(&|s| s.h as f64, &all).expect("one image at least"),
         widths: spread(&|s| s.w as f64, &all).expect("one image at least"),
         channels,
+        slices_as_channels: crate::import::Slicing::of_dataset(root)?
+            .is_some_and(|s| s.context > 0),
         intensity,
         image_means: spread(&|s| s.luma_moments.0, &all).expect("one image at least"),
         image_stds: spread(&|s| s.luma_moments.1, &all).expect("one image at least"),
@@ -635,10 +647,10 @@ fn write_loss(w: &mut String, patch_mode: bool) -> Result<()> {
 
 /// The `normalize` and `clip_percentiles` decisions (see the module's rules), with comments.
 fn write_normalisation(w: &mut String, fp: &Fingerprint) -> Result<()> {
-    if fp.channels == 1 {
+    if fp.channels == 1 || fp.slices_as_channels {
         writeln!(
             w,
-            "# grey images: each normalised by its own mean and std (z-score per image, nnU-Net's rule for MRI),"
+            "# grey images (or slices): each normalised by its own mean and std (z-score per image, nnU-Net's rule for MRI),"
         )?;
         writeln!(
             w,

@@ -1888,7 +1888,8 @@ fn import_records_are_checked() {
         Slicing::of_dataset(&out).unwrap(),
         Some(Slicing {
             axis: Axis::Z,
-            intensity: Intensity::Percentile(0.5, 99.5)
+            intensity: Intensity::Percentile(0.5, 99.5),
+            context: 0,
         })
     );
     for (text, says) in [

@@ -99,6 +99,7 @@ fn threshold_model(path: &Path, slicing: Option<Slicing>) {
 const AXIAL_PERCENTILES: Slicing = Slicing {
     axis: Axis::Z,
     intensity: Intensity::Percentile(0.5, 99.5),
+    context: 0,
 };
 
 /// The RAS affine of a stored volume.
@@ -351,7 +352,8 @@ fn the_import_slicing_travels_with_the_data_set_into_the_model() {
         meta.slicing,
         Some(Slicing {
             axis: Axis::Z,
-            intensity: Intensity::Window(0.0, 300.0)
+            intensity: Intensity::Window(0.0, 300.0),
+            context: 0,
         })
     );
 
@@ -547,4 +549,119 @@ fn eval_scores_scans_against_label_volumes() {
         table.contains("2 cases") && table.contains("0.8571"),
         "{table}"
     );
+}
+
+/// `import --context 1` writes slices k−1, k, k+1 as red, green and blue (the end slices
+/// repeated); training needs data.channels = 3 for it and records the context; `predict` on
+/// the scan builds the same input, so its probabilities on a slice equal those of `predict` on
+/// the imported PNG of that slice.
+#[test]
+fn context_slices_reach_the_model_alike_from_import_and_from_the_scan() {
+    let dir = temp_dir("predict-context");
+    let (scans, labels) = (dir.join("scans"), dir.join("labels"));
+    std::fs::create_dir_all(&scans).unwrap();
+    std::fs::create_dir_all(&labels).unwrap();
+    for (i, shift) in [0usize, 4, 9].into_iter().enumerate() {
+        let moved = move |x, y, z| scan_value(x, (y + shift) % 32, z);
+        let truth = move |x, y, z| label_value(x, (y + shift) % 32, z);
+        let id = ([0, 1, 2], [false; 3]);
+        volumes::write_nifti(
+            &scans.join(format!("v{i}.nii.gz")),
+            &volumes::stored(&GRID, moved, id.0, id.1),
+        );
+        volumes::write_nifti(
+            &labels.join(format!("v{i}.nii.gz")),
+            &volumes::stored(&GRID, truth, id.0, id.1),
+        );
+    }
+    let import = |out: &Path, context: &str| {
+        ok(&[
+            "import",
+            "--images",
+            path_str(&scans),
+            "--labels",
+            path_str(&labels),
+            "--out",
+            path_str(out),
+            "--context",
+            context,
+        ]);
+    };
+    let (plain, context) = (dir.join("plain"), dir.join("context"));
+    import(&plain, "0");
+    import(&context, "1");
+    let grey = |k: usize| {
+        let k = k.clamp(0, GRID.dims[2] - 1);
+        image::open(plain.join(format!("images/v1_z{k:04}.png")))
+            .unwrap()
+            .into_luma8()
+    };
+    for k in 0..GRID.dims[2] {
+        let rgb = image::open(context.join(format!("images/v1_z{k:04}.png"))).unwrap();
+        let rgb = rgb.as_rgb8().expect("an RGB slice");
+        let (below, at, above) = (grey(k.saturating_sub(1)), grey(k), grey(k + 1));
+        for (p, ((b, a), c)) in rgb
+            .pixels()
+            .zip(below.pixels().zip(at.pixels()).zip(above.pixels()))
+        {
+            assert_eq!(p.0, [b.0[0], a.0[0], c.0[0]], "slice {k}");
+        }
+    }
+    let bad = segtrain(&[
+        "import",
+        "--image",
+        "x.nii",
+        "--label",
+        "y.nii",
+        "--out",
+        "o",
+        "--context",
+        "2",
+    ]);
+    assert!(!bad.status.success());
+
+    let config = tiny_config(&dir, &context, "");
+    let text = std::fs::read_to_string(&config).unwrap();
+    let runs = dir.join("runs");
+    std::fs::write(&config, text.replace("channels = 3", "channels = 1")).unwrap();
+    let refused = segtrain(&train_args(&config, &runs, &[]));
+    assert!(!refused.status.success());
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        err.contains("data.channels = 3") && err.contains("--context 1"),
+        "{err}"
+    );
+    std::fs::write(&config, text.replace("epochs = 2", "epochs = 1")).unwrap();
+    ok(&train_args(&config, &runs, &[]));
+    let model = runs.join("tiny").join("model.safetensors");
+    let (_, meta) = export::load(&model, &Device::Cpu).unwrap();
+    assert_eq!(meta.slicing.map(|s| s.context), Some(1));
+
+    let out = dir.join("pred");
+    let k = 0; // an end slice: its context repeats it
+    let png = context.join(format!("images/v1_z{k:04}.png"));
+    for input in [scans.join("v1.nii.gz"), png] {
+        ok(&[
+            "predict",
+            "--model",
+            path_str(&model),
+            path_str(&input),
+            "--out",
+            path_str(&out),
+            "--probabilities",
+        ]);
+    }
+    let volume = read_volume(&out.join("v1_prob.nii.gz"), &Limits::default()).unwrap();
+    let slice = image::open(out.join(format!("v1_z{k:04}_prob.png")))
+        .unwrap()
+        .into_luma16();
+    let [nx, ny, _] = GRID.dims;
+    let mut worst = 0f64;
+    for (c, r, p) in slice.enumerate_pixels() {
+        // axial slices: columns from the patient's right (x = nx − 1), rows from anterior
+        let (x, y) = (nx - 1 - c as usize, ny - 1 - r as usize);
+        let v = volume.data[x + nx * (y + ny * k)];
+        worst = worst.max((f64::from(p.0[0]) / 65535.0 - f64::from(v)).abs());
+    }
+    assert!(worst <= 1.0 / 65535.0, "largest difference {worst}");
 }

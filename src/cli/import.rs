@@ -32,6 +32,12 @@ pub struct Args {
     /// Keep every K-th slice (0, K, 2K, …).
     #[arg(long, value_name = "K", default_value_t = 1)]
     every: usize,
+    /// 2.5-D context: 1 writes each slice with its neighbours as an RGB image (red = slice
+    /// k−1, green = k, blue = k+1; the end slices repeated); train it with data.channels = 3.
+    #[arg(long, value_name = "K", default_value_t = 0,
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new()
+              .range(0..=crate::import::MAX_CONTEXT as u64))]
+    context: usize,
     /// Map label values to classes, e.g. 37=1,38=1 (atlas regions merged into class 1); every
     /// other value becomes 0; values above 255 are allowed.
     #[arg(long, value_name = "V=C,...", value_parser = parse_label_map)]
@@ -54,6 +60,7 @@ pub fn run(a: Args) -> Result<()> {
         intensity: choice.intensity.unwrap_or(defaults.intensity),
         only_labelled: a.only_labelled,
         every: a.every,
+        context: a.context,
         label_map: a.label_map,
     };
     let limits = match a.max_voxels {

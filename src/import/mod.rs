@@ -152,6 +152,42 @@ impl Intensity {
 pub struct Slicing {
     pub axis: Axis,
     pub intensity: Intensity,
+    /// 2.5-D context: 1 = each image holds slices k−1, k, k+1 as its red, green and blue
+    /// channels ([`slice_image`]); 0 = slice k alone, grey.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub context: usize,
+}
+
+fn is_zero(n: &usize) -> bool {
+    *n == 0
+}
+
+/// The largest [`Slicing::context`]: a PNG holds at most three colour channels.
+pub const MAX_CONTEXT: usize = 1;
+
+/// The image of slice `k` along `axis` of the stored scan `data` (seen through `view`),
+/// each value mapped to grey by `grey`: grey, or with `context` = 1 the slices k−1, k, k+1
+/// as red, green and blue (the first or last slice repeated at the volume's ends).
+pub fn slice_image(
+    view: &Canonical,
+    data: &[f32],
+    axis: Axis,
+    k: usize,
+    context: usize,
+    grey: impl Fn(f32) -> u8 + Copy,
+) -> image::DynamicImage {
+    let (w, h) = view.slice_size(axis);
+    let plane = |k| view.slice(data, axis, k, grey).2;
+    let size = (w as u32, h as u32);
+    if context == 0 {
+        let img = GrayImage::from_raw(size.0, size.1, plane(k)).expect("w × h pixels");
+        return image::DynamicImage::ImageLuma8(img);
+    }
+    let last = view.slices(axis) - 1;
+    let planes = [k.saturating_sub(1), k, (k + 1).min(last)].map(plane);
+    let rgb = (0..w * h).flat_map(|i| planes.each_ref().map(|p| p[i]));
+    let img = image::RgbImage::from_raw(size.0, size.1, rgb.collect()).expect("w × h pixels");
+    image::DynamicImage::ImageRgb8(img)
 }
 
 /// The file of a data set folder that records its [`Slicing`].
@@ -169,10 +205,29 @@ impl Slicing {
         let slicing: Slicing = serde_json::from_str(&text)
             .map_err(|e| anyhow!("{}: not an import record ({e})", path.display()))?;
         slicing
-            .intensity
             .check()
-            .map_err(|m| anyhow!("{}: `intensity`: {m}", path.display()))?;
+            .map_err(|m| anyhow!("{}: {m}", path.display()))?;
         Ok(Some(slicing))
+    }
+
+    /// The intensity mapping and the context obey their rules; the error names the field.
+    pub fn check(&self) -> Result<(), String> {
+        self.intensity
+            .check()
+            .map_err(|m| format!("`intensity`: {m}"))?;
+        if self.context > MAX_CONTEXT {
+            return Err(format!(
+                "`context`: {} neighbour slices each side; at most {MAX_CONTEXT} (a PNG holds \
+                 three colour channels)",
+                self.context
+            ));
+        }
+        Ok(())
+    }
+
+    /// Input channels of the images this slicing cuts: 2·context + 1.
+    pub fn channels(&self) -> usize {
+        2 * self.context + 1
     }
 
     /// The slicing of a data set folder: recorded in `root`, or in its `train/` and `val/`
@@ -203,8 +258,12 @@ impl fmt::Display for Slicing {
     fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
         write!(f, "--axis {}", self.axis.letter())?;
         match self.intensity {
-            Intensity::Window(lo, hi) => write!(f, " --window {lo},{hi}"),
-            Intensity::Percentile(lo, hi) => write!(f, " --percentile {lo},{hi}"),
+            Intensity::Window(lo, hi) => write!(f, " --window {lo},{hi}")?,
+            Intensity::Percentile(lo, hi) => write!(f, " --percentile {lo},{hi}")?,
+        }
+        match self.context {
+            0 => Ok(()),
+            k => write!(f, " --context {k}"),
         }
     }
 }
@@ -219,6 +278,8 @@ pub struct ImportOptions {
     pub only_labelled: bool,
     /// Keep slices 0, K, 2K, … (K ≥ 1).
     pub every: usize,
+    /// 2.5-D context ([`Slicing::context`], 0 or 1).
+    pub context: usize,
     /// Label values to classes (`--label-map`); None: the values are the classes.
     pub label_map: Option<LabelMap>,
 }
@@ -272,6 +333,7 @@ impl Default for ImportOptions {
             intensity: Intensity::Percentile(0.5, 99.5),
             only_labelled: false,
             every: 1,
+            context: 0,
             label_map: None,
         }
     }
@@ -461,6 +523,12 @@ pub fn import_with(
         bail!("--every must be at least 1");
     }
     opts.intensity.check().map_err(|m| anyhow!(m))?;
+    if opts.context > MAX_CONTEXT {
+        bail!(
+            "--context {}: at most {MAX_CONTEXT} (a PNG holds three colour channels)",
+            opts.context
+        );
+    }
     for (scan, label) in pairs {
         volume_stem(scan).ok_or_else(|| unknown_format(scan))?;
         volume_stem(label).ok_or_else(|| unknown_format(label))?;
@@ -547,9 +615,13 @@ fn import_pair(
             if opts.only_labelled && mask.iter().all(|&c| c == 0) {
                 return Ok(None);
             }
-            let (_, _, pixels) = scan_view.slice(&scan.data, axis, k, grey);
             let file = slice_file(&name, axis, k);
-            write_grey(&stage.join("images").join(&file), w, h, pixels)?;
+            let image = slice_image(&scan_view, &scan.data, axis, k, opts.context, grey);
+            let path = stage.join("images").join(&file);
+            match image {
+                image::DynamicImage::ImageRgb8(rgb) => write_png(&path, &rgb)?,
+                grey => write_png(&path, &grey.into_luma8())?,
+            }
             write_grey(&stage.join("masks").join(&file), w, h, mask)?;
             Ok(Some(file))
         })
@@ -581,6 +653,7 @@ fn record_slicing(out: &Path, opts: &ImportOptions) -> Result<()> {
     let slicing = Slicing {
         axis: opts.axis,
         intensity: opts.intensity,
+        context: opts.context,
     };
     let has_slices = has_slices(&out.join("images"))?;
     match Slicing::read(out)? {

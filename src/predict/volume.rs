@@ -9,13 +9,12 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
-use image::{DynamicImage, GrayImage};
 
 use crate::data;
 use crate::export::ModelMeta;
 use crate::import::{
-    grid_header, pair_volumes, read_label, read_volume, volume_stem, write_nifti, Axis, Canonical,
-    ImportOptions, Intensity, LabelMap, Limits, Slicing,
+    grid_header, pair_volumes, read_label, read_volume, slice_image, volume_stem, write_nifti,
+    Axis, Canonical, ImportOptions, Intensity, LabelMap, Limits, Slicing,
 };
 use crate::inference::Predictor;
 use crate::score::{volume_scores, ScoreReport};
@@ -42,6 +41,7 @@ pub fn slicing(meta: &ModelMeta, choice: &SlicingChoice) -> (Slicing, Option<Str
             .intensity
             .or(meta.slicing.map(|s| s.intensity))
             .unwrap_or(default.intensity),
+        context: meta.slicing.map_or(0, |s| s.context),
     };
     let guessed = meta.slicing.is_none() && (choice.axis.is_none() || choice.intensity.is_none());
     let note = guessed.then(|| {
@@ -105,14 +105,8 @@ pub fn segment(
         let images: Vec<Vec<f32>> = chunk
             .iter()
             .map(|&k| {
-                let (_, _, pixels) = view.slice(&volume.data, axis, k, grey);
-                let slice = GrayImage::from_raw(w as u32, h as u32, pixels).expect("w × h pixels");
-                data::image_to_planar(
-                    &DynamicImage::ImageLuma8(slice),
-                    predictor.model.in_channels(),
-                    None,
-                )
-                .0
+                let image = slice_image(&view, &volume.data, axis, k, slicing.context, grey);
+                data::image_to_planar(&image, predictor.model.in_channels(), None).0
             })
             .collect();
         let batch: Vec<(&[f32], usize, usize)> =

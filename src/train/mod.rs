@@ -174,6 +174,17 @@ impl<'a> Run<'a> {
 
         let dataset = Dataset::open(&config.data, config.seed)?;
         let slicing = Slicing::of_dataset(&config.data.root)?;
+        if let Some(s) = slicing.filter(|s| s.context > 0 && s.channels() != config.data.channels) {
+            bail!(
+                "{}: its images hold {} neighbouring slices as colour channels (import --context \
+                 {}), but data.channels = {}; set data.channels = {}",
+                config.data.root.display(),
+                s.channels(),
+                s.context,
+                config.data.channels,
+                s.channels()
+            );
+        }
         let prior = (config.model.prior > 0.0).then_some(config.model.prior);
         let m = &config.model;
         let (model, vars) = m.kind.init(
