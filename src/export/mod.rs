@@ -17,6 +17,8 @@ use crate::inference::Window;
 use crate::model::{Activation, ModelKind, SegmentationModel, UNetConfig};
 use crate::rules;
 
+pub mod onnx;
+
 pub const FORMAT: &str = "segtrain-unet/1";
 
 /// What a model file says about itself, beyond its tensors.
@@ -482,6 +484,36 @@ fn fs_same_file(a: &Path, b: &Path) -> bool {
 
 /// Rewrites a model file with its float tensors cast to `dtype` (f32, f16 or bf16).
 pub fn convert(src: &Path, dst: &Path, dtype: DType) -> Result<()> {
+    let _lock = prepare_out(src, dst)?;
+    let (tensors, meta) = read(src, &Device::Cpu)?;
+    let ordered = meta
+        .unet
+        .state_dict_spec()
+        .into_iter()
+        .map(|(name, _, kind)| {
+            let t = &tensors[&name];
+            let t = if kind == DType::I64 {
+                t.clone()
+            } else {
+                t.to_dtype(dtype)?
+            };
+            Ok((name, t))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    save(dst, &ordered, &meta)
+}
+
+/// Writes the model file `src` as an ONNX model ([`onnx::to_onnx`]) to `dst`.
+pub fn export_onnx(src: &Path, dst: &Path, opts: onnx::OnnxOptions) -> Result<()> {
+    let _lock = prepare_out(src, dst)?;
+    let (tensors, meta) = read(src, &Device::Cpu)?;
+    crate::fsutil::atomic_write(dst, &onnx::to_onnx(&tensors, &meta, opts)?)
+}
+
+/// Checks that an export may write `dst`: never over the model being exported, and into a run
+/// folder not while a run writes there nor over the run's own files; removes a killed
+/// export's temporaries. Returns the lock of a run folder written into.
+fn prepare_out(src: &Path, dst: &Path) -> Result<Option<crate::fsutil::DirLock>> {
     let target = crate::fsutil::target_of(dst)?;
     let folder = match target.parent() {
         Some(d) if !d.as_os_str().is_empty() => d,
@@ -506,20 +538,5 @@ pub fn convert(src: &Path, dst: &Path, dtype: DType) -> Result<()> {
         bail!("{}: --out is the model being exported", dst.display());
     }
     crate::fsutil::remove_dead_temporaries(folder)?;
-    let (tensors, meta) = read(src, &Device::Cpu)?;
-    let ordered = meta
-        .unet
-        .state_dict_spec()
-        .into_iter()
-        .map(|(name, _, kind)| {
-            let t = &tensors[&name];
-            let t = if kind == DType::I64 {
-                t.clone()
-            } else {
-                t.to_dtype(dtype)?
-            };
-            Ok((name, t))
-        })
-        .collect::<Result<Vec<_>>>()?;
-    save(dst, &ordered, &meta)
+    Ok(lock)
 }
