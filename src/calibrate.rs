@@ -214,6 +214,12 @@ fn fit(p: &Pixels, activation: Activation) -> Result<f64> {
 /// `masks/` or its `val/` split), reports ECE and Brier score before and after at native
 /// resolution, and stores the temperature in the model file (atomically).
 pub fn calibrate(model_path: &Path, data_dir: &Path, device: &Device) -> Result<Calibrated> {
+    if model_path.is_dir() {
+        bail!(
+            "{}: a folder; calibrate a model file (a run's model.safetensors), then export the model folder again so that its config.json and card carry the temperature",
+            model_path.display()
+        );
+    }
     // the model of a run: no training may replace it while the temperature is fitted
     let target = crate::fsutil::target_of(model_path)?;
     let folder = match target.parent() {

@@ -61,6 +61,16 @@ fn model(dir: &Path, name: &str, unet: UNetConfig, normalizer: Normalizer, tempe
     export::save(&dir.join(name).join("model.safetensors"), &tensors, &meta).unwrap();
 }
 
+/// A U-Net of base width 4.
+fn unet(in_channels: usize, classes: usize, depth: usize) -> UNetConfig {
+    UNetConfig {
+        in_channels,
+        classes,
+        base_width: 4,
+        depth,
+    }
+}
+
 /// segtrain's output for raw images `x` (N × C × H × W in [0, 1]): probabilities, or logits.
 fn reference(path: &Path, x: &[f32], shape: [usize; 4], activation: bool) -> Vec<f32> {
     let (net, meta) = export::load(path, &Device::Cpu).unwrap();
@@ -144,20 +154,10 @@ type Case = (&'static str, &'static [&'static str], [[usize; 4]; 2], f32);
 #[test]
 fn onnx_exports_match_segtrain_in_tract() {
     let dir = temp_dir("onnx");
-    let binary = UNetConfig {
-        in_channels: 3,
-        classes: 1,
-        base_width: 4,
-        depth: 2,
-    };
+    let binary = unet(3, 1, 2);
     let dataset = Normalizer::dataset(vec![0.4, 0.5, 0.6], vec![0.2, 0.25, 0.3]);
     model(&dir, "binary", binary, dataset, 1.5);
-    let three = UNetConfig {
-        in_channels: 1,
-        classes: 3,
-        base_width: 4,
-        depth: 3,
-    };
+    let three = unet(1, 3, 3);
     let image = Normalizer {
         mode: Normalization::Image,
         clip: None,
@@ -258,19 +258,13 @@ fn onnx_exports_match_segtrain_in_tract() {
 #[test]
 fn clipped_normalisation_stays_out_of_the_graph() {
     let dir = temp_dir("onnx-clip");
-    let unet = UNetConfig {
-        in_channels: 1,
-        classes: 1,
-        base_width: 4,
-        depth: 2,
-    };
     let clipped = Normalizer {
         mode: Normalization::Image,
         clip: Some([1.0, 99.0]),
         mean: vec![0.5],
         std: vec![0.25],
     };
-    model(&dir, "clip", unet, clipped, 1.0);
+    model(&dir, "clip", unet(1, 1, 2), clipped, 1.0);
     let onnx = export(&dir, "clip", "clip.onnx", &["--with-activation"]);
     let shape = [1, 1, 32, 32];
     let x = random_images(shape, 5);
@@ -287,4 +281,88 @@ fn clipped_normalisation_stays_out_of_the_graph() {
         .metadata_props
         .iter()
         .any(|p| p.key == "normalization_in_graph" && p.value == "false"));
+}
+
+/// `export --format folder`: model.safetensors, config.json and a model card; `predict
+/// --model DIR` takes the folder and predicts what the model file predicts.
+#[test]
+fn a_model_folder_describes_itself_and_predicts() {
+    let dir = temp_dir("model-folder");
+    model(
+        &dir,
+        "run",
+        unet(3, 3, 2),
+        Normalizer::dataset(vec![0.5; 3], vec![0.25; 3]),
+        1.0,
+    );
+    let folder = dir.join("exported");
+    ok(&[
+        "export",
+        "--run",
+        dir.join("run").to_str().unwrap(),
+        "--format",
+        "folder",
+        "--out",
+        folder.to_str().unwrap(),
+    ]);
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(folder.join("config.json")).unwrap())
+            .unwrap();
+    assert_eq!(config["architecture"]["in_channels"], 3);
+    assert_eq!(config["architecture"]["classes"], 3);
+    assert_eq!(config["architecture"]["input_side_multiple"], 4);
+    assert_eq!(config["activation"], "softmax");
+    assert_eq!(config["normalization"]["mode"], "dataset");
+    assert_eq!(config["labels"]["0"], "background");
+    assert_eq!(config["window"]["whole"]["size"], 32, "{config}");
+    let card = std::fs::read_to_string(folder.join("README.md")).unwrap();
+    for part in [
+        "## Intended use and limits",
+        "load_state_dict",
+        "onnxruntime",
+        "## Validation",
+    ] {
+        assert!(card.contains(part), "{part}: {card}");
+    }
+    let (a, b) = (
+        export::read(&folder, &Device::Cpu).unwrap().0,
+        export::read(&dir.join("run/model.safetensors"), &Device::Cpu)
+            .unwrap()
+            .0,
+    );
+    for (name, t) in &a {
+        let d = (t.to_dtype(DType::F64).unwrap() - b[name].to_dtype(DType::F64).unwrap())
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap();
+        assert_eq!(d, 0.0, "{name}");
+    }
+
+    let image = dir.join("img.png");
+    image::RgbImage::from_fn(32, 32, |x, y| {
+        image::Rgb([(x * 8) as u8, (y * 8) as u8, 90])
+    })
+    .save(&image)
+    .unwrap();
+    let predict = |model: &Path, out: &str| {
+        let out = dir.join(out);
+        ok(&[
+            "predict",
+            "--model",
+            model.to_str().unwrap(),
+            image.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "--probabilities",
+        ]);
+        std::fs::read(out.join("img_prob_c1.png")).unwrap()
+    };
+    assert_eq!(
+        predict(&folder, "from-folder"),
+        predict(&dir.join("run/model.safetensors"), "from-file")
+    );
 }

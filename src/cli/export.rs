@@ -16,7 +16,8 @@ pub struct Args {
     #[arg(long)]
     out: PathBuf,
     /// safetensors: the model file (PyTorch state_dict + metadata); onnx: an ONNX graph (input
-    /// `image` N×C×H×W in [0, 1], H and W multiples of 2^depth).
+    /// `image` N×C×H×W in [0, 1], H and W multiples of 2^depth); folder: --out becomes a model
+    /// folder (model.safetensors, config.json, README.md model card) that --model accepts.
     #[arg(long, value_enum, default_value = "safetensors")]
     format: Format,
     #[arg(long, value_enum, default_value = "f32")]
@@ -34,6 +35,7 @@ pub struct Args {
 enum Format {
     Safetensors,
     Onnx,
+    Folder,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -56,6 +58,12 @@ pub fn run(a: Args) -> Result<()> {
                 ExportDType::Bf16 => DType::BF16,
             };
             crate::export::convert(&model, &a.out, dtype)?;
+        }
+        Format::Folder => {
+            if a.with_activation || !matches!(a.dtype, ExportDType::F32) {
+                bail!("--format folder writes the f32 model as trained; --dtype and --with-activation do not apply");
+            }
+            crate::export::folder::write(&model, &a.out)?;
         }
         Format::Onnx => {
             let half = match a.dtype {

@@ -17,7 +17,11 @@ use crate::inference::Window;
 use crate::model::{Activation, ModelKind, SegmentationModel, UNetConfig};
 use crate::rules;
 
+pub mod folder;
 pub mod onnx;
+
+/// The model file of a model folder ([`folder`]).
+pub const MODEL_FILE: &str = "model.safetensors";
 
 pub const FORMAT: &str = "segtrain-unet/1";
 
@@ -358,6 +362,7 @@ pub fn save(path: &Path, tensors: &[(String, Tensor)], meta: &ModelMeta) -> Resu
 /// every entry of the PyTorch `state_dict`, with the right shape, and nothing else.
 /// Every float value is finite and every BatchNorm running variance ≥ 0.
 pub fn read(path: &Path, device: &Device) -> Result<(HashMap<String, Tensor>, ModelMeta)> {
+    let path = &model_file(path);
     check_header_size(path)?;
     let (tensors, meta) = read_safetensors(path, device)?;
     let meta = ModelMeta::from_map(path, &meta)?;
@@ -412,6 +417,16 @@ pub fn read(path: &Path, device: &Device) -> Result<(HashMap<String, Tensor>, Mo
         );
     }
     Ok((tensors, meta))
+}
+
+/// The model file `path` names: `path` itself, or the `model.safetensors` of a model folder
+/// ([`folder`]) or run folder.
+pub fn model_file(path: &Path) -> std::path::PathBuf {
+    if path.is_dir() {
+        path.join(MODEL_FILE)
+    } else {
+        path.to_path_buf()
+    }
 }
 
 /// Loads a model file for inference (f32 weights on `device`).
