@@ -113,8 +113,14 @@ pub struct BenchResult {
     pub threads: usize,
     /// The CPU's model name.
     pub cpu: String,
-    /// The instruction set the GEMMs run on here ([`crate::cpu::gemm_isa`]).
+    /// The instruction set of the element-wise kernels ([`crate::cpu::kernel_isa`]; `--isa`
+    /// or `SEGTRAIN_ISA` narrow it).
     pub isa: &'static str,
+    /// The instruction set the GEMMs run on here ([`crate::cpu::gemm_isa`]).
+    pub gemm_isa: &'static str,
+    /// A rough peak of the GEMMs: threads × clock × f32 FLOPs a cycle of `gemm_isa` (two FMA
+    /// pipes of its width; [`crate::cpu::peak_gflops`]).
+    pub peak_gflops: Option<f64>,
     /// With `--profile`: ms per timed step spent in each kernel.
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub profile: BTreeMap<&'static str, f64>,
@@ -196,7 +202,9 @@ fn result(what: &str, o: &BenchOptions, times: Timings, flops_per_image: f64) ->
         peak_rss_mb: peak_rss_mb(),
         threads: rayon::current_num_threads(),
         cpu: crate::cpu::model_name(),
-        isa: crate::cpu::gemm_isa(),
+        isa: crate::cpu::kernel_isa(),
+        gemm_isa: crate::cpu::gemm_isa(),
+        peak_gflops: crate::cpu::peak_gflops(rayon::current_num_threads()),
         profile,
     }
 }

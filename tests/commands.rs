@@ -596,9 +596,9 @@ fn a_generated_data_set_must_match_its_synth_settings() {
     assert!(err.contains("0.3"), "{err}");
 }
 
-#[test]
-fn bench_names_the_cpu_and_the_instruction_set_its_gemms_run_on() {
-    let out = ok(&[
+/// One tiny `bench` step's JSON line, with `extra` arguments and environment.
+fn bench_line(extra: &[&str], env: &[(&str, &str)]) -> serde_json::Value {
+    let mut args = vec![
         "bench",
         "--batch",
         "1",
@@ -610,22 +610,69 @@ fn bench_names_the_cpu_and_the_instruction_set_its_gemms_run_on() {
         "2",
         "--steps",
         "1",
-    ]);
-    let line: serde_json::Value = serde_json::from_str(out.trim()).expect("one JSON line");
+    ];
+    args.extend_from_slice(extra);
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_segtrain"))
+        .args(&args)
+        .envs(env.iter().copied())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_str(String::from_utf8_lossy(&out.stdout).trim()).expect("one JSON line")
+}
+
+#[test]
+fn bench_names_the_cpu_and_the_instruction_sets_it_runs() {
+    let line = bench_line(&[], &[]);
     assert!(!line["cpu"].as_str().expect("cpu").is_empty(), "{line}");
-    let isa = line["isa"].as_str().expect("isa");
+    // (kernels' path, GEMMs' path) on this CPU, in the default build
     #[cfg(target_arch = "x86_64")]
-    let expected = if std::arch::is_x86_feature_detected!("avx512f") {
-        "avx512"
-    } else if std::arch::is_x86_feature_detected!("fma") {
-        "avx2"
-    } else {
-        "generic"
+    let (widest, gemm) = {
+        let f = |name| match name {
+            "avx2" => std::arch::is_x86_feature_detected!("avx2"),
+            "fma" => std::arch::is_x86_feature_detected!("fma"),
+            "avx512f" => std::arch::is_x86_feature_detected!("avx512f"),
+            "avx512bw" => std::arch::is_x86_feature_detected!("avx512bw"),
+            _ => std::arch::is_x86_feature_detected!("avx512vl"),
+        };
+        let avx2 = f("avx2") && f("fma");
+        let kernels = match (avx2, f("avx512f") && f("avx512bw") && f("avx512vl")) {
+            (true, true) => "avx512",
+            (true, false) => "avx2",
+            _ => "generic",
+        };
+        let gemm = match (f("avx512f"), f("fma")) {
+            (true, _) => "avx512",
+            (false, true) => "avx2",
+            _ => "generic",
+        };
+        (kernels, gemm)
     };
     #[cfg(target_arch = "aarch64")]
-    let expected = "neon";
+    let (widest, gemm) = ("neon", "neon");
     #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
-    let expected = "generic";
-    assert_eq!(isa, expected, "{line}");
+    let (widest, gemm) = ("generic", "generic");
+    assert_eq!(line["isa"], widest, "{line}");
+    assert_eq!(line["gemm_isa"], gemm, "{line}");
     assert!(line["images_per_second"].as_f64().expect("a speed") > 0.0);
+    if cfg!(target_arch = "x86_64") {
+        // narrower paths: by flag and by environment; never wider than the CPU
+        let generic = bench_line(&["--isa", "generic"], &[]);
+        assert_eq!(generic["isa"], "generic", "{generic}");
+        let avx2 = bench_line(&[], &[("SEGTRAIN_ISA", "avx2")]);
+        let expect = if widest == "generic" {
+            "generic"
+        } else {
+            "avx2"
+        };
+        assert_eq!(avx2["isa"], expect, "{avx2}");
+        assert_eq!(
+            avx2["gemm_isa"], gemm,
+            "the GEMMs follow the build, not the cap"
+        );
+    }
 }

@@ -31,6 +31,11 @@ pub struct Args {
     /// Also report the ms per timed step spent in each kernel (`profile` in the JSON line).
     #[arg(long)]
     profile: bool,
+    /// Cap the element-wise kernels' instruction set (default: the widest the CPU has, or
+    /// SEGTRAIN_ISA). The GEMMs follow the build: AVX-512 unless built with
+    /// --no-default-features (then AVX2 + FMA).
+    #[arg(long, value_enum)]
+    isa: Option<crate::cpu::simd::Isa>,
     /// fast: the custom CPU kernels; candle: Candle's generic ops.
     #[arg(long, value_enum, default_value = "fast")]
     kernels: KernelChoice,
@@ -43,6 +48,9 @@ enum KernelChoice {
 }
 
 pub fn run(a: Args) -> Result<()> {
+    if let Some(cap) = a.isa {
+        crate::cpu::simd::limit_isa(cap).map_err(anyhow::Error::msg)?;
+    }
     let opts = BenchOptions {
         batch: a.batch,
         size: a.size,

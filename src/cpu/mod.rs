@@ -26,12 +26,13 @@ pub fn with_data<R>(t: &candle_core::Tensor, f: impl FnOnce(&[f32]) -> Result<R>
 }
 
 /// The instruction set the `gemm` crate picks at run time for f32 (it detects the CPU's
-/// features once): `avx512` (built with its `x86-v4` kernels), `avx2` (AVX2 + FMA), `neon`,
-/// or `generic`.
+/// features once; nothing can narrow it at run time): `avx512` (on an AVX-512 CPU, in a build
+/// with the `avx512` feature, which turns on gemm's `x86-v4` kernels), `avx2` (AVX2 + FMA),
+/// `neon`, or `generic`.
 pub fn gemm_isa() -> &'static str {
     #[cfg(target_arch = "x86_64")]
     {
-        if std::arch::is_x86_feature_detected!("avx512f") {
+        if cfg!(feature = "avx512") && std::arch::is_x86_feature_detected!("avx512f") {
             return "avx512";
         }
         if std::arch::is_x86_feature_detected!("fma") {
@@ -43,6 +44,39 @@ pub fn gemm_isa() -> &'static str {
         return "neon";
     }
     "generic"
+}
+
+/// The element-wise kernels' instruction set ([`simd::isa`]) in words.
+pub fn kernel_isa() -> &'static str {
+    match simd::isa() {
+        simd::Isa::Avx512 => "avx512",
+        simd::Isa::Avx2 => "avx2",
+        simd::Isa::Generic if cfg!(target_arch = "aarch64") => "neon",
+        simd::Isa::Generic => "generic",
+    }
+}
+
+/// A rough f32 peak in GFLOP/s of `threads` cores at the clock `/proc/cpuinfo` reports, for
+/// the GEMM instruction set: two FMA pipes of its width (2 FLOPs a lane) a cycle — 64 FLOPs
+/// for AVX-512, 32 for AVX2, 16 for NEON, 8 otherwise. An estimate for reading figures
+/// against, not a measurement; None where the clock is unknown.
+pub fn peak_gflops(threads: usize) -> Option<f64> {
+    let mhz: f64 = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()?
+        .lines()
+        .find(|l| l.starts_with("cpu MHz"))?
+        .split(':')
+        .nth(1)?
+        .trim()
+        .parse()
+        .ok()?;
+    let per_cycle = match gemm_isa() {
+        "avx512" => 64.0,
+        "avx2" => 32.0,
+        "neon" => 16.0,
+        _ => 8.0,
+    };
+    Some(threads as f64 * mhz / 1e3 * per_cycle)
 }
 
 /// The CPU's model name (`/proc/cpuinfo` on Linux; the architecture elsewhere).

@@ -91,31 +91,78 @@ pub fn sigmoid_parts(x: f32) -> (f32, f32, f32, f32) {
     (log_p, log_p - x, p, q)
 }
 
-/// True when the CPU runs the AVX2 + FMA builds of the kernels.
-pub fn has_avx2() -> bool {
+/// The vector instruction sets the kernels can be built for, narrowest first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, clap::ValueEnum)]
+pub enum Isa {
+    /// Whatever the compiler emits for the baseline target (SSE2 on x86-64, NEON on aarch64).
+    Generic,
+    /// AVX2 + FMA (256-bit).
+    Avx2,
+    /// AVX-512 F, BW and VL (512-bit), with AVX2 + FMA.
+    Avx512,
+}
+
+/// The environment variable that caps the element-wise kernels' instruction set
+/// (`generic`, `avx2` or `avx512`; for comparisons: the widest the CPU has is the default).
+pub const ISA_ENV: &str = "SEGTRAIN_ISA";
+
+static ISA: std::sync::OnceLock<Isa> = std::sync::OnceLock::new();
+
+/// The widest instruction set the CPU runs.
+fn detected() -> Isa {
     #[cfg(target_arch = "x86_64")]
     {
-        std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma")
+        let avx2 = std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma");
+        let avx512 = std::is_x86_feature_detected!("avx512f")
+            && std::is_x86_feature_detected!("avx512bw")
+            && std::is_x86_feature_detected!("avx512vl");
+        match (avx2, avx512) {
+            (true, true) => Isa::Avx512,
+            (true, false) => Isa::Avx2,
+            _ => Isa::Generic,
+        }
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
-        false
+        Isa::Generic
     }
 }
 
-/// True when the CPU runs the AVX-512 builds of the kernels (F, BW and VL, with AVX2 + FMA).
+/// The instruction set the element-wise kernels run: the widest the CPU has, capped by
+/// [`limit_isa`] or, where that was not called, by [`ISA_ENV`] (an unknown value there is
+/// ignored with a warning). Fixed on first use.
+pub fn isa() -> Isa {
+    *ISA.get_or_init(|| {
+        let cap = match std::env::var(ISA_ENV) {
+            Ok(v) => <Isa as clap::ValueEnum>::from_str(&v, true).unwrap_or_else(|_| {
+                eprintln!("warning: {ISA_ENV}=`{v}` is not generic, avx2 or avx512; ignored");
+                Isa::Avx512
+            }),
+            Err(_) => Isa::Avx512,
+        };
+        detected().min(cap)
+    })
+}
+
+/// Caps the kernels' instruction set at `cap` (before any kernel ran); returns the one used.
+pub fn limit_isa(cap: Isa) -> Result<Isa, String> {
+    let want = detected().min(cap);
+    match *ISA.get_or_init(|| want) {
+        got if got == want => Ok(got),
+        got => Err(format!(
+            "the kernels already run {got:?}; cap them before any work"
+        )),
+    }
+}
+
+/// True when the kernels run their AVX2 + FMA builds (or wider).
+pub fn has_avx2() -> bool {
+    isa() >= Isa::Avx2
+}
+
+/// True when the kernels run their AVX-512 builds.
 pub fn has_avx512() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        has_avx2()
-            && std::is_x86_feature_detected!("avx512f")
-            && std::is_x86_feature_detected!("avx512bw")
-            && std::is_x86_feature_detected!("avx512vl")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
+    isa() >= Isa::Avx512
 }
 
 /// `with_simd!(expr)` evaluates `expr` (typically a call of an `#[inline(always)]` kernel) in a
