@@ -104,12 +104,13 @@ def forward_flops(c, f, d, s):
     return fl + conv(f, 1, 1, s * s)
 
 
-def report(what, a, ms, flops_per_image):
+def report(what, a, ms, flops_per_image, images=None, size=None):
     med, mn = ms
+    images = a.batch if images is None else images
     print(json.dumps({
-        "what": what, "kernels": "pytorch", "batch": a.batch, "size": a.size,
-        "ms_median": med, "ms_min": mn, "images_per_second": a.batch / (med / 1e3),
-        "gflops": flops_per_image * a.batch / (med / 1e3) / 1e9,
+        "what": what, "kernels": "pytorch", "batch": a.batch, "size": size or a.size,
+        "ms_median": med, "ms_min": mn, "images_per_second": images / (med / 1e3),
+        "gflops": flops_per_image * images / (med / 1e3) / 1e9,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "threads": torch.get_num_threads(),
     }))
@@ -125,6 +126,9 @@ def main():
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--infer", action="store_true")
     ap.add_argument("--loss", action="store_true")
+    ap.add_argument("--sliding", type=int, metavar="SIDE",
+                    help="MONAI sliding_window_inference of one SIDE x SIDE image (roi --size, "
+                         "overlap 0.5, gaussian, sw_batch_size --batch)")
     a = ap.parse_args()
     torch.manual_seed(0)
     if a.loss:
@@ -141,6 +145,21 @@ def main():
     net = UNet(a.channels, 1, a.base_width, a.depth)
     fl = forward_flops(a.channels, a.base_width, a.depth, a.size)
     x = torch.randn(a.batch, a.channels, a.size, a.size)
+    if a.sliding:
+        from monai.inferers import sliding_window_inference
+
+        net.eval()
+        image = torch.rand(1, a.channels, a.sliding, a.sliding)
+        stride = a.size // 2
+        windows = (-(-(a.sliding - a.size) // stride) + 1) ** 2
+
+        def step():
+            with torch.no_grad():
+                torch.sigmoid(sliding_window_inference(image, (a.size, a.size), a.batch, net,
+                                                       overlap=0.5, mode="gaussian"))
+
+        report("sliding_window", a, timed(step, a.steps), fl * windows, images=1, size=a.sliding)
+        return
     if a.infer:
         net.eval()
 

@@ -13,6 +13,7 @@ use serde::Serialize;
 
 use crate::config::Precision;
 use crate::cpu::profile::time;
+use crate::inference::{Predictor, Window};
 use crate::kernels::Kernels;
 use crate::loss::Loss;
 use crate::model::{self, UNet, UNetConfig};
@@ -246,17 +247,22 @@ pub fn train_step(o: &BenchOptions) -> Result<BenchResult> {
     ))
 }
 
+/// A freshly initialised U-Net for evaluation-mode forwards.
+fn eval_model(cfg: UNetConfig) -> Result<UNet> {
+    let (_, vars) = model::init(cfg, Some(0.01), false, 0, &Device::Cpu)?;
+    let weights = crate::train::detached_tensors(&vars);
+    Ok(UNet::new(
+        cfg,
+        None,
+        VarBuilder::from_tensors(weights, DType::F32, &Device::Cpu),
+    )?)
+}
+
 /// Forward in evaluation mode.
 pub fn inference(o: &BenchOptions) -> Result<BenchResult> {
     o.validate(Bench::Inference)?;
     let cfg = o.unet();
-    let (_, vars) = model::init(cfg, Some(0.01), false, 0, &Device::Cpu)?;
-    let weights = crate::train::detached_tensors(&vars);
-    let eval = UNet::new(
-        cfg,
-        None,
-        VarBuilder::from_tensors(weights, DType::F32, &Device::Cpu),
-    )?;
+    let eval = eval_model(cfg)?;
     let x = Tensor::randn(
         0f32,
         1.0,
@@ -268,6 +274,62 @@ pub fn inference(o: &BenchOptions) -> Result<BenchResult> {
         Ok(())
     })?;
     Ok(result("inference", o, times, cfg.forward_flops(o.size)))
+}
+
+/// Sliding-window inference of one `image × image` image: windows of `size²` (the patch),
+/// overlap 0.5, Gaussian blending, `batch` windows a forward pass — [`Predictor`] as `predict`
+/// runs it on a patch-trained model (MONAI: `sliding_window_inference(roi_size=size,
+/// sw_batch_size=batch, overlap=0.5, mode="gaussian")`). FLOPs: those of the windows run.
+pub fn sliding_window(o: &BenchOptions, image: usize) -> Result<BenchResult> {
+    o.validate(Bench::Inference)?;
+    if image < o.size || image > rules::MAX_SIDE {
+        bail!(
+            "--sliding {image}: the image side must lie in [--size {}, {}]",
+            o.size,
+            rules::MAX_SIDE
+        );
+    }
+    let cfg = o.unet();
+    let eval = eval_model(cfg)?;
+    let normalizer =
+        crate::data::Normalizer::dataset(vec![0.5; o.channels], vec![0.25; o.channels]);
+    let predictor = Predictor {
+        model: &eval,
+        activation: crate::model::Activation::Sigmoid,
+        temperature: 1.0,
+        window: Window::Sliding {
+            patch: o.size,
+            overlap: 0.5,
+            blend: crate::data::Blend::Gaussian,
+        },
+        normalizer: &normalizer,
+        batch: o.batch,
+        device: &Device::Cpu,
+        tta: vec![],
+        min_lesion_pixels: 0,
+    };
+    let mut rng = ChaCha8Rng::seed_from_u64(3);
+    let pixels: Vec<f32> = (0..o.channels * image * image)
+        .map(|_| rng.random())
+        .collect();
+    let times = timings(o.warmup, o.steps, || {
+        predictor.probabilities(&[(&pixels, image, image)])?;
+        Ok(())
+    })?;
+    // windows per side as MONAI places them: ceil((image − patch) / stride) + 1
+    let stride = o.size / 2;
+    let per_side = (image - o.size).div_ceil(stride) + 1;
+    let mut r = result(
+        "sliding_window",
+        o,
+        times,
+        (per_side * per_side) as f64 * cfg.forward_flops(o.size),
+    );
+    // one image a step
+    r.images_per_second /= o.batch as f64;
+    r.gflops /= o.batch as f64;
+    r.size = image;
+    Ok(r)
 }
 
 /// Loss forward + backward on `(batch, 1, size, size)` logits with ≈ 2 % positives: focal

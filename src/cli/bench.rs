@@ -28,6 +28,10 @@ pub struct Args {
     /// (batch, 1, size, size) logits; use --size 256.
     #[arg(long)]
     loss: bool,
+    /// Sliding-window inference of one SIDE × SIDE image with --size windows (overlap 0.5,
+    /// Gaussian blending, --batch windows a pass), as `predict` runs a patch-trained model.
+    #[arg(long, value_name = "SIDE")]
+    sliding: Option<usize>,
     /// Also report the ms per timed step spent in each kernel (`profile` in the JSON line).
     #[arg(long)]
     profile: bool,
@@ -68,6 +72,8 @@ pub fn run(a: Args) -> Result<()> {
     crate::cpu::profile::enable(a.profile);
     let results = if a.loss {
         crate::bench::loss(&opts)?
+    } else if let Some(side) = a.sliding {
+        vec![crate::bench::sliding_window(&opts, side)?]
     } else if a.infer {
         vec![crate::bench::inference(&opts)?]
     } else {
