@@ -113,6 +113,7 @@ def report(what, a, ms, flops_per_image, images=None, size=None):
         "gflops": flops_per_image * images / (med / 1e3) / 1e9,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "threads": torch.get_num_threads(),
+        "isa": torch.backends.cpu.get_cpu_capability(),
     }))
 
 
