@@ -631,7 +631,35 @@ fn context_slices_reach_the_model_alike_from_import_and_from_the_scan() {
         err.contains("data.channels = 3") && err.contains("--context 1"),
         "{err}"
     );
-    std::fs::write(&config, text.replace("epochs = 2", "epochs = 1")).unwrap();
+    // data.context_slices: checked against the data set and the channels
+    let keyed = text.replace("channels = 3", "channels = 3\ncontext_slices = 1");
+    let plain_config = dir.join("plain.toml");
+    let on_plain = keyed.replace(path_str(&context), path_str(&plain));
+    std::fs::write(&plain_config, on_plain).unwrap();
+    let refused = segtrain(&train_args(&plain_config, &runs, &[]));
+    assert!(!refused.status.success());
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        err.contains("data.context_slices = 1") && err.contains("--context 0"),
+        "{err}"
+    );
+    for (bad, says) in [
+        ("context_slices = 2", "at most 1"),
+        ("context_slices = 0", "1 input channels"),
+    ] {
+        std::fs::write(
+            &plain_config,
+            text.replace("channels = 3", &format!("channels = 3\n{bad}")),
+        )
+        .unwrap();
+        let refused = segtrain(&train_args(&plain_config, &runs, &[]));
+        let err = String::from_utf8_lossy(&refused.stderr);
+        assert!(
+            !refused.status.success() && err.contains("data.context_slices") && err.contains(says),
+            "{bad}: {err}"
+        );
+    }
+    std::fs::write(&config, keyed.replace("epochs = 2", "epochs = 1")).unwrap();
     ok(&train_args(&config, &runs, &[]));
     let model = runs.join("tiny").join("model.safetensors");
     let (_, meta) = export::load(&model, &Device::Cpu).unwrap();

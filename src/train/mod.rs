@@ -174,6 +174,13 @@ impl<'a> Run<'a> {
 
         let dataset = Dataset::open(&config.data, config.seed)?;
         let slicing = Slicing::of_dataset(&config.data.root)?;
+        let recorded = slicing.map_or(0, |s| s.context);
+        if let Some(k) = config.data.context_slices.filter(|&k| k != recorded) {
+            bail!(
+                "data.context_slices = {k}, but the slices of {} were imported with --context {recorded}; import them with --context {k} (or drop the key)",
+                config.data.root.display()
+            );
+        }
         if let Some(s) = slicing.filter(|s| s.context > 0 && s.channels() != config.data.channels) {
             bail!(
                 "{}: its images hold {} neighbouring slices as colour channels (import --context \
