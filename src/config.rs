@@ -402,7 +402,7 @@ impl Config {
                     ),
                 );
             }
-            if d.channels != 2 * k + 1 {
+            if k > 0 && d.channels != 2 * k + 1 {
                 return bad(
                     "data.context_slices",
                     format!(

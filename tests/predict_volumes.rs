@@ -644,14 +644,10 @@ fn context_slices_reach_the_model_alike_from_import_and_from_the_scan() {
         "{err}"
     );
     for (bad, says) in [
-        ("context_slices = 2", "at most 1"),
-        ("context_slices = 0", "1 input channels"),
+        ("channels = 3\ncontext_slices = 2", "at most 1"),
+        ("channels = 1\ncontext_slices = 1", "3 input channels"),
     ] {
-        std::fs::write(
-            &plain_config,
-            text.replace("channels = 3", &format!("channels = 3\n{bad}")),
-        )
-        .unwrap();
+        std::fs::write(&plain_config, text.replace("channels = 3", bad)).unwrap();
         let refused = segtrain(&train_args(&plain_config, &runs, &[]));
         let err = String::from_utf8_lossy(&refused.stderr);
         assert!(
