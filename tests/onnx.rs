@@ -305,6 +305,31 @@ fn a_model_folder_describes_itself_and_predicts() {
         "--out",
         folder.to_str().unwrap(),
     ]);
+    // a folder of other files is not overwritten; an earlier model folder is
+    let other = dir.join("other");
+    std::fs::create_dir_all(&other).unwrap();
+    std::fs::write(other.join("README.md"), "mine").unwrap();
+    for (out, succeeds) in [(&other, false), (&folder, true)] {
+        let r = segtrain(&[
+            "export",
+            "--run",
+            dir.join("run").to_str().unwrap(),
+            "--format",
+            "folder",
+            "--out",
+            out.to_str().unwrap(),
+        ]);
+        assert_eq!(
+            r.status.success(),
+            succeeds,
+            "{}",
+            String::from_utf8_lossy(&r.stderr)
+        );
+    }
+    assert_eq!(
+        std::fs::read_to_string(other.join("README.md")).unwrap(),
+        "mine"
+    );
     let config: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(folder.join("config.json")).unwrap())
             .unwrap();

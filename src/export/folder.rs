@@ -68,6 +68,17 @@ pub fn write(src: &Path, dir: &Path) -> Result<()> {
     if dir.exists() && !dir.is_dir() {
         bail!("--out {}: exists and is not a folder", dir.display());
     }
+    if dir.is_dir() && !is_model_folder(dir) {
+        let mut entries =
+            std::fs::read_dir(dir).with_context(|| format!("cannot list {}", dir.display()))?;
+        if entries.next().is_some() {
+            bail!(
+                "--out {}: a folder holding other files (its README.md or config.json would be \
+                 replaced); give a new or empty folder, or an earlier model folder to replace",
+                dir.display()
+            );
+        }
+    }
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     crate::fsutil::remove_dead_temporaries(dir)?;
     super::convert(src, &dir.join(MODEL_FILE), candle_core::DType::F32)?;
@@ -84,6 +95,18 @@ pub fn write(src: &Path, dir: &Path) -> Result<()> {
         &dir.join("README.md"),
         card(&meta, summary.as_ref())?.as_bytes(),
     )
+}
+
+/// Whether `dir` is a model folder written by [`write`] (its `config.json` names the format).
+fn is_model_folder(dir: &Path) -> bool {
+    crate::fsutil::read_text(
+        &dir.join("config.json"),
+        crate::fsutil::MAX_TEXT_BYTES,
+        "config",
+    )
+    .ok()
+    .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+    .is_some_and(|c| c["format"] == super::FORMAT)
 }
 
 /// The model card.
