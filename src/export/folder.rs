@@ -111,12 +111,24 @@ fn is_model_folder(dir: &Path) -> bool {
 
 /// The model card.
 fn card(meta: &ModelMeta, summary: Option<&serde_json::Value>) -> Result<String> {
-    let config = crate::config::Config::from_toml(&meta.config, &[]).ok();
+    // the resolved config as a TOML table (export sits below config in the module graph)
+    let config: Option<toml::Table> = meta.config.parse().ok();
     let u = &meta.unet;
     let mut s = String::new();
-    let name = config
-        .as_ref()
-        .map_or("model".to_string(), |c| c.name.clone());
+    let get = |path: &[&str]| -> Option<toml::Value> {
+        let mut v = toml::Value::Table(config.clone()?);
+        for k in path {
+            v = v.get(k)?.clone();
+        }
+        Some(v)
+    };
+    let text = |path: &[&str]| {
+        get(path).map_or("?".to_string(), |v| match v {
+            toml::Value::String(s) => s,
+            v => v.to_string(),
+        })
+    };
+    let name = text(&["name"]);
     writeln!(s, "# {name}: a segtrain U-Net\n")?;
     writeln!(
         s,
@@ -131,10 +143,10 @@ fn card(meta: &ModelMeta, summary: Option<&serde_json::Value>) -> Result<String>
     )?;
     writeln!(s, "## Data\n")?;
     match &config {
-        Some(c) => writeln!(
+        Some(_) => writeln!(
             s,
             "Trained on `{}` ({}).",
-            c.data.root.display(),
+            text(&["data", "root"]),
             match meta.window {
                 Window::Whole { size } => format!("whole images resized to {size}²"),
                 Window::Sliding { patch, overlap, .. } => format!(
@@ -152,24 +164,25 @@ fn card(meta: &ModelMeta, summary: Option<&serde_json::Value>) -> Result<String>
         )?;
     }
     writeln!(s, "\n## Training\n")?;
-    if let Some(c) = &config {
-        let losses: Vec<String> = c
-            .loss()
-            .map(|l| {
-                l.terms
-                    .iter()
-                    .map(|t| format!("{} × {}", t.weight, t.kind))
-                    .collect()
+    if config.is_some() {
+        let losses: Vec<String> = get(&["loss"])
+            .and_then(|l| l.as_array().cloned())
+            .unwrap_or_default()
+            .iter()
+            .map(|t| {
+                let weight = t.get("weight").map_or("1".to_string(), |w| w.to_string());
+                let kind = t.get("kind").and_then(|k| k.as_str()).unwrap_or("?");
+                format!("{weight} × {kind}")
             })
-            .unwrap_or_default();
+            .collect();
         writeln!(
             s,
             "Loss: {}. Optimiser AdamW, learning rate {}, batch size {}, {} epochs planned, seed {}.",
             losses.join(" + "),
-            c.train.lr,
-            c.train.batch_size,
-            c.train.epochs,
-            c.seed
+            text(&["train", "lr"]),
+            text(&["train", "batch_size"]),
+            text(&["train", "epochs"]),
+            text(&["seed"])
         )?;
     }
     if let Some(sm) = summary {
