@@ -162,6 +162,26 @@ fn write(dir: &Path, name: &str, v: &Stored, format: Format) -> PathBuf {
     }
 }
 
+/// Folders `dir/scans` and `dir/labels` of identity-affine NIfTI volumes `v<i>`: the scan and
+/// label with the lesion moved `shifts[i]` voxels along y (wrapping).
+fn shifted_volumes(dir: &Path, shifts: [usize; 3]) -> (PathBuf, PathBuf) {
+    let (scans, labels) = (dir.join("scans"), dir.join("labels"));
+    std::fs::create_dir_all(&scans).unwrap();
+    std::fs::create_dir_all(&labels).unwrap();
+    for (i, shift) in shifts.into_iter().enumerate() {
+        let scan = move |x, y: usize, z| scan_value(x, (y + shift) % 32, z);
+        let label = move |x, y: usize, z| label_value(x, (y + shift) % 32, z);
+        for (folder, f) in [
+            (&scans, &scan as &dyn Fn(usize, usize, usize) -> f32),
+            (&labels, &label),
+        ] {
+            let v = volumes::stored(&GRID, f, [0, 1, 2], [false; 3]);
+            volumes::write_nifti(&folder.join(format!("v{i}.nii.gz")), &v);
+        }
+    }
+    (scans, labels)
+}
+
 fn dice(a: &[u8], b: &[u8]) -> f64 {
     let both = a.iter().zip(b).filter(|(x, y)| **x > 0 && **y > 0).count();
     let sum = a.iter().chain(b).filter(|x| **x > 0).count();
@@ -281,25 +301,7 @@ fn predicted_volumes_land_on_the_scan_grid_under_any_affine() {
 #[test]
 fn the_import_slicing_travels_with_the_data_set_into_the_model() {
     let dir = temp_dir("predict-volume-record");
-    let (scans, labels) = (dir.join("scans"), dir.join("labels"));
-    std::fs::create_dir_all(&scans).unwrap();
-    std::fs::create_dir_all(&labels).unwrap();
-    for (i, shift) in [0usize, 3, 6].into_iter().enumerate() {
-        let scan = volumes::stored(
-            &GRID,
-            |x, y, z| scan_value(x, (y + shift) % 32, z),
-            [0, 1, 2],
-            [false; 3],
-        );
-        let label = volumes::stored(
-            &GRID,
-            |x, y, z| label_value(x, (y + shift) % 32, z),
-            [0, 1, 2],
-            [false; 3],
-        );
-        volumes::write_nifti(&scans.join(format!("v{i}.nii.gz")), &scan);
-        volumes::write_nifti(&labels.join(format!("v{i}.nii.gz")), &label);
-    }
+    let (scans, labels) = shifted_volumes(&dir, [0, 3, 6]);
     let data = dir.join("data");
     let import = |extra: &[&str]| {
         let mut args = vec![
@@ -558,22 +560,7 @@ fn eval_scores_scans_against_label_volumes() {
 #[test]
 fn context_slices_reach_the_model_alike_from_import_and_from_the_scan() {
     let dir = temp_dir("predict-context");
-    let (scans, labels) = (dir.join("scans"), dir.join("labels"));
-    std::fs::create_dir_all(&scans).unwrap();
-    std::fs::create_dir_all(&labels).unwrap();
-    for (i, shift) in [0usize, 4, 9].into_iter().enumerate() {
-        let moved = move |x, y, z| scan_value(x, (y + shift) % 32, z);
-        let truth = move |x, y, z| label_value(x, (y + shift) % 32, z);
-        let id = ([0, 1, 2], [false; 3]);
-        volumes::write_nifti(
-            &scans.join(format!("v{i}.nii.gz")),
-            &volumes::stored(&GRID, moved, id.0, id.1),
-        );
-        volumes::write_nifti(
-            &labels.join(format!("v{i}.nii.gz")),
-            &volumes::stored(&GRID, truth, id.0, id.1),
-        );
-    }
+    let (scans, labels) = shifted_volumes(&dir, [0, 4, 9]);
     let import = |out: &Path, context: &str| {
         ok(&[
             "import",
