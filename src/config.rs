@@ -391,28 +391,20 @@ impl Config {
             );
         }
         rule("data.overlap", rules::overlap(d.overlap))?;
-        rule("data.channels", rules::channels(d.channels))?;
-        if let Some(k) = d.context_slices {
-            if k > crate::import::MAX_CONTEXT {
-                return bad(
-                    "data.context_slices",
-                    format!(
-                        "{k}: at most {} (import writes the neighbours as an image's colour channels)",
-                        crate::import::MAX_CONTEXT
-                    ),
-                );
-            }
-            if k > 0 && d.channels != 2 * k + 1 {
-                return bad(
-                    "data.context_slices",
-                    format!(
-                        "{k} means {} input channels, but data.channels = {}",
-                        2 * k + 1,
-                        d.channels
-                    ),
-                );
-            }
+        if d.context_slices > rules::MAX_CONTEXT {
+            return bad(
+                "data.context_slices",
+                format!(
+                    "{}: at most {} neighbour slices each side",
+                    d.context_slices,
+                    rules::MAX_CONTEXT
+                ),
+            );
         }
+        rule(
+            "data.channels",
+            rules::channels(d.channels, d.context_slices),
+        )?;
         rule("data.classes", rules::classes(d.classes))?;
         rule(
             "model.activation",

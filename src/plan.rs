@@ -35,7 +35,7 @@ use rayon::prelude::*;
 
 use crate::bench::{self, BenchOptions};
 use crate::config::Config;
-use crate::data::{self, PairPaths};
+use crate::data::{self, Format, PairPaths};
 use crate::kernels::Kernels;
 use crate::metrics::percentile;
 use crate::rules;
@@ -95,8 +95,9 @@ pub struct Fingerprint {
     pub widths: Spread,
     /// 1 when every image is grey (R = G = B), else 3.
     pub channels: usize,
-    /// The channels are neighbouring slices of grey scans (`import --context 1`), not colour.
-    pub slices_as_channels: bool,
+    /// 2.5-D context k (`import --context k`): the channels are slices z−k … z+k of grey
+    /// scans, not colour; 0: none.
+    pub context: usize,
     pub intensity: Vec<Intensity>,
     /// Each image's mean and standard deviation (grey level, all channels averaged).
     pub image_means: Spread,
@@ -120,8 +121,8 @@ pub struct Fingerprint {
 impl Fingerprint {
     /// What the intensities look like.
     pub fn modality(&self) -> &'static str {
-        if self.slices_as_channels {
-            "grey scan slices, each with its two neighbours as colour channels (import --context 1)"
+        if self.context > 0 {
+            "grey scan slices, each stacked with its neighbours as input channels (import --context)"
         } else if self.channels == 3 {
             "colour photographs (RGB)"
         } else if self.dark_share > 0.2 {
@@ -148,17 +149,22 @@ struct ImageStats {
     lesion_areas: Vec<f64>,
 }
 
-fn measure(pair: &PairPaths) -> Result<ImageStats> {
-    let image = data::load_image(&pair.image, 3, None)?;
-    let (h, w) = image.hw;
-    let planes: Vec<&[f32]> = image.planes.chunks(h * w).collect();
-    let grey = (0..h * w).all(|i| planes[0][i] == planes[1][i] && planes[1][i] == planes[2][i]);
+/// Measures one pair, its image read as RGB or, for 2.5-D context, as a slice stack
+/// (`format`); the grey level is the mean of R, G and B, or the stack's centre slice.
+fn measure(pair: &PairPaths, format: &Format) -> Result<ImageStats> {
+    let (image, (h, w)) = data::load_image(&pair.image, format)?;
+    let planes: Vec<&[f32]> = image.chunks(h * w).collect();
+    let grey = format.slice_stack
+        || (0..h * w).all(|i| planes[0][i] == planes[1][i] && planes[1][i] == planes[2][i]);
     let step = (h * w / 4096).max(1);
     let samples = planes
         .iter()
         .map(|p| p.iter().step_by(step).copied().collect())
         .collect();
-    let luma = |i: usize| (planes[0][i] + planes[1][i] + planes[2][i]) / 3.0;
+    let luma = |i: usize| match format.slice_stack {
+        true => planes[planes.len() / 2][i],
+        false => (planes[0][i] + planes[1][i] + planes[2][i]) / 3.0,
+    };
     let dark = (0..h * w).filter(|&i| luma(i) < 0.02).count() as f64 / (h * w) as f64;
     let n = (h * w) as f64;
     let mean = (0..h * w).map(|i| luma(i) as f64).sum::<f64>() / n;
@@ -249,13 +255,21 @@ pub fn fingerprint(root: &Path) -> Result<Fingerprint> {
             root.join("val").display()
         );
     }
-    let stats = pairs.par_iter().map(measure).collect::<Result<Vec<_>>>()?;
-    let slices_as_channels =
-        crate::import::Slicing::of_dataset(root)?.is_some_and(|s| s.context > 0);
-    let channels = if stats.iter().all(|s| s.grey) && !slices_as_channels {
-        1
-    } else {
-        3
+    let context = crate::import::Slicing::of_dataset(root)?.map_or(0, |s| s.context);
+    let format = Format {
+        channels: if context > 0 { 2 * context + 1 } else { 3 },
+        slice_stack: context > 0,
+        classes: 1,
+        ignore_index: None,
+        resize: None,
+    };
+    let stats = pairs
+        .par_iter()
+        .map(|p| measure(p, &format))
+        .collect::<Result<Vec<_>>>()?;
+    let channels = match stats.iter().all(|s| s.grey) && context == 0 {
+        true => 1,
+        false => format.channels,
     };
     let intensity = (0..channels)
         .map(|c| {
@@ -301,8 +315,7 @@ pub fn fingerprint(root: &Path) -> Result<Fingerprint> {
         heights: spread(&|s| s.h as f64, &all).expect("one image at least"),
         widths: spread(&|s| s.w as f64, &all).expect("one image at least"),
         channels,
-        slices_as_channels: crate::import::Slicing::of_dataset(root)?
-            .is_some_and(|s| s.context > 0),
+        context,
         intensity,
         image_means: spread(&|s| s.luma_moments.0, &all).expect("one image at least"),
         image_stds: spread(&|s| s.luma_moments.1, &all).expect("one image at least"),
@@ -502,6 +515,9 @@ fn write_data(w: &mut String, fp: &Fingerprint) -> Result<Input> {
     };
     writeln!(w, "# {}", fp.modality())?;
     writeln!(w, "channels = {}", fp.channels)?;
+    if fp.context > 0 {
+        writeln!(w, "context_slices = {}", fp.context)?;
+    }
     if fp.classes > 1 {
         writeln!(w, "# mask values 0..{}: class indices", fp.classes - 1)?;
     } else {
@@ -647,7 +663,7 @@ fn write_loss(w: &mut String, patch_mode: bool) -> Result<()> {
 
 /// The `normalize` and `clip_percentiles` decisions (see the module's rules), with comments.
 fn write_normalisation(w: &mut String, fp: &Fingerprint) -> Result<()> {
-    if fp.channels == 1 || fp.slices_as_channels {
+    if fp.channels == 1 || fp.context > 0 {
         writeln!(
             w,
             "# grey images (or slices): each normalised by its own mean and std (z-score per image, nnU-Net's rule for MRI),"

@@ -124,11 +124,28 @@ pub fn overlap(o: f64) -> Check {
     }
 }
 
-pub fn channels(c: usize) -> Check {
-    if [1, 3].contains(&c) {
-        Ok(())
-    } else {
-        Err(format!("must be 1 or 3, got {c}"))
+/// Most neighbour slices each side in 2.5-D context: 2·4 + 1 = 9 input channels. (A guard
+/// against typos: the gain of context is in the nearest slices; wider is what 3-D networks
+/// are for.)
+pub const MAX_CONTEXT: usize = 4;
+
+/// Most input channels of a network: 2.5-D context at [`MAX_CONTEXT`].
+pub const MAX_IN_CHANNELS: usize = 2 * MAX_CONTEXT + 1;
+
+/// Input channels of images: grey or RGB (1 or 3); with 2.5-D context k (slices z−k … z+k),
+/// 2k + 1.
+pub fn channels(c: usize, context: usize) -> Check {
+    match context {
+        0 if [1, 3].contains(&c) => Ok(()),
+        0 => Err(format!("must be 1 or 3, got {c}")),
+        k if k > MAX_CONTEXT => Err(format!(
+            "2.5-D context {k}: at most {MAX_CONTEXT} neighbour slices each side"
+        )),
+        k if c != 2 * k + 1 => Err(format!(
+            "must be {} (2.5-D context {k}: slices z−{k} … z+{k}), got {c}",
+            2 * k + 1
+        )),
+        _ => Ok(()),
     }
 }
 

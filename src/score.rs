@@ -290,6 +290,7 @@ fn mask_cases(pred_dir: &Path, label_dir: &Path) -> Result<Vec<CaseScore>> {
         );
     }
     let binary = Format {
+        slice_stack: false,
         channels: 1,
         classes: 1,
         ignore_index: None,

@@ -201,7 +201,8 @@ fn check_loaded(
     prop_assert_eq!(model.state_dict_spec(), u.state_dict_spec());
     prop_assert!(rules::depth(u.depth).is_ok());
     prop_assert!(rules::base_width(u.base_width).is_ok());
-    prop_assert!(rules::channels(u.in_channels).is_ok());
+    let context = meta.slicing.map_or(0, |s| s.context);
+    prop_assert!(rules::channels(u.in_channels, context).is_ok());
     prop_assert!(rules::classes(u.classes).is_ok());
     prop_assert!(rules::activation(meta.activation, u.classes).is_ok());
     prop_assert!(rules::temperature(meta.temperature).is_ok());
@@ -261,9 +262,10 @@ proptest! {
     #[test]
     fn image_and_mask_loaders_never_panic(bytes in prop_oneof![mutated(png_bytes()), prop::collection::vec(any::<u8>(), 0..300)]) {
         let path = temp_file("img.png", &bytes);
-        let _ = segtrain::data::load_image(&path, 3, Some(16));
-        let _ = segtrain::data::load_image(&path, 1, None);
-        let format = segtrain::data::Format { channels: 1, classes: 3, ignore_index: Some(255), resize: Some(8) };
+        let format = segtrain::data::Format { channels: 1, slice_stack: false, classes: 3, ignore_index: Some(255), resize: Some(8) };
+        let _ = segtrain::data::load_image(&path, &segtrain::data::Format { channels: 3, resize: Some(16), ..format });
+        let _ = segtrain::data::load_image(&path, &segtrain::data::Format { resize: None, ..format });
+        let _ = segtrain::data::load_image(&path, &segtrain::data::Format { channels: 5, slice_stack: true, ..format });
         let _ = segtrain::data::load_mask(&path, &format);
         let _ = segtrain::data::load_mask(&path, &segtrain::data::Format { classes: 1, ignore_index: None, ..format });
     }

@@ -553,16 +553,16 @@ fn eval_scores_scans_against_label_volumes() {
     );
 }
 
-/// `import --context 1` writes slices k−1, k, k+1 as red, green and blue (the end slices
-/// repeated); training needs data.channels = 3 for it and records the context; `predict` on
-/// the scan builds the same input, so its probabilities on a slice equal those of `predict` on
-/// the imported PNG of that slice.
+/// `import --context 2` writes slices k−2 … k+2 stacked top to bottom in one grey image (the
+/// end slices repeated); training needs data.context_slices = 2 and data.channels = 5 for it
+/// and records the context; `predict` on the scan builds the same input, so its
+/// probabilities on a slice equal those of `predict` on the imported stack of that slice.
 #[test]
 fn context_slices_reach_the_model_alike_from_import_and_from_the_scan() {
     let dir = temp_dir("predict-context");
     let (scans, labels) = shifted_volumes(&dir, [0, 4, 9]);
     let import = |out: &Path, context: &str| {
-        ok(&[
+        segtrain(&[
             "import",
             "--images",
             path_str(&scans),
@@ -572,73 +572,84 @@ fn context_slices_reach_the_model_alike_from_import_and_from_the_scan() {
             path_str(out),
             "--context",
             context,
-        ]);
+        ])
     };
     let (plain, context) = (dir.join("plain"), dir.join("context"));
-    import(&plain, "0");
-    import(&context, "1");
+    assert!(import(&plain, "0").status.success());
+    assert!(import(&context, "2").status.success());
+    let slices = GRID.dims[2];
     let grey = |k: usize| {
-        let k = k.clamp(0, GRID.dims[2] - 1);
+        let k = k.min(slices - 1);
         image::open(plain.join(format!("images/v1_z{k:04}.png")))
             .unwrap()
             .into_luma8()
     };
-    for k in 0..GRID.dims[2] {
-        let rgb = image::open(context.join(format!("images/v1_z{k:04}.png"))).unwrap();
-        let rgb = rgb.as_rgb8().expect("an RGB slice");
-        let (below, at, above) = (grey(k.saturating_sub(1)), grey(k), grey(k + 1));
-        for (p, ((b, a), c)) in rgb
-            .pixels()
-            .zip(below.pixels().zip(at.pixels()).zip(above.pixels()))
-        {
-            assert_eq!(p.0, [b.0[0], a.0[0], c.0[0]], "slice {k}");
+    for k in 0..slices {
+        let stack = image::open(context.join(format!("images/v1_z{k:04}.png"))).unwrap();
+        let stack = stack.as_luma8().expect("a grey slice stack");
+        let (w, h) = grey(k).dimensions();
+        assert_eq!(stack.dimensions(), (w, 5 * h), "slice {k}");
+        for j in 0..5 {
+            let below_or_above = grey((k + j).saturating_sub(2));
+            let part = image::imageops::crop_imm(stack, 0, j as u32 * h, w, h).to_image();
+            assert_eq!(part, below_or_above, "slice {k}, part {j}");
         }
     }
-    let bad = segtrain(&[
-        "import",
-        "--image",
-        "x.nii",
-        "--label",
-        "y.nii",
-        "--out",
-        "o",
-        "--context",
-        "2",
-    ]);
-    assert!(!bad.status.success());
+    let too_wide = import(&dir.join("wide"), "5");
+    let err = String::from_utf8_lossy(&too_wide.stderr);
+    assert!(!too_wide.status.success() && err.contains("0..=4"), "{err}");
 
     let config = tiny_config(&dir, &context, "");
     let text = std::fs::read_to_string(&config).unwrap();
     let runs = dir.join("runs");
-    std::fs::write(&config, text.replace("channels = 3", "channels = 1")).unwrap();
+    // plan reads the stacks as slices and sets both keys
+    let planned = dir.join("plan.toml");
+    ok(&["plan", path_str(&context), "--out", path_str(&planned)]);
+    let plan = std::fs::read_to_string(&planned).unwrap();
+    assert!(
+        plan.contains("\nchannels = 5\ncontext_slices = 2\n")
+            && plan.contains("normalize = \"image\""),
+        "{plan}"
+    );
+    // the context is not guessed: a config without it is told what to set
     let refused = segtrain(&train_args(&config, &runs, &[]));
-    assert!(!refused.status.success());
     let err = String::from_utf8_lossy(&refused.stderr);
     assert!(
-        err.contains("data.channels = 3") && err.contains("--context 1"),
+        !refused.status.success()
+            && err.contains("data.context_slices = 2 and data.channels = 5")
+            && err.contains("--context 2"),
         "{err}"
     );
-    // data.context_slices: checked against the data set and the channels
-    let keyed = text.replace("channels = 3", "channels = 3\ncontext_slices = 1");
+    let keyed = text.replace("channels = 3", "channels = 5\ncontext_slices = 2");
     let plain_config = dir.join("plain.toml");
     let on_plain = keyed.replace(path_str(&context), path_str(&plain));
     std::fs::write(&plain_config, on_plain).unwrap();
     let refused = segtrain(&train_args(&plain_config, &runs, &[]));
-    assert!(!refused.status.success());
     let err = String::from_utf8_lossy(&refused.stderr);
     assert!(
-        err.contains("data.context_slices = 1") && err.contains("--context 0"),
+        !refused.status.success()
+            && err.contains("data.context_slices = 2")
+            && err.contains("--context 0")
+            && err.contains("drop data.context_slices"),
         "{err}"
     );
-    for (bad, says) in [
-        ("channels = 3\ncontext_slices = 2", "at most 1"),
-        ("channels = 1\ncontext_slices = 1", "3 input channels"),
+    for (bad, field, says) in [
+        (
+            "channels = 11\ncontext_slices = 5",
+            "data.context_slices",
+            "at most 4",
+        ),
+        (
+            "channels = 3\ncontext_slices = 2",
+            "data.channels",
+            "must be 5",
+        ),
     ] {
         std::fs::write(&plain_config, text.replace("channels = 3", bad)).unwrap();
         let refused = segtrain(&train_args(&plain_config, &runs, &[]));
         let err = String::from_utf8_lossy(&refused.stderr);
         assert!(
-            !refused.status.success() && err.contains("data.context_slices") && err.contains(says),
+            !refused.status.success() && err.contains(field) && err.contains(says),
             "{bad}: {err}"
         );
     }
@@ -646,10 +657,11 @@ fn context_slices_reach_the_model_alike_from_import_and_from_the_scan() {
     ok(&train_args(&config, &runs, &[]));
     let model = runs.join("tiny").join("model.safetensors");
     let (_, meta) = export::load(&model, &Device::Cpu).unwrap();
-    assert_eq!(meta.slicing.map(|s| s.context), Some(1));
+    assert_eq!(meta.slicing.map(|s| s.context), Some(2));
+    assert_eq!(meta.unet.in_channels, 5);
 
     let out = dir.join("pred");
-    let k = 0; // an end slice: its context repeats it
+    let k = 1; // near an end: its context repeats the first slice
     let png = context.join(format!("images/v1_z{k:04}.png"));
     for input in [scans.join("v1.nii.gz"), png] {
         ok(&[
@@ -662,6 +674,23 @@ fn context_slices_reach_the_model_alike_from_import_and_from_the_scan() {
             "--probabilities",
         ]);
     }
+    // a single slice is no stack of five: refused, naming it
+    let single = plain.join(format!("images/v1_z{k:04}.png"));
+    let refused = segtrain(&[
+        "predict",
+        "--model",
+        path_str(&model),
+        path_str(&single),
+        "--out",
+        path_str(&dir.join("refused")),
+    ]);
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        !refused.status.success()
+            && err.contains(path_str(&single))
+            && err.contains("not a stack of 5 slices"),
+        "{err}"
+    );
     let volume = read_volume(&out.join("v1_prob.nii.gz"), &Limits::default()).unwrap();
     let slice = image::open(out.join(format!("v1_z{k:04}_prob.png")))
         .unwrap()

@@ -32,8 +32,9 @@ pub struct Args {
     /// Keep every K-th slice (0, K, 2K, …).
     #[arg(long, value_name = "K", default_value_t = 1)]
     every: usize,
-    /// 2.5-D context: 1 writes each slice with its neighbours as an RGB image (red = slice
-    /// k−1, green = k, blue = k+1; the end slices repeated); train it with data.channels = 3.
+    /// 2.5-D context: each image stacks slices k−K … k+K top to bottom (grey, 2K + 1 slices
+    /// high over the mask of slice k; the end slices repeated); train it with
+    /// data.context_slices = K and data.channels = 2K + 1.
     #[arg(long, value_name = "K", default_value_t = 0,
           value_parser = clap::builder::RangedU64ValueParser::<usize>::new()
               .range(0..=crate::import::MAX_CONTEXT as u64))]

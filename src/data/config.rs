@@ -77,12 +77,12 @@ pub struct DataConfig {
     /// native resolution, are removed — in validation, `eval` and `predict` (0: keep all).
     #[serde(default)]
     pub min_lesion_pixels: usize,
-    /// 2.5-D context: the network sees slices z−k … z+k as its input channels. The slices
-    /// come from `import --context k` (its images hold them as colour channels; k ≤ 1); this
-    /// key, where given, must agree with the data set's `import.json`, and data.channels must
-    /// be 2k + 1 (absent: as the data set was imported).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub context_slices: Option<usize>,
+    /// 2.5-D context k: the network sees slices z−k … z+k as its input channels
+    /// (data.channels = 2k + 1). The images come from `import --context k`: each stacks those
+    /// slices top to bottom, a grey image 2k + 1 slices high over its one-slice mask; this key
+    /// must agree with the data set's `import.json`. 0: no context.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub context_slices: usize,
     /// Generate `root` with these settings when it does not exist.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub synth: Option<SynthConfig>,

@@ -60,6 +60,9 @@ impl Sample {
 #[derive(Debug, Clone, Copy)]
 pub struct Format {
     pub channels: usize,
+    /// The image files are slice stacks (2.5-D context, `import --context k`): grey, their
+    /// `channels` slices stacked top to bottom over a one-slice mask.
+    pub slice_stack: bool,
     pub classes: usize,
     pub ignore_index: Option<i64>,
     pub resize: Option<usize>,
@@ -71,6 +74,7 @@ impl Format {
     pub fn of(cfg: &DataConfig) -> Self {
         Self {
             channels: cfg.channels,
+            slice_stack: cfg.context_slices > 0,
             classes: cfg.classes,
             ignore_index: cfg.ignore_index,
             resize: cfg.image_size,
@@ -82,6 +86,46 @@ impl Format {
         Self {
             resize: None,
             ..*self
+        }
+    }
+
+    /// The (width, height) of the image file over a mask of `(w, h)`: a slice stack is
+    /// `channels` slices high.
+    pub fn image_dims(&self, (w, h): (u32, u32)) -> (u32, u32) {
+        match self.slice_stack {
+            true => (w, h.saturating_mul(self.channels as u32)),
+            false => (w, h),
+        }
+    }
+
+    /// The (width, height) of one slice of an image file of `(w, h)`: an error where a slice
+    /// stack's height is not a multiple of `channels`.
+    pub fn slice_dims(&self, path: &Path, (w, h): (u32, u32)) -> Result<(u32, u32)> {
+        let c = self.channels as u32;
+        match self.slice_stack {
+            false => Ok((w, h)),
+            true if h % c == 0 => Ok((w, h / c)),
+            true => bail!(
+                "{} is {w}×{h}: not a stack of {c} slices (2.5-D context: the model reads \
+                 slices z−{k} … z+{k} stacked top to bottom, as `import --context {k}` writes \
+                 them)",
+                path.display(),
+                k = c / 2
+            ),
+        }
+    }
+
+    /// Planar `channels × h × w` values in [0, 1] of a decoded image (resized to `resize`),
+    /// with its (h, w): colour channels, or the slices of a slice stack.
+    pub fn planar(&self, img: &image::DynamicImage) -> (Vec<f32>, (usize, usize)) {
+        if !self.slice_stack {
+            return image_to_planar(img, self.channels, self.resize);
+        }
+        let (stack, (sh, w)) = image_to_planar(img, 1, None);
+        let hw = (sh / self.channels, w);
+        match self.resize {
+            Some(s) => (resize_planar(&stack, self.channels, hw, (s, s)), (s, s)),
+            None => (stack, hw),
         }
     }
 
@@ -830,21 +874,12 @@ fn check_jpeg_data(layout: &JpegLayout) -> std::result::Result<(), String> {
     Ok(())
 }
 
-/// An image read from a file.
-pub struct LoadedImage {
-    /// Planar `channels × h × w` values in [0, 1].
-    pub planes: Vec<f32>,
-    /// Its (h, w) after any resize.
-    pub hw: (usize, usize),
-    /// The file's (width, height).
-    pub file_dims: (u32, u32),
-}
-
-/// Reads an image, resized to `size × size` if given.
-pub fn load_image(path: &Path, channels: usize, size: Option<usize>) -> Result<LoadedImage> {
+/// Reads an image in `format`: planar `channels × h × w` values in [0, 1], with (h, w).
+pub fn load_image(path: &Path, format: &Format) -> Result<(Vec<f32>, (usize, usize))> {
     let file = ImageFile::open(path)?;
+    format.slice_dims(path, file.dims())?;
     let _budget = DecodeBudget::reserve(file.pixels())?;
-    decode_to_planar(file, channels, size)
+    Ok(format.planar(&file.decode()?))
 }
 
 /// The pixels being decoded at once by all threads together are at most the pixel bound, so
@@ -880,18 +915,6 @@ impl Drop for DecodeBudget {
         *used -= self.pixels;
         freed.notify_all();
     }
-}
-
-/// Decodes an opened image to planar values, resized to `size × size` if given.
-fn decode_to_planar(file: ImageFile, channels: usize, size: Option<usize>) -> Result<LoadedImage> {
-    let file_dims = file.dims();
-    let img = file.decode()?;
-    let (planes, hw) = image_to_planar(&img, channels, size);
-    Ok(LoadedImage {
-        planes,
-        hw,
-        file_dims,
-    })
 }
 
 /// Converts a decoded image to `channels` (grey or RGB), resized to `size × size` if given
@@ -1066,9 +1089,18 @@ pub fn load_pair(pair: &PairPaths, format: &Format) -> Result<Sample> {
     let image = ImageFile::open(&pair.image)?;
     let mask = ImageFile::open_mask(&pair.mask)?;
     let (image_dims, mask_dims) = (image.dims(), mask.dims());
-    if image_dims != mask_dims {
+    if image_dims != format.image_dims(mask_dims) {
+        let stack = match format.slice_stack {
+            true => format!(
+                " (2.5-D context: the image must stack its {} slices top to bottom, {}×{})",
+                format.channels,
+                mask_dims.0,
+                format.image_dims(mask_dims).1
+            ),
+            false => String::new(),
+        };
         bail!(
-            "{} is {}×{} but its mask {} is {}×{}",
+            "{} is {}×{} but its mask {} is {}×{}{stack}",
             pair.image.display(),
             image_dims.0,
             image_dims.1,
@@ -1078,11 +1110,7 @@ pub fn load_pair(pair: &PairPaths, format: &Format) -> Result<Sample> {
         );
     }
     let _budget = DecodeBudget::reserve(image.pixels())?;
-    let LoadedImage {
-        planes: image,
-        hw: (h, w),
-        ..
-    } = decode_to_planar(image, format.channels, format.resize)?;
+    let (image, (h, w)) = format.planar(&image.decode()?);
     let (mask, _) = mask_classes(mask, format)?;
     Ok(Sample {
         stem: pair.stem.clone(),
@@ -1360,6 +1388,7 @@ mod tests {
             .collect();
         let format = Format {
             channels: 1,
+            slice_stack: false,
             classes: 3,
             ignore_index: None,
             resize: None,

@@ -135,18 +135,9 @@ impl ModelMeta {
         let slicing: Option<Slicing> = f.optional::<Option<Slicing>>("import")?.flatten();
         if let Some(s) = &slicing {
             f.checked("import", s.check())?;
-            if s.context > 0 && unet.in_channels != s.channels() {
-                return Err(f.field(
-                    "import",
-                    &format!(
-                        "context {} means {} input channels, but `in_channels` is {}",
-                        s.context,
-                        s.channels(),
-                        unet.in_channels
-                    ),
-                ));
-            }
         }
+        let context = slicing.map_or(0, |s| s.context);
+        f.checked("in_channels", rules::channels(unet.in_channels, context))?;
         Ok(Self {
             kind,
             unet,
@@ -220,7 +211,10 @@ impl Fields<'_> {
 
     fn unet(&self) -> Result<UNetConfig> {
         let in_channels = self.number("in_channels")?;
-        self.checked("in_channels", rules::channels(in_channels))?;
+        self.checked(
+            "in_channels",
+            rules::count(in_channels, rules::MAX_IN_CHANNELS),
+        )?;
         let classes = self.number("classes")?;
         self.checked("classes", rules::classes(classes))?;
         let base_width = self.number("base_width")?;

@@ -152,8 +152,8 @@ impl Intensity {
 pub struct Slicing {
     pub axis: Axis,
     pub intensity: Intensity,
-    /// 2.5-D context: 1 = each image holds slices k−1, k, k+1 as its red, green and blue
-    /// channels ([`slice_image`]); 0 = slice k alone, grey.
+    /// 2.5-D context: each image stacks slices k−c … k+c top to bottom (a grey image
+    /// 2c + 1 slices high, [`slice_planes`]); 0 = slice k alone.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub context: usize,
 }
@@ -162,32 +162,28 @@ fn is_zero(n: &usize) -> bool {
     *n == 0
 }
 
-/// The largest [`Slicing::context`]: a PNG holds at most three colour channels.
-pub const MAX_CONTEXT: usize = 1;
+pub use crate::rules::MAX_CONTEXT;
 
-/// The image of slice `k` along `axis` of the stored scan `data` (seen through `view`),
-/// each value mapped to grey by `grey`: grey, or with `context` = 1 the slices k−1, k, k+1
-/// as red, green and blue (the first or last slice repeated at the volume's ends).
-pub fn slice_image(
+/// Slices k−`context` … k+`context` along `axis` of the stored scan `data` (seen through
+/// `view`), each value mapped to grey by `grey`, one after the other: planar
+/// `(2·context + 1) × h × w` bytes, which as a grey image `w` wide is the slices stacked top to
+/// bottom. Past the volume's ends the first or last slice repeats. Returns the slice's (w, h).
+pub fn slice_planes(
     view: &Canonical,
     data: &[f32],
     axis: Axis,
     k: usize,
     context: usize,
     grey: impl Fn(f32) -> u8 + Copy,
-) -> image::DynamicImage {
-    let (w, h) = view.slice_size(axis);
-    let plane = |k| view.slice(data, axis, k, grey).2;
-    let size = (w as u32, h as u32);
-    if context == 0 {
-        let img = GrayImage::from_raw(size.0, size.1, plane(k)).expect("w × h pixels");
-        return image::DynamicImage::ImageLuma8(img);
-    }
+) -> ((usize, usize), Vec<u8>) {
     let last = view.slices(axis) - 1;
-    let planes = [k.saturating_sub(1), k, (k + 1).min(last)].map(plane);
-    let rgb = (0..w * h).flat_map(|i| planes.each_ref().map(|p| p[i]));
-    let img = image::RgbImage::from_raw(size.0, size.1, rgb.collect()).expect("w × h pixels");
-    image::DynamicImage::ImageRgb8(img)
+    let mut planes = Vec::new();
+    let size = view.slice_size(axis);
+    for offset in 0..=2 * context {
+        let z = (k + offset).saturating_sub(context).min(last);
+        planes.extend(view.slice(data, axis, z, grey).2);
+    }
+    (size, planes)
 }
 
 /// The file of a data set folder that records its [`Slicing`].
@@ -217,8 +213,7 @@ impl Slicing {
             .map_err(|m| format!("`intensity`: {m}"))?;
         if self.context > MAX_CONTEXT {
             return Err(format!(
-                "`context`: {} neighbour slices each side; at most {MAX_CONTEXT} (a PNG holds \
-                 three colour channels)",
+                "`context`: {} neighbour slices each side; at most {MAX_CONTEXT}",
                 self.context
             ));
         }
@@ -525,7 +520,7 @@ pub fn import_with(
     opts.intensity.check().map_err(|m| anyhow!(m))?;
     if opts.context > MAX_CONTEXT {
         bail!(
-            "--context {}: at most {MAX_CONTEXT} (a PNG holds three colour channels)",
+            "--context {}: at most {MAX_CONTEXT} neighbour slices each side",
             opts.context
         );
     }
@@ -616,12 +611,13 @@ fn import_pair(
                 return Ok(None);
             }
             let file = slice_file(&name, axis, k);
-            let image = slice_image(&scan_view, &scan.data, axis, k, opts.context, grey);
-            let path = stage.join("images").join(&file);
-            match image {
-                image::DynamicImage::ImageRgb8(rgb) => write_png(&path, &rgb)?,
-                grey => write_png(&path, &grey.into_luma8())?,
-            }
+            let (_, planes) = slice_planes(&scan_view, &scan.data, axis, k, opts.context, grey);
+            write_grey(
+                &stage.join("images").join(&file),
+                w,
+                planes.len() / w,
+                planes,
+            )?;
             write_grey(&stage.join("masks").join(&file), w, h, mask)?;
             Ok(Some(file))
         })

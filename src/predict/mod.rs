@@ -341,6 +341,7 @@ pub fn predict(
         .with_context(|| format!("cannot create the output folder {}", out.display()))?;
     crate::fsutil::remove_dead_temporaries(out)?;
     let (slicing, note) = volume::slicing(&meta, &opts.slicing);
+    let format = model_format(&meta);
     let note = note.filter(|_| files.iter().any(|f| is_volume(f)));
     let mut written = vec![];
     for file in &files {
@@ -356,10 +357,15 @@ pub fn predict(
             continue;
         }
         let image = data::ImageFile::open(file)?;
+        let (_, slice_h) = format.slice_dims(file, image.dims())?;
         let _budget = data::DecodeBudget::reserve(image.pixels())?;
         let decoded = image.decode()?;
-        let (planar, (h, w)) = data::image_to_planar(&decoded, meta.unet.in_channels, None);
-        let rgb = opts.overlay.then(|| decoded.to_rgb8());
+        let (planar, (h, w)) = format.planar(&decoded);
+        // a slice stack is overlaid on its centre slice
+        let centre = format.channels as u32 / 2 * slice_h * u32::from(format.slice_stack);
+        let rgb = opts
+            .overlay
+            .then(|| decoded.crop_imm(0, centre, w as u32, h as u32).to_rgb8());
         drop(decoded);
         let probs = predictor
             .probabilities(&[(&planar, h, w)])
@@ -458,16 +464,23 @@ pub fn dataset_folder(data_dir: &Path) -> Result<PathBuf> {
     }
 }
 
+/// The native-resolution image format a model reads: its channels, or with 2.5-D context
+/// (recorded in its `import` slicing) slice stacks.
+fn model_format(meta: &ModelMeta) -> Format {
+    Format {
+        channels: meta.unet.in_channels,
+        slice_stack: meta.slicing.as_ref().is_some_and(|s| s.context > 0),
+        classes: meta.unet.classes,
+        ignore_index: meta.ignore_index,
+        resize: None,
+    }
+}
+
 /// The labelled images of a dataset folder (`images/` + `masks/`, or its `val/` split) at
 /// native resolution, read in the format of the model `meta` describes.
 pub fn labelled_images(data_dir: &Path, meta: &ModelMeta) -> Result<(Vec<data::Sample>, Format)> {
     let dir = dataset_folder(data_dir)?;
-    let format = Format {
-        channels: meta.unet.in_channels,
-        classes: meta.unet.classes,
-        ignore_index: meta.ignore_index,
-        resize: None,
-    };
+    let format = model_format(meta);
     let pairs = data::scan_pairs(&dir)?;
     if pairs.is_empty() {
         bail!(

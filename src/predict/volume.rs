@@ -10,10 +10,9 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 
-use crate::data;
 use crate::export::ModelMeta;
 use crate::import::{
-    grid_header, pair_volumes, read_label, read_volume, slice_image, volume_stem, write_nifti,
+    grid_header, pair_volumes, read_label, read_volume, slice_planes, volume_stem, write_nifti,
     Axis, Canonical, ImportOptions, Intensity, LabelMap, Limits, Slicing,
 };
 use crate::inference::Predictor;
@@ -105,8 +104,8 @@ pub fn segment(
         let images: Vec<Vec<f32>> = chunk
             .iter()
             .map(|&k| {
-                let image = slice_image(&view, &volume.data, axis, k, slicing.context, grey);
-                data::image_to_planar(&image, predictor.model.in_channels(), None).0
+                let (_, planes) = slice_planes(&view, &volume.data, axis, k, slicing.context, grey);
+                planes.into_iter().map(|v| f32::from(v) / 255.0).collect()
             })
             .collect();
         let batch: Vec<(&[f32], usize, usize)> =

@@ -172,26 +172,25 @@ impl<'a> Run<'a> {
         let (dir, checkpoints) = RunDir::open(config, opts)?;
         opts.suspend(|| eprintln!("device: {device_name}"));
 
-        let dataset = Dataset::open(&config.data, config.seed)?;
         let slicing = Slicing::of_dataset(&config.data.root)?;
         let recorded = slicing.map_or(0, |s| s.context);
-        if let Some(k) = config.data.context_slices.filter(|&k| k != recorded) {
+        if config.data.context_slices != recorded {
+            let fix = match slicing.filter(|s| s.context > 0) {
+                Some(s) => format!(
+                    "set data.context_slices = {recorded} and data.channels = {}",
+                    s.channels()
+                ),
+                None => "drop data.context_slices".into(),
+            };
             bail!(
-                "data.context_slices = {k}, but the slices of {} were imported with --context {recorded}; import them with --context {k} (or drop the key)",
-                config.data.root.display()
-            );
-        }
-        if let Some(s) = slicing.filter(|s| s.context > 0 && s.channels() != config.data.channels) {
-            bail!(
-                "{}: its images hold {} neighbouring slices as colour channels (import --context \
-                 {}), but data.channels = {}; set data.channels = {}",
+                "data.context_slices = {}, but the slices of {} were imported with --context \
+                 {recorded}; {fix}, or import them with --context {}",
+                config.data.context_slices,
                 config.data.root.display(),
-                s.channels(),
-                s.context,
-                config.data.channels,
-                s.channels()
+                config.data.context_slices
             );
         }
+        let dataset = Dataset::open(&config.data, config.seed)?;
         let prior = (config.model.prior > 0.0).then_some(config.model.prior);
         let m = &config.model;
         let (model, vars) = m.kind.init(
