@@ -190,6 +190,20 @@ fn max_pooling_sends_the_whole_gradient_to_the_maximum() {
         padded::from_padded(&dx, g, 1),
         vec![0., 0., 0., 0., 0., 1., 0., 1.]
     );
+    // ties: each channel's first maximum in scan order (top left, top right, bottom left,
+    // bottom right) takes it, as in PyTorch
+    let x = [3f32, 3., 1., 3., 0., 1., 1., 1.]; // (1, 2, 2, 2): channel 0, then channel 1
+    let g = padded::Geom { n: 1, h: 2, w: 2 };
+    let xp = padded::to_padded(&x, g, 2);
+    let pooled = pool::forward(g, &xp, 2);
+    assert_eq!(padded::from_padded(&pooled, g.half(), 2), vec![3., 1.]);
+    let dy = padded::to_padded(&[1., 2.], g.half(), 2);
+    let mut dx = vec![0f32; g.rows() * 2];
+    pool::backward_into(g, &xp, &dy, 2, &mut dx);
+    assert_eq!(
+        padded::from_padded(&dx, g, 2),
+        vec![1., 0., 0., 0., 0., 2., 0., 0.]
+    );
     // the generic path, through a depth-1 U-Net whose pooled input is the identity: checked by
     // `fast_cpu_kernels_match_candle_ops`, which compares every gradient of both paths
 }

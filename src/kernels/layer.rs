@@ -12,6 +12,7 @@ use rayon::prelude::*;
 use super::conv::{convolve_into, pack, weight_grad, zero_borders};
 use super::padded::{for_each_run, Geom};
 use crate::cpu::profile::time;
+use crate::cpu::simd::with_simd;
 
 /// Per-channel statistics: batch statistics of a training pass, or the running ones.
 #[derive(Debug, Clone)]
@@ -85,11 +86,7 @@ pub fn forward(
         let mut y = vec![0f32; g.rows() * co];
         for_each_run(g, co, &mut y, |n, yy, run| {
             let src = &z[g.row(n, yy, 0) * co..][..run.len()];
-            for (out, inp) in run.chunks_exact_mut(co).zip(src.chunks_exact(co)) {
-                for (((o, &v), &a), &b) in out.iter_mut().zip(inp).zip(&scale).zip(&shift) {
-                    *o = (v * a + b).max(0.0);
-                }
-            }
+            with_simd!(scale_shift_relu(run, src, &scale, &shift))
         });
         let z = if running.is_some() { vec![] } else { z };
         Forward { y, z, moments }
@@ -161,6 +158,17 @@ fn inv_std(var: &[f32], eps: f64) -> Vec<f32> {
         .collect()
 }
 
+/// `y = max(z·scale + shift, 0)` for pixels of `scale.len()` channels (BatchNorm + ReLU).
+#[inline(always)]
+fn scale_shift_relu(y: &mut [f32], z: &[f32], scale: &[f32], shift: &[f32]) {
+    let c = scale.len();
+    for (out, inp) in y.chunks_exact_mut(c).zip(z.chunks_exact(c)) {
+        for (((o, &v), &a), &b) in out.iter_mut().zip(inp).zip(scale).zip(shift) {
+            *o = (v * a + b).max(0.0);
+        }
+    }
+}
+
 /// Interior image rows handled by one task of the reductions (a fixed grouping, so sums do not
 /// depend on thread timing).
 const RUNS_PER_TASK: usize = 16;
@@ -199,13 +207,12 @@ fn moments(g: Geom, z: &[f32], c: usize) -> Moments {
     let origin = g.row(0, 0, 0);
     let shift: Vec<f32> = z[origin * c..(origin + 1) * c].to_vec();
     let (s1, s2) = reduce_runs(g, c, |start, a, b| {
-        for px in z[start * c..(start + g.w) * c].chunks_exact(c) {
-            for (((a, b), &v), &o) in a.iter_mut().zip(b.iter_mut()).zip(px).zip(&shift) {
-                let d = v - o;
-                *a += d;
-                *b += d * d;
-            }
-        }
+        with_simd!(add_shifted_moments(
+            &z[start * c..(start + g.w) * c],
+            &shift,
+            a,
+            b
+        ))
     });
     let m = g.pixels() as f64;
     let (mean, var) = (0..c)
@@ -215,6 +222,19 @@ fn moments(g: Geom, z: &[f32], c: usize) -> Moments {
         })
         .unzip();
     Moments { mean, var }
+}
+
+/// Adds `d = z − shift` to `s1` and `d²` to `s2`, per channel, over pixels of `shift.len()`
+/// channels.
+#[inline(always)]
+fn add_shifted_moments(z: &[f32], shift: &[f32], s1: &mut [f32], s2: &mut [f32]) {
+    for px in z.chunks_exact(shift.len()) {
+        for (((a, b), &v), &o) in s1.iter_mut().zip(s2.iter_mut()).zip(px).zip(shift) {
+            let d = v - o;
+            *a += d;
+            *b += d * d;
+        }
+    }
 }
 
 /// BatchNorm + ReLU backward: `(dz, dγ, dβ)`.
@@ -232,49 +252,82 @@ fn bn_relu_backward(
     // Σ g and Σ g·ẑ per channel, g = dy·[y > 0]
     let (sum_g, sum_gz) = reduce_runs(g, c, |start, a, b| {
         let span = start * c..(start + g.w) * c;
-        let rows = y[span.clone()]
-            .chunks_exact(c)
-            .zip(dy[span.clone()].chunks_exact(c))
-            .zip(z[span].chunks_exact(c));
-        for ((yp, dp), zp) in rows {
-            let terms = yp.iter().zip(dp).zip(zp).zip(mean.iter().zip(inv));
-            for ((a, b), (((&y, &d), &z), (&m, &i))) in a.iter_mut().zip(b.iter_mut()).zip(terms) {
-                let gk = if y > 0.0 { d } else { 0.0 };
-                *a += gk;
-                *b += gk * (z - m) * i;
-            }
-        }
+        let (y, dy, z) = (&y[span.clone()], &dy[span.clone()], &z[span]);
+        with_simd!(add_gradient_sums(y, dy, z, mean, inv, a, b))
     });
     let m = g.pixels() as f64;
     let mean_g: Vec<f32> = sum_g.iter().map(|v| (v / m) as f32).collect();
     let mean_gz: Vec<f32> = sum_gz.iter().map(|v| (v / m) as f32).collect();
-    let scale: Vec<f32> = (0..c).map(|k| gamma[k] * inv[k]).collect();
+    let per_channel: Vec<[f32; 5]> = (0..c)
+        .map(|k| [mean[k], inv[k], gamma[k] * inv[k], mean_g[k], mean_gz[k]])
+        .collect();
     let mut dz = vec![0f32; g.rows() * c];
     for_each_run(g, c, &mut dz, |n, yy, run| {
         let start = g.row(n, yy, 0) * c;
         let span = start..start + run.len();
-        let rows = y[span.clone()]
-            .chunks_exact(c)
-            .zip(dy[span.clone()].chunks_exact(c))
-            .zip(z[span].chunks_exact(c));
-        let per_channel: Vec<[f32; 5]> = (0..c)
-            .map(|k| [mean[k], inv[k], scale[k], mean_g[k], mean_gz[k]])
-            .collect();
-        for (out, ((yp, dp), zp)) in run.chunks_exact_mut(c).zip(rows) {
-            for ((o, ((&y, &d), &z)), p) in out
-                .iter_mut()
-                .zip(yp.iter().zip(dp).zip(zp))
-                .zip(&per_channel)
-            {
-                let gk = if y > 0.0 { d } else { 0.0 };
-                let zhat = (z - p[0]) * p[1];
-                *o = p[2] * (gk - p[3] - zhat * p[4]);
-            }
-        }
+        let (y, dy, z) = (&y[span.clone()], &dy[span.clone()], &z[span]);
+        with_simd!(bn_relu_input_gradient(run, y, dy, z, &per_channel))
     });
     (
         dz,
         sum_gz.iter().map(|v| *v as f32).collect(),
         sum_g.iter().map(|v| *v as f32).collect(),
     )
+}
+
+/// Adds `g = dy·[y > 0]` to `sum_g` and `g·ẑ`, `ẑ = (z − mean)·inv`, to `sum_gz`, per channel,
+/// over pixels of `mean.len()` channels.
+#[inline(always)]
+fn add_gradient_sums(
+    y: &[f32],
+    dy: &[f32],
+    z: &[f32],
+    mean: &[f32],
+    inv: &[f32],
+    sum_g: &mut [f32],
+    sum_gz: &mut [f32],
+) {
+    let c = mean.len();
+    let pixels = y
+        .chunks_exact(c)
+        .zip(dy.chunks_exact(c))
+        .zip(z.chunks_exact(c));
+    for ((yp, dp), zp) in pixels {
+        let terms = yp.iter().zip(dp).zip(zp).zip(mean.iter().zip(inv));
+        for ((a, b), (((&y, &d), &z), (&m, &i))) in
+            sum_g.iter_mut().zip(sum_gz.iter_mut()).zip(terms)
+        {
+            let gk = if y > 0.0 { d } else { 0.0 };
+            *a += gk;
+            *b += gk * (z - m) * i;
+        }
+    }
+}
+
+/// `dz = γ·inv·(g − mean(g) − ẑ·mean(g·ẑ))`, `g = dy·[y > 0]`, `ẑ = (z − mean)·inv`, over pixels
+/// of `per_channel.len()` channels, each with `[mean, inv, γ·inv, mean(g), mean(g·ẑ)]`.
+#[inline(always)]
+fn bn_relu_input_gradient(
+    dz: &mut [f32],
+    y: &[f32],
+    dy: &[f32],
+    z: &[f32],
+    per_channel: &[[f32; 5]],
+) {
+    let c = per_channel.len();
+    let pixels = y
+        .chunks_exact(c)
+        .zip(dy.chunks_exact(c))
+        .zip(z.chunks_exact(c));
+    for (out, ((yp, dp), zp)) in dz.chunks_exact_mut(c).zip(pixels) {
+        for ((o, ((&y, &d), &z)), p) in out
+            .iter_mut()
+            .zip(yp.iter().zip(dp).zip(zp))
+            .zip(per_channel)
+        {
+            let gk = if y > 0.0 { d } else { 0.0 };
+            let zhat = (z - p[0]) * p[1];
+            *o = p[2] * (gk - p[3] - zhat * p[4]);
+        }
+    }
 }

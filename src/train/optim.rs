@@ -8,6 +8,7 @@ use candle_core::{DType, Result, Tensor, Var};
 
 use rayon::prelude::*;
 
+use crate::cpu::simd::with_simd;
 use crate::cpu::with_data;
 
 pub const BETA1: f64 = 0.9;
@@ -116,9 +117,16 @@ impl AdamW {
         let g = g.contiguous()?;
         let n = g.elem_count();
         let (mut p_new, mut m_new, mut v_new) = (vec![0f32; n], vec![0f32; n], vec![0f32; n]);
-        let (b1, b2, scale) = (BETA1 as f32, BETA2 as f32, grad_scale as f32);
-        let (inv_c1, inv_c2, eps) = ((1.0 / c1) as f32, (1.0 / c2) as f32, EPS as f32);
-        let (lr32, decay) = (lr as f32, (1.0 - lr * self.weight_decay) as f32);
+        let update = Update {
+            b1: BETA1 as f32,
+            b2: BETA2 as f32,
+            grad_scale: grad_scale as f32,
+            inv_c1: (1.0 / c1) as f32,
+            inv_c2: (1.0 / c2) as f32,
+            eps: EPS as f32,
+            lr: lr as f32,
+            decay: (1.0 - lr * self.weight_decay) as f32,
+        };
         with_data(s.var.as_tensor(), |p| {
             with_data(s.m.as_tensor(), |m| {
                 with_data(s.v.as_tensor(), |v| {
@@ -131,21 +139,8 @@ impl AdamW {
                             .enumerate()
                             .for_each(|(i, ((po, mo), vo))| {
                                 let r = i * CHUNK..(i * CHUNK + po.len());
-                                let inputs = p[r.clone()]
-                                    .iter()
-                                    .zip(&m[r.clone()])
-                                    .zip(&v[r.clone()])
-                                    .zip(&g[r]);
-                                let outputs = po.iter_mut().zip(mo.iter_mut()).zip(vo.iter_mut());
-                                for (((po, mo), vo), (((&p, &m), &v), &g)) in outputs.zip(inputs) {
-                                    let g = g * scale;
-                                    let m = m * b1 + g * (1.0 - b1);
-                                    let v = v * b2 + g * g * (1.0 - b2);
-                                    *po = p * decay
-                                        - lr32 * (m * inv_c1) / ((v * inv_c2).sqrt() + eps);
-                                    *mo = m;
-                                    *vo = v;
-                                }
+                                let inputs = [&p[r.clone()], &m[r.clone()], &v[r.clone()], &g[r]];
+                                with_simd!(update.apply(inputs, [po, mo, vo]))
                             });
                         Ok(())
                     })
@@ -184,5 +179,39 @@ impl AdamW {
         }
         self.step = step;
         Ok(())
+    }
+}
+
+/// The coefficients of one AdamW update (f32, as the CPU pass computes it).
+#[derive(Clone, Copy)]
+struct Update {
+    b1: f32,
+    b2: f32,
+    grad_scale: f32,
+    /// 1 / (1 − β₁ᵗ) and 1 / (1 − β₂ᵗ): the bias corrections.
+    inv_c1: f32,
+    inv_c2: f32,
+    eps: f32,
+    lr: f32,
+    /// 1 − lr·λ: the decoupled weight decay.
+    decay: f32,
+}
+
+impl Update {
+    /// `m = β₁m + (1 − β₁)g`, `v = β₂v + (1 − β₂)g²`, `p = p·(1 − lr·λ) − lr·m̂ / (√v̂ + ε)`
+    /// with `g` the gradient times `grad_scale` (clipping), from `[p, m, v, g]` into `[p, m, v]`.
+    #[inline(always)]
+    fn apply(self, [p, m, v, g]: [&[f32]; 4], [po, mo, vo]: [&mut [f32]; 3]) {
+        let inputs = p.iter().zip(m).zip(v).zip(g);
+        let outputs = po.iter_mut().zip(mo.iter_mut()).zip(vo.iter_mut());
+        for (((po, mo), vo), (((&p, &m), &v), &g)) in outputs.zip(inputs) {
+            let g = g * self.grad_scale;
+            let m = m * self.b1 + g * (1.0 - self.b1);
+            let v = v * self.b2 + g * g * (1.0 - self.b2);
+            *po = p * self.decay
+                - self.lr * (m * self.inv_c1) / ((v * self.inv_c2).sqrt() + self.eps);
+            *mo = m;
+            *vo = v;
+        }
     }
 }
