@@ -676,3 +676,35 @@ fn bench_names_the_cpu_and_the_instruction_sets_it_runs() {
         );
     }
 }
+
+/// The element-wise kernels' instruction-set paths (AVX-512, AVX2 + FMA, baseline) compute the
+/// same arithmetic: a short training run ends with bitwise the same weights on each path the
+/// machine has.
+#[test]
+fn every_element_wise_path_trains_the_same_weights() {
+    let dir = temp_dir("isa-paths");
+    let data = tiny_dataset(&dir, "data", "lesion", 8, 32);
+    let config = tiny_config(&dir, &data, "");
+    let weights = |isa: &str| {
+        let runs = dir.join(format!("runs-{isa}"));
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_segtrain"))
+            .args(common::train_args(&config, &runs, &[]))
+            .env("SEGTRAIN_ISA", isa)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        common::tensors(&runs.join("tiny").join("model.safetensors"))
+    };
+    let generic = weights("generic");
+    assert!(!generic.is_empty());
+    for isa in ["avx2", "avx512"] {
+        assert!(
+            weights(isa) == generic,
+            "SEGTRAIN_ISA={isa} trained other weights"
+        );
+    }
+}
