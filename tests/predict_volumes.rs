@@ -659,6 +659,21 @@ fn context_slices_reach_the_model_alike_from_import_and_from_the_scan() {
     let (_, meta) = export::load(&model, &Device::Cpu).unwrap();
     assert_eq!(meta.slicing.map(|s| s.context), Some(2));
     assert_eq!(meta.unet.in_channels, 5);
+    let folder = dir.join("exported");
+    ok(&[
+        "export",
+        "--run",
+        path_str(&runs.join("tiny")),
+        "--format",
+        "folder",
+        "--out",
+        path_str(&folder),
+    ]);
+    let card = std::fs::read_to_string(folder.join("README.md")).unwrap();
+    assert!(
+        card.contains("5 input channels are slices z−2 … z+2"),
+        "{card}"
+    );
 
     let out = dir.join("pred");
     let k = 1; // near an end: its context repeats the first slice

@@ -162,6 +162,16 @@ fn card(meta: &ModelMeta, summary: Option<&serde_json::Value>) -> Result<String>
             "\nIts images are slices cut from NIfTI/NRRD scans by `segtrain import {sl}`; \
              `segtrain predict` cuts new scans the same way."
         )?;
+        if sl.context > 0 {
+            writeln!(
+                s,
+                "Its {} input channels are slices z−{k} … z+{k} of the scan around the slice \
+                 segmented (2.5-D context; the first or last slice repeats at the ends); as a \
+                 PNG, those slices stacked top to bottom.",
+                u.in_channels,
+                k = sl.context
+            )?;
+        }
     }
     writeln!(s, "\n## Training\n")?;
     if config.is_some() {
