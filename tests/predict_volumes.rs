@@ -689,6 +689,28 @@ fn context_slices_reach_the_model_alike_from_import_and_from_the_scan() {
             "--probabilities",
         ]);
     }
+    // a data set of single slices is no data set of stacks: refused, naming the file
+    let singles = dir.join("singles");
+    for sub in ["images", "masks"] {
+        std::fs::create_dir_all(singles.join(sub)).unwrap();
+        let file = format!("{sub}/v1_z{k:04}.png");
+        std::fs::copy(plain.join(&file), singles.join(&file)).unwrap();
+    }
+    let refused = segtrain(&[
+        "eval",
+        "--model",
+        path_str(&model),
+        "--data",
+        path_str(&singles),
+    ]);
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        !refused.status.success()
+            && err.contains(&format!("v1_z{k:04}.png"))
+            && err.contains("must stack its 5 slices")
+            && err.contains("import --context 2"),
+        "{err}"
+    );
     // a single slice is no stack of five: refused, naming it
     let single = plain.join(format!("images/v1_z{k:04}.png"));
     let refused = segtrain(&[

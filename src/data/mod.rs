@@ -1092,10 +1092,12 @@ pub fn load_pair(pair: &PairPaths, format: &Format) -> Result<Sample> {
     if image_dims != format.image_dims(mask_dims) {
         let stack = match format.slice_stack {
             true => format!(
-                " (2.5-D context: the image must stack its {} slices top to bottom, {}×{})",
+                " (2.5-D context: the image must stack its {} slices top to bottom, {}×{}, \
+                 as `segtrain import --context {}` writes them)",
                 format.channels,
                 mask_dims.0,
-                format.image_dims(mask_dims).1
+                format.image_dims(mask_dims).1,
+                format.channels / 2
             ),
             false => String::new(),
         };
