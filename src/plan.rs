@@ -174,8 +174,12 @@ fn measure(pair: &PairPaths, format: &Format) -> Result<ImageStats> {
         / n;
     let mask = data::read_mask_values(&pair.mask)?;
     if (mask.width as usize, mask.height as usize) != (w, h) {
+        let what = match format.slice_stack {
+            true => format!("a stack of {} slices of {w}×{h}", format.channels),
+            false => format!("{w}×{h}"),
+        };
         bail!(
-            "{} is {w}×{h} but its mask {} is {}×{}",
+            "{} is {what} but its mask {} is {}×{}",
             pair.image.display(),
             pair.mask.display(),
             mask.width,
