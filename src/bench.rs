@@ -57,10 +57,7 @@ impl BenchOptions {
         } else {
             arg("depth", rules::depth(self.depth))?;
             arg("base-width", rules::base_width(self.base_width))?;
-            arg(
-                "channels",
-                rules::count(self.channels, rules::MAX_IN_CHANNELS),
-            )?;
+            arg("channels", rules::channels(self.channels, 0))?;
             arg("size", rules::side(self.size, self.depth, "--depth"))?;
             let unet = self.unet();
             let input = 4.0 * (self.batch * self.channels * self.size * self.size) as f64;

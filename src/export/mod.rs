@@ -103,6 +103,14 @@ impl ModelMeta {
         }
         let kind = f.kind()?;
         let unet = f.unet()?;
+        // the channels follow from the import's 2.5-D context: checked before the
+        // per-channel fields
+        let slicing: Option<Slicing> = f.optional::<Option<Slicing>>("import")?.flatten();
+        if let Some(s) = &slicing {
+            f.checked("import", s.check())?;
+        }
+        let context = slicing.map_or(0, |s| s.context);
+        f.checked("in_channels", rules::channels(unet.in_channels, context))?;
         let window = f.window(unet.depth)?;
         let activation = match f.get("activation")?.as_str() {
             "sigmoid" => Activation::Sigmoid,
@@ -132,12 +140,6 @@ impl ModelMeta {
         if !metrics.is_object() {
             return Err(f.field("val_metrics", &"not a JSON object"));
         }
-        let slicing: Option<Slicing> = f.optional::<Option<Slicing>>("import")?.flatten();
-        if let Some(s) = &slicing {
-            f.checked("import", s.check())?;
-        }
-        let context = slicing.map_or(0, |s| s.context);
-        f.checked("in_channels", rules::channels(unet.in_channels, context))?;
         Ok(Self {
             kind,
             unet,
