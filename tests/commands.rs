@@ -612,8 +612,14 @@ fn bench_line(extra: &[&str], env: &[(&str, &str)]) -> serde_json::Value {
         "1",
     ];
     args.extend_from_slice(extra);
+    let out = ok_with_env(&args, env);
+    serde_json::from_str(out.trim()).expect("one JSON line")
+}
+
+/// `segtrain args` with `env` set: its standard output, after asserting that it succeeded.
+fn ok_with_env(args: &[&str], env: &[(&str, &str)]) -> String {
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_segtrain"))
-        .args(&args)
+        .args(args)
         .envs(env.iter().copied())
         .output()
         .unwrap();
@@ -622,7 +628,7 @@ fn bench_line(extra: &[&str], env: &[(&str, &str)]) -> serde_json::Value {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    serde_json::from_str(String::from_utf8_lossy(&out.stdout).trim()).expect("one JSON line")
+    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 #[test]
@@ -687,15 +693,9 @@ fn every_element_wise_path_trains_the_same_weights() {
     let config = tiny_config(&dir, &data, "");
     let weights = |isa: &str| {
         let runs = dir.join(format!("runs-{isa}"));
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_segtrain"))
-            .args(common::train_args(&config, &runs, &[]))
-            .env("SEGTRAIN_ISA", isa)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
+        ok_with_env(
+            &common::train_args(&config, &runs, &[]),
+            &[("SEGTRAIN_ISA", isa)],
         );
         common::tensors(&runs.join("tiny").join("model.safetensors"))
     };
