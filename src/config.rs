@@ -391,16 +391,7 @@ impl Config {
             );
         }
         rule("data.overlap", rules::overlap(d.overlap))?;
-        if d.context_slices > rules::MAX_CONTEXT {
-            return bad(
-                "data.context_slices",
-                format!(
-                    "{}: at most {} neighbour slices each side",
-                    d.context_slices,
-                    rules::MAX_CONTEXT
-                ),
-            );
-        }
+        rule("data.context_slices", rules::context(d.context_slices))?;
         rule(
             "data.channels",
             rules::channels(d.channels, d.context_slices),

@@ -132,15 +132,22 @@ pub const MAX_CONTEXT: usize = 4;
 /// Most input channels of a network: 2.5-D context at [`MAX_CONTEXT`].
 pub const MAX_IN_CHANNELS: usize = 2 * MAX_CONTEXT + 1;
 
+/// 2.5-D context: 0 ..= MAX_CONTEXT neighbour slices each side.
+pub fn context(k: usize) -> Check {
+    match k {
+        0..=MAX_CONTEXT => Ok(()),
+        _ => Err(format!(
+            "{k}: at most {MAX_CONTEXT} neighbour slices each side"
+        )),
+    }
+}
+
 /// Input channels of images: grey or RGB (1 or 3); with 2.5-D context k (slices z−k … z+k),
-/// 2k + 1.
+/// 2k + 1 (`k` checked by [`context`]).
 pub fn channels(c: usize, context: usize) -> Check {
     match context {
         0 if [1, 3].contains(&c) => Ok(()),
         0 => Err(format!("must be 1 or 3, got {c}")),
-        k if k > MAX_CONTEXT => Err(format!(
-            "2.5-D context {k}: at most {MAX_CONTEXT} neighbour slices each side"
-        )),
         k if c != 2 * k + 1 => Err(format!(
             "must be {} (2.5-D context {k}: slices z−{k} … z+{k}), got {c}",
             2 * k + 1

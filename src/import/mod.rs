@@ -167,7 +167,7 @@ pub use crate::rules::MAX_CONTEXT;
 /// Slices k−`context` … k+`context` along `axis` of the stored scan `data` (seen through
 /// `view`), each value mapped to grey by `grey`, one after the other: planar
 /// `(2·context + 1) × h × w` bytes, which as a grey image `w` wide is the slices stacked top to
-/// bottom. Past the volume's ends the first or last slice repeats. Returns the slice's (w, h).
+/// bottom. Past the volume's ends the first or last slice repeats.
 pub fn slice_planes(
     view: &Canonical,
     data: &[f32],
@@ -175,15 +175,14 @@ pub fn slice_planes(
     k: usize,
     context: usize,
     grey: impl Fn(f32) -> u8 + Copy,
-) -> ((usize, usize), Vec<u8>) {
+) -> Vec<u8> {
     let last = view.slices(axis) - 1;
     let mut planes = Vec::new();
-    let size = view.slice_size(axis);
     for offset in 0..=2 * context {
         let z = (k + offset).saturating_sub(context).min(last);
         planes.extend(view.slice(data, axis, z, grey).2);
     }
-    (size, planes)
+    planes
 }
 
 /// The file of a data set folder that records its [`Slicing`].
@@ -211,13 +210,7 @@ impl Slicing {
         self.intensity
             .check()
             .map_err(|m| format!("`intensity`: {m}"))?;
-        if self.context > MAX_CONTEXT {
-            return Err(format!(
-                "`context`: {} neighbour slices each side; at most {MAX_CONTEXT}",
-                self.context
-            ));
-        }
-        Ok(())
+        crate::rules::context(self.context).map_err(|m| format!("`context`: {m}"))
     }
 
     /// Input channels of the images this slicing cuts: 2·context + 1.
@@ -518,12 +511,7 @@ pub fn import_with(
         bail!("--every must be at least 1");
     }
     opts.intensity.check().map_err(|m| anyhow!(m))?;
-    if opts.context > MAX_CONTEXT {
-        bail!(
-            "--context {}: at most {MAX_CONTEXT} neighbour slices each side",
-            opts.context
-        );
-    }
+    crate::rules::context(opts.context).map_err(|m| anyhow!("--context {m}"))?;
     for (scan, label) in pairs {
         volume_stem(scan).ok_or_else(|| unknown_format(scan))?;
         volume_stem(label).ok_or_else(|| unknown_format(label))?;
@@ -611,7 +599,7 @@ fn import_pair(
                 return Ok(None);
             }
             let file = slice_file(&name, axis, k);
-            let (_, planes) = slice_planes(&scan_view, &scan.data, axis, k, opts.context, grey);
+            let planes = slice_planes(&scan_view, &scan.data, axis, k, opts.context, grey);
             write_grey(
                 &stage.join("images").join(&file),
                 w,

@@ -104,7 +104,7 @@ pub fn segment(
         let images: Vec<Vec<f32>> = chunk
             .iter()
             .map(|&k| {
-                let (_, planes) = slice_planes(&view, &volume.data, axis, k, slicing.context, grey);
+                let planes = slice_planes(&view, &volume.data, axis, k, slicing.context, grey);
                 planes.into_iter().map(|v| f32::from(v) / 255.0).collect()
             })
             .collect();
