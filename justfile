@@ -33,7 +33,7 @@ check-cuda *features="cuda":
 # real brain MRI from Debian's mricron-data (BSD-3; needs apt-get): the Colin27 T1 scan with the
 # hippocampus (AAL atlas regions 37 + 38) as the lesion stand-in, on the 40 axial slices that
 # hold it; validation = two blocks of 4 neighbouring slices (z 52-55, 72-75), not interleaved;
-# context=1: each slice with its two neighbours as colour channels (2.5-D, import --context 1)
+# context=K: each slice stacked with its K neighbours on each side (2.5-D, import --context K)
 data-brain out="data/brain-hippocampus" context="0":
     #!/usr/bin/env bash
     set -euo pipefail

@@ -124,6 +124,16 @@ pub struct TrainConfig {
     /// `--resume` continues. Not part of the experiment: it may change between resumes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub time_limit_minutes: Option<f64>,
+    /// A data-parallel run (`mpirun -np N`, N > 1): BatchNorm's batch statistics over every
+    /// rank's images, so that N ranks train the one-process model (true), or over each rank's
+    /// own (false: PyTorch's DDP without SyncBatchNorm). No effect in one process.
+    #[serde(default = "crate::loss::default_true", skip_serializing_if = "is_true")]
+    pub sync_batchnorm: bool,
+}
+
+/// serde: a switch left out of the resolved config when it is on (its default).
+fn is_true(on: &bool) -> bool {
+    *on
 }
 
 /// The type activations are computed in.

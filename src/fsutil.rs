@@ -105,13 +105,21 @@ pub fn write_safetensors(
     tensors: &[(String, Tensor)],
     metadata: Option<HashMap<String, String>>,
 ) -> Result<()> {
+    let bytes = encode_safetensors(tensors, metadata)
+        .with_context(|| format!("cannot encode {}", path.display()))?;
+    atomic_write(path, &bytes)
+}
+
+/// Named tensors (moved to the CPU) and string metadata in the safetensors format.
+pub fn encode_safetensors(
+    tensors: &[(String, Tensor)],
+    metadata: Option<HashMap<String, String>>,
+) -> Result<Vec<u8>> {
     let on_cpu = tensors
         .iter()
         .map(|(k, t)| Ok((k.clone(), t.to_device(&Device::Cpu)?.contiguous()?)))
         .collect::<candle_core::Result<Vec<_>>>()?;
-    let bytes = safetensors::serialize(on_cpu, metadata)
-        .with_context(|| format!("cannot encode {}", path.display()))?;
-    atomic_write(path, &bytes)
+    Ok(safetensors::serialize(on_cpu, metadata)?)
 }
 
 /// Reads a safetensors file: its tensors (on `device`) and metadata. Errors name the file and
@@ -121,21 +129,30 @@ pub fn read_safetensors(
     device: &Device,
 ) -> Result<(HashMap<String, Tensor>, HashMap<String, String>)> {
     let bytes = read_bounded(path, MAX_SAFETENSORS_BYTES, "model or checkpoint file")?;
-    let parsed = safetensors::SafeTensors::deserialize(&bytes)
-        .map_err(|e| anyhow::anyhow!("{}: not a valid safetensors file ({e})", path.display()))?;
-    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes)
-        .map_err(|e| anyhow::anyhow!("{}: bad safetensors header ({e})", path.display()))?;
+    decode_safetensors(&bytes, device, &path.display().to_string())
+}
+
+/// The tensors (on `device`) and metadata of safetensors `bytes`; errors start with `source`.
+pub fn decode_safetensors(
+    bytes: &[u8],
+    device: &Device,
+    source: &str,
+) -> Result<(HashMap<String, Tensor>, HashMap<String, String>)> {
+    let parsed = safetensors::SafeTensors::deserialize(bytes)
+        .map_err(|e| anyhow::anyhow!("{source}: not a valid safetensors file ({e})"))?;
+    let (_, meta) = safetensors::SafeTensors::read_metadata(bytes)
+        .map_err(|e| anyhow::anyhow!("{source}: bad safetensors header ({e})"))?;
     let mut tensors = HashMap::new();
     for (name, view) in parsed.tensors() {
         let t = Tensor::from_raw_buffer(
             view.data(),
             view.dtype()
                 .try_into()
-                .with_context(|| format!("{}: tensor `{name}`", path.display()))?,
+                .with_context(|| format!("{source}: tensor `{name}`"))?,
             view.shape(),
             device,
         )
-        .with_context(|| format!("{}: tensor `{name}`", path.display()))?;
+        .with_context(|| format!("{source}: tensor `{name}`"))?;
         tensors.insert(name, t);
     }
     Ok((tensors, meta.metadata().clone().unwrap_or_default()))

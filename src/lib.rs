@@ -11,6 +11,7 @@ pub mod config;
 pub mod cpu;
 pub mod data;
 pub mod device;
+pub mod distributed;
 pub mod export;
 pub mod fsutil;
 pub mod import;

@@ -612,23 +612,8 @@ fn bench_line(extra: &[&str], env: &[(&str, &str)]) -> serde_json::Value {
         "1",
     ];
     args.extend_from_slice(extra);
-    let out = ok_with_env(&args, env);
+    let out = common::ok_with_env(&args, env);
     serde_json::from_str(out.trim()).expect("one JSON line")
-}
-
-/// `segtrain args` with `env` set: its standard output, after asserting that it succeeded.
-fn ok_with_env(args: &[&str], env: &[(&str, &str)]) -> String {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_segtrain"))
-        .args(args)
-        .envs(env.iter().copied())
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 #[test]
@@ -693,7 +678,7 @@ fn every_element_wise_path_trains_the_same_weights() {
     let config = tiny_config(&dir, &data, "");
     let weights = |isa: &str| {
         let runs = dir.join(format!("runs-{isa}"));
-        ok_with_env(
+        common::ok_with_env(
             &common::train_args(&config, &runs, &[]),
             &[("SEGTRAIN_ISA", isa)],
         );

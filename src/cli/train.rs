@@ -35,6 +35,12 @@ pub struct Args {
 }
 
 pub fn run(a: Args) -> Result<()> {
+    // one rank of a data-parallel job when an MPI launcher started this process
+    let session = crate::distributed::Session::join()?;
+    session.end(train(a))
+}
+
+fn train(a: Args) -> Result<()> {
     let mut config = Config::load(&a.config, &a.sets)?;
     if let (Some(folds), Some(fold)) = (a.folds, a.fold) {
         config = config.with_fold(folds, fold)?;
@@ -44,11 +50,14 @@ pub fn run(a: Args) -> Result<()> {
         resume: a.resume,
         overwrite: a.overwrite,
         runs_dir: a.runs,
-        progress: true,
+        progress: crate::distributed::is_root(),
         bars: None,
         stop: super::stop_on_ctrl_c(),
     };
     let summary = crate::train::train(&config, &opts)?;
+    if !crate::distributed::is_root() {
+        return Ok(());
+    }
     println!(
         "best epoch {}: val dice {:.4}, iou {:.4}; {:.1} s/epoch, {:.1} images/s; model: {}",
         summary.best_epoch,

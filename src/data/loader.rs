@@ -15,6 +15,7 @@ use rand_chacha::ChaCha8Rng;
 
 use super::AugmentConfig;
 use super::{augment, Normalizer, Sample};
+use crate::distributed::Shard;
 
 /// A SplitMix64 step: decorrelates consecutive seeds.
 pub fn mix_seed(seed: u64, salt: u64) -> u64 {
@@ -122,6 +123,8 @@ pub struct BatchRecipe {
     pub augment: Option<AugmentConfig>,
     /// The mask value of padding outside an image (ignore_index, or background).
     pub pad_label: u8,
+    /// The slots of each batch this process makes (all but in a data-parallel run).
+    pub shard: Shard,
 }
 
 impl BatchRecipe {
@@ -156,6 +159,7 @@ impl BatchRecipe {
             normalizer,
             augment,
             pad_label: ignore.unwrap_or(0),
+            shard: Shard::WHOLE,
         }
     }
 
@@ -169,10 +173,13 @@ impl BatchRecipe {
 }
 
 impl BatchRecipe {
-    /// Normalised (and augmented) images `(B, C, S, S)` f32 and masks `(B, S, S)` u8, on the CPU.
+    /// Normalised (and augmented) images `(B, C, S, S)` f32 and masks `(B, S, S)` u8, on the CPU:
+    /// of the batch's slots in `self.shard`, each the same as in the whole batch.
     pub fn make(&self, indices: &[usize], seed: u64) -> candle_core::Result<(Tensor, Tensor)> {
         let (c, s) = (self.channels, self.item_size());
-        let items = indices.iter().enumerate().map(|(slot, &i)| {
+        let slots = self.shard.slots(indices.len());
+        let items = slots.clone().map(|slot| {
+            let i = indices[slot];
             let sample = &self.samples[i];
             let mut rng = ChaCha8Rng::seed_from_u64(mix_seed(seed, slot as u64));
             // the whole image's statistics, before augmentation
@@ -204,7 +211,7 @@ impl BatchRecipe {
             ))
         });
         Batcher::new_r2(items)
-            .batch_size(indices.len())
+            .batch_size(slots.len())
             .next()
             .expect("a non-empty batch")
     }

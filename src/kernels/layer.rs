@@ -6,6 +6,8 @@
 //! biased variance σ² of each channel over the interior pixels; backward
 //! `dz = γ/√(σ² + ε) · (g − mean(g) − ẑ·mean(g·ẑ))`, `g = dy·[y > 0]`, then the convolution's
 //! input and weight gradients from dz. Evaluation: the same with the running statistics.
+//! In a data-parallel run with synchronised BatchNorm the batch sums (μ, σ², mean(g),
+//! mean(g·ẑ) and the pixel count) span every rank's images ([`crate::distributed`]).
 
 use rayon::prelude::*;
 
@@ -13,6 +15,7 @@ use super::conv::{convolve_into, pack, weight_grad, zero_borders};
 use super::padded::{for_each_run, Geom};
 use crate::cpu::profile::time;
 use crate::cpu::simd::with_simd;
+use crate::distributed;
 
 /// Per-channel statistics: batch statistics of a training pass, or the running ones.
 #[derive(Debug, Clone)]
@@ -41,6 +44,8 @@ pub struct Forward {
     pub y: Vec<f32>,
     pub z: Vec<f32>,
     pub moments: Moments,
+    /// The pixels the batch statistics cover (every rank's with synchronised BatchNorm).
+    pub pixels: usize,
 }
 
 /// What the backward pass needs of a training forward pass besides its inputs and output.
@@ -74,8 +79,8 @@ pub fn forward(
         zero_borders(g, &mut z, co);
     });
     time("batchnorm+relu forward", || {
-        let moments = match running {
-            Some(m) => m.clone(),
+        let (moments, pixels) = match running {
+            Some(m) => (m.clone(), g.pixels()),
             None => moments(g, &z, co),
         };
         let inv = inv_std(&moments.var, eps);
@@ -89,7 +94,12 @@ pub fn forward(
             with_simd!(scale_shift_relu(run, src, &scale, &shift))
         });
         let z = if running.is_some() { vec![] } else { z };
-        Forward { y, z, moments }
+        Forward {
+            y,
+            z,
+            moments,
+            pixels,
+        }
     })
 }
 
@@ -201,9 +211,11 @@ fn reduce_runs(
     (a, b)
 }
 
-/// Mean and biased variance per channel of the interior pixels, computed around the first
-/// pixel's values (a shift that keeps E[d²] − E[d]² accurate).
-fn moments(g: Geom, z: &[f32], c: usize) -> Moments {
+/// Mean and biased variance per channel of the interior pixels (of every rank's batch with
+/// synchronised BatchNorm), and the number of pixels. Sums are taken around the first pixel's
+/// values (a shift that keeps the second moment accurate), then combined as Chan et al.:
+/// `μ = Σ(n·s + Σd)/N`, `σ² = Σ(Σd² + 2δΣd + n·δ²)/N` with `d = z − s`, `δ = s − μ`.
+fn moments(g: Geom, z: &[f32], c: usize) -> (Moments, usize) {
     let origin = g.row(0, 0, 0);
     let shift: Vec<f32> = z[origin * c..(origin + 1) * c].to_vec();
     let (s1, s2) = reduce_runs(g, c, |start, a, b| {
@@ -214,14 +226,24 @@ fn moments(g: Geom, z: &[f32], c: usize) -> Moments {
             b
         ))
     });
-    let m = g.pixels() as f64;
-    let (mean, var) = (0..c)
+    let n = g.pixels() as f64;
+    let mut first: Vec<f64> = (0..c).map(|k| n * shift[k] as f64 + s1[k]).collect();
+    first.push(n);
+    distributed::sum_batch_norm(&mut first);
+    let total = first[c];
+    let mean: Vec<f64> = first[..c].iter().map(|s| s / total).collect();
+    let mut second: Vec<f64> = (0..c)
         .map(|k| {
-            let (d, d2) = (s1[k] / m, s2[k] / m);
-            ((shift[k] as f64 + d) as f32, (d2 - d * d).max(0.0) as f32)
+            let delta = shift[k] as f64 - mean[k];
+            s2[k] + 2.0 * delta * s1[k] + n * delta * delta
         })
-        .unzip();
-    Moments { mean, var }
+        .collect();
+    distributed::sum_batch_norm(&mut second);
+    let moments = Moments {
+        mean: mean.iter().map(|m| *m as f32).collect(),
+        var: second.iter().map(|s| (s / total).max(0.0) as f32).collect(),
+    };
+    (moments, total as usize)
 }
 
 /// Adds `d = z − shift` to `s1` and `d²` to `s2`, per channel, over pixels of `shift.len()`
@@ -255,9 +277,13 @@ fn bn_relu_backward(
         let (y, dy, z) = (&y[span.clone()], &dy[span.clone()], &z[span]);
         with_simd!(add_gradient_sums(y, dy, z, mean, inv, a, b))
     });
-    let m = g.pixels() as f64;
-    let mean_g: Vec<f32> = sum_g.iter().map(|v| (v / m) as f32).collect();
-    let mean_gz: Vec<f32> = sum_gz.iter().map(|v| (v / m) as f32).collect();
+    // the means over the batch (every rank's with synchronised BatchNorm); dγ and dβ stay
+    // this rank's sums, as the parameter gradients are summed over the ranks afterwards
+    let mut sums: Vec<f64> = [&sum_g[..], &sum_gz[..], &[g.pixels() as f64]].concat();
+    distributed::sum_batch_norm(&mut sums);
+    let m = sums[2 * c];
+    let mean_g: Vec<f32> = sums[..c].iter().map(|v| (v / m) as f32).collect();
+    let mean_gz: Vec<f32> = sums[c..2 * c].iter().map(|v| (v / m) as f32).collect();
     let per_channel: Vec<[f32; 5]> = (0..c)
         .map(|k| [mean[k], inv[k], gamma[k] * inv[k], mean_g[k], mean_gz[k]])
         .collect();

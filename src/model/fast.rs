@@ -120,7 +120,7 @@ impl Exec<'_> {
             self.eps,
             running,
         );
-        self.moments.push((f.moments.clone(), g.pixels()));
+        self.moments.push((f.moments.clone(), f.pixels));
         if running.is_none() {
             self.layers.push(layer::Saved {
                 z: f.z,

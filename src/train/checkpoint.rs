@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 use super::optim::AdamW;
 use super::step::StepState;
 use super::TrainOptions;
-use crate::fsutil::{read_safetensors, write_safetensors};
+use crate::fsutil::{decode_safetensors, encode_safetensors, read_safetensors, write_safetensors};
 
 pub(super) const CHECKPOINT: &str = "checkpoint.safetensors";
 pub(super) const PREVIOUS_CHECKPOINT: &str = "checkpoint.prev.safetensors";
@@ -87,19 +87,7 @@ impl Checkpointer {
 
     /// Writes a checkpoint, keeping the one it replaces as the previous checkpoint.
     pub fn save(&self, vars: &VarMap, optimizer: &AdamW, progress: &Progress) -> Result<()> {
-        let mut tensors: Vec<(String, Tensor)> = vars
-            .data()
-            .lock()
-            .expect("variable map lock")
-            .iter()
-            .map(|(k, v)| (format!("model.{k}"), v.as_tensor().clone()))
-            .collect();
-        tensors.extend(optimizer.state());
-        let meta = HashMap::from([
-            ("format".to_string(), CHECKPOINT_FORMAT.to_string()),
-            ("progress".to_string(), serde_json::to_string(progress)?),
-            ("config".to_string(), self.config.clone()),
-        ]);
+        let (tensors, meta) = contents(vars, optimizer, progress, &self.config)?;
         let current = self.dir.join(CHECKPOINT);
         if current.exists() {
             std::fs::rename(&current, self.dir.join(PREVIOUS_CHECKPOINT)).with_context(|| {
@@ -111,6 +99,55 @@ impl Checkpointer {
         }
         write_safetensors(&current, &tensors, Some(meta))
     }
+}
+
+/// Named tensors and string metadata, as a safetensors file holds them.
+type Contents = (Vec<(String, Tensor)>, HashMap<String, String>);
+
+/// What a checkpoint holds: the model's variables, the optimiser's state, and as metadata the
+/// progress and the resolved config.
+fn contents(
+    vars: &VarMap,
+    optimizer: &AdamW,
+    progress: &Progress,
+    config: &str,
+) -> Result<Contents> {
+    let mut tensors: Vec<(String, Tensor)> = vars
+        .data()
+        .lock()
+        .expect("variable map lock")
+        .iter()
+        .map(|(k, v)| (format!("model.{k}"), v.as_tensor().clone()))
+        .collect();
+    tensors.extend(optimizer.state());
+    let meta = HashMap::from([
+        ("format".to_string(), CHECKPOINT_FORMAT.to_string()),
+        ("progress".to_string(), serde_json::to_string(progress)?),
+        ("config".to_string(), config.to_string()),
+    ]);
+    Ok((tensors, meta))
+}
+
+/// Rank 0's training state — variables, optimiser and progress, as a checkpoint holds them —
+/// on every rank of a data-parallel run (`progress` is rank 0's on return).
+pub(super) fn share_from_root(
+    vars: &VarMap,
+    optimizer: &mut AdamW,
+    progress: &mut Progress,
+    device: &Device,
+) -> Result<()> {
+    let mut bytes = if crate::distributed::is_root() {
+        let (tensors, meta) = contents(vars, optimizer, progress, "")?;
+        encode_safetensors(&tensors, Some(meta))?
+    } else {
+        vec![]
+    };
+    crate::distributed::broadcast(&mut bytes);
+    if !crate::distributed::is_root() {
+        let (tensors, meta) = decode_safetensors(&bytes, device, "rank 0's training state")?;
+        *progress = restore(&tensors, &meta, vars, optimizer, "rank 0's training state")?;
+    }
+    Ok(())
 }
 
 /// Restores the first of `checkpoints` (newest first) that reads into `vars` and `optimizer`;
@@ -145,24 +182,41 @@ pub(super) fn load_newest(
 
 fn load(path: &Path, vars: &VarMap, optimizer: &mut AdamW, device: &Device) -> Result<Progress> {
     let (tensors, meta) = read_safetensors(path, device)?;
+    restore(
+        &tensors,
+        &meta,
+        vars,
+        optimizer,
+        &path.display().to_string(),
+    )
+}
+
+/// Sets `vars` and `optimizer` from a checkpoint's tensors and returns its progress; errors
+/// start with `source`.
+fn restore(
+    tensors: &HashMap<String, Tensor>,
+    meta: &HashMap<String, String>,
+    vars: &VarMap,
+    optimizer: &mut AdamW,
+    source: &str,
+) -> Result<Progress> {
     if meta.get("format").map(String::as_str) != Some(CHECKPOINT_FORMAT) {
-        bail!("{}: not a segtrain checkpoint", path.display());
+        bail!("{source}: not a segtrain checkpoint");
     }
     let progress: Progress = serde_json::from_str(
         meta.get("progress")
-            .ok_or_else(|| anyhow!("{}: checkpoint lacks its progress", path.display()))?,
+            .ok_or_else(|| anyhow!("{source}: checkpoint lacks its progress"))?,
     )
-    .with_context(|| format!("{}: progress", path.display()))?;
+    .with_context(|| format!("{source}: progress"))?;
     for (name, var) in vars.data().lock().expect("variable map lock").iter() {
         let t = tensors
             .get(&format!("model.{name}"))
-            .ok_or_else(|| anyhow!("{}: checkpoint lacks `{name}`", path.display()))?;
-        var.set(t)
-            .with_context(|| format!("{}: `{name}`", path.display()))?;
+            .ok_or_else(|| anyhow!("{source}: checkpoint lacks `{name}`"))?;
+        var.set(t).with_context(|| format!("{source}: `{name}`"))?;
     }
     optimizer
-        .load_state(&tensors, progress.step)
-        .with_context(|| path.display().to_string())?;
+        .load_state(tensors, progress.step)
+        .with_context(|| source.to_string())?;
     Ok(progress)
 }
 

@@ -8,6 +8,10 @@
 //! The parts: `run_dir` (the run folder), `checkpoint` (what is saved and when), `record`
 //! (`metrics.csv` and the summary's numbers), `display` (progress bars and epoch lines),
 //! [`step`] (one update); this module holds the loop.
+//!
+//! In a data-parallel run ([`crate::distributed`]) every rank runs this loop on its part of
+//! each batch; rank 0 alone validates, writes the folder and shows progress, and the decisions
+//! that end an epoch or the run (a stop request, the time limit) are taken together.
 
 mod checkpoint;
 mod display;
@@ -30,10 +34,11 @@ use candle_nn::VarMap;
 use indicatif::{MultiProgress, ProgressBar};
 use serde::{Deserialize, Serialize};
 
-use crate::config::{Config, NonFinite, Selection};
+use crate::config::{Config, NonFinite, Precision, Selection};
 use crate::data::loader::{epoch_batches, mix_seed, BatchRecipe, Crop, TrainLoader};
 use crate::data::{DataConfig, Dataset};
 use crate::device::DeviceChoice;
+use crate::distributed::{self, Shard};
 use crate::export::{self, ModelMeta};
 use crate::fsutil::atomic_write;
 use crate::import::Slicing;
@@ -69,16 +74,21 @@ pub struct TrainOptions {
 }
 
 impl TrainOptions {
-    /// Runs `print` (that prints) with the progress bars out of the way.
+    /// Runs `print` (that prints) with the progress bars out of the way; only the process that
+    /// shows progress prints (rank 0 of a data-parallel run).
     fn suspend(&self, print: impl FnOnce()) {
+        if !distributed::is_root() {
+            return;
+        }
         match &self.bars {
             Some(bars) => bars.suspend(print),
             None => print(),
         }
     }
 
+    /// Whether a stop was requested (on any rank: every rank stops at the same update).
     fn stopped(&self) -> bool {
-        self.stop.load(Ordering::SeqCst)
+        distributed::any(self.stop.load(Ordering::SeqCst))
     }
 }
 
@@ -169,7 +179,11 @@ impl<'a> Run<'a> {
         let choice = DeviceChoice::parse(opts.device.as_deref().unwrap_or(&config.train.device))?;
         let (device, device_name) = choice.open()?;
         crate::config::check_training_memory(config, &device)?;
-        let (dir, checkpoints) = RunDir::open(config, opts)?;
+        let (dir, checkpoints) = if distributed::is_root() {
+            RunDir::open(config, opts)?
+        } else {
+            (RunDir::unopened(config, opts)?, vec![])
+        };
         opts.suspend(|| eprintln!("device: {device_name}"));
 
         let slicing = Slicing::of_dataset(&config.data.root)?;
@@ -191,6 +205,7 @@ impl<'a> Run<'a> {
             );
         }
         let dataset = Dataset::open(&config.data, config.seed)?;
+        data_parallel(config, &device, dataset.train.len())?;
         let prior = (config.model.prior > 0.0).then_some(config.model.prior);
         let m = &config.model;
         let (model, vars) = m.kind.init(
@@ -201,8 +216,10 @@ impl<'a> Run<'a> {
             &device,
         )?;
         let mut optimizer = AdamW::new(trainable(&vars), config.train.weight_decay)?;
-        let progress = if checkpoints.is_empty() {
-            dir.write_config()?;
+        let mut progress = if checkpoints.is_empty() {
+            if distributed::is_root() {
+                dir.write_config()?;
+            }
             Progress {
                 mean: dataset.normalizer.mean.clone(),
                 std: dataset.normalizer.std.clone(),
@@ -215,6 +232,16 @@ impl<'a> Run<'a> {
             resumed(&dir.path, &progress, &dataset, opts)?;
             progress
         };
+        if distributed::ranks() > 1 {
+            checkpoint::share_from_root(&vars, &mut optimizer, &mut progress, &device)?;
+            if progress.mean != dataset.normalizer.mean || progress.std != dataset.normalizer.std {
+                bail!(
+                    "rank {}: the data set in {} differs from rank 0's (its normalisation statistics)",
+                    distributed::rank(),
+                    config.data.root.display()
+                );
+            }
+        }
         let terms = loss.terms.iter().map(|t| t.kind).collect();
         let log = EpochLog::resume(&dir.path, progress.epoch, terms)?;
         let t = &config.train;
@@ -222,7 +249,10 @@ impl<'a> Run<'a> {
             .steps_per_epoch
             .unwrap_or(dataset.train.len().div_ceil(t.batch_size));
         Ok(Self {
-            recipe: train_recipe(&config.data, &dataset),
+            recipe: BatchRecipe {
+                shard: Shard::current(),
+                ..train_recipe(&config.data, &dataset)
+            },
             checkpoints: Checkpointer {
                 dir: dir.path.clone(),
                 config: dir.resolved.clone(),
@@ -310,12 +340,16 @@ impl<'a> Run<'a> {
             bar.set_position(p.batch as u64);
             bar.set_message(running_message(p, &self.log.terms));
             let (vars, optimizer, p) = (&self.vars, &self.optimizer, &self.progress);
-            self.checkpoints
-                .after_update(vars, optimizer, p, self.per_epoch)?;
+            if distributed::is_root() {
+                self.checkpoints
+                    .after_update(vars, optimizer, p, self.per_epoch)?;
+            }
             if self.opts.stopped() && p.batch < self.per_epoch {
-                self.checkpoints.save(vars, optimizer, p)?;
+                if distributed::is_root() {
+                    self.checkpoints.save(vars, optimizer, p)?;
+                }
                 bar.finish_and_clear();
-                bail!(interrupted(&self.dir.path, p));
+                return Err(distributed::Agreed(interrupted(&self.dir.path, p)).into());
             }
         }
         bar.finish_and_clear();
@@ -326,7 +360,6 @@ impl<'a> Run<'a> {
     fn update(&mut self, images: &Tensor, masks: &Tensor, bar: &ProgressBar) -> Result<f64> {
         let t = &self.config.train;
         let p = &mut self.progress;
-        let n = images.dim(0)?;
         let lr = schedule::learning_rate(
             t.schedule,
             t.lr,
@@ -353,7 +386,11 @@ impl<'a> Run<'a> {
         );
         let at = format!("epoch {}, update {}", p.epoch + 1, p.step + 1);
         match outcome.with_context(|| at.clone())? {
-            StepOutcome::Done { loss, terms } => {
+            StepOutcome::Done {
+                loss,
+                terms,
+                images: n,
+            } => {
                 p.step += 1;
                 p.epoch_loss += loss * n as f64;
                 for (s, v) in p.epoch_terms.iter_mut().zip(&terms) {
@@ -369,7 +406,8 @@ impl<'a> Run<'a> {
                 ),
                 NonFinite::Skip => {
                     p.skipped += 1;
-                    bar.suspend(|| eprintln!("{at}: {what}; batch skipped"));
+                    self.opts
+                        .suspend(|| bar.suspend(|| eprintln!("{at}: {what}; batch skipped")));
                 }
             },
         }
@@ -377,31 +415,38 @@ impl<'a> Run<'a> {
     }
 
     /// Validates the epoch just trained, logs it, keeps its model if it is the best so far and
-    /// checkpoints; stopped before the last epoch, fails with how to resume.
+    /// checkpoints (rank 0 of a data-parallel run); stopped before the last epoch, fails with
+    /// how to resume.
     fn end_epoch(&mut self, lr: f64) -> Result<()> {
-        let evaluation = self.validate()?;
-        let report = evaluation.report();
-        let row = EpochRow::finished(&self.progress, lr, &report);
-        let line = epoch_line(&row, &report, self.config.train.epochs, &self.log.terms);
-        self.opts.suspend(|| println!("{line}"));
-        self.log.push(row)?;
-        self.select(&report, &evaluation)?;
+        if distributed::is_root() {
+            let evaluation = self.validate()?;
+            let report = evaluation.report();
+            let row = EpochRow::finished(&self.progress, lr, &report);
+            let line = epoch_line(&row, &report, self.config.train.epochs, &self.log.terms);
+            self.opts.suspend(|| println!("{line}"));
+            self.log.push(row)?;
+            self.select(&report, &evaluation)?;
+        }
         self.progress.next_epoch(self.log.terms.len());
-        self.checkpoints
-            .save(&self.vars, &self.optimizer, &self.progress)?;
+        if distributed::is_root() {
+            self.checkpoints
+                .save(&self.vars, &self.optimizer, &self.progress)?;
+        }
         if self.opts.stopped() && self.progress.epoch < self.config.train.epochs {
-            bail!(interrupted(&self.dir.path, &self.progress));
+            return Err(distributed::Agreed(interrupted(&self.dir.path, &self.progress)).into());
         }
         Ok(())
     }
 
     /// Whether another epoch, ending at `next_end` since the start, would pass
-    /// `train.time_limit_minutes`; says so when it would.
+    /// `train.time_limit_minutes` (rank 0's clock decides for every rank); says so when it
+    /// would.
     fn out_of_time(&self, next_end: std::time::Duration) -> bool {
         let Some(limit) = self.config.train.time_limit_minutes else {
             return false;
         };
-        if next_end.as_secs_f64() <= limit * 60.0 {
+        let late = distributed::is_root() && next_end.as_secs_f64() > limit * 60.0;
+        if !distributed::any(late) {
             return false;
         }
         let line = format!(
@@ -471,8 +516,20 @@ impl<'a> Run<'a> {
         export::save(&self.dir.path.join("model.safetensors"), &weights, &meta)
     }
 
-    /// Writes and returns the summary of the finished run.
+    /// Writes and returns the summary of the finished run (rank 0's, on every rank).
     fn finish(self) -> Result<Summary> {
+        if distributed::ranks() > 1 {
+            let mut json = match distributed::is_root() {
+                true => serde_json::to_vec(&self.write_summary()?)?,
+                false => vec![],
+            };
+            distributed::broadcast(&mut json);
+            return Ok(serde_json::from_slice(&json)?);
+        }
+        self.write_summary()
+    }
+
+    fn write_summary(&self) -> Result<Summary> {
         let best = self.log.row(self.progress.best_epoch)?;
         let (seconds_per_epoch, images_per_second) = self.log.throughput();
         let summary = Summary {
@@ -496,6 +553,40 @@ impl<'a> Run<'a> {
         )?;
         Ok(summary)
     }
+}
+
+/// Checks that a data-parallel run can split its batches (every batch, the last of an epoch
+/// too, needs an image per rank) and synchronise BatchNorm, and turns that on or off.
+fn data_parallel(config: &Config, device: &Device, train_images: usize) -> Result<()> {
+    let ranks = distributed::ranks();
+    if ranks == 1 {
+        return Ok(());
+    }
+    let t = &config.train;
+    let smallest = match (t.steps_per_epoch, train_images % t.batch_size) {
+        (None, rest) if rest > 0 => rest,
+        _ => t.batch_size,
+    };
+    if smallest < ranks {
+        let which = match smallest == t.batch_size {
+            true => "each batch has".to_string(),
+            false => format!("the last batch of an epoch of {train_images} training images has"),
+        };
+        bail!(
+            "train.batch_size = {} over {ranks} ranks: every batch needs an image per rank, but \
+             {which} {smallest}; choose a batch size (or train.steps_per_epoch) that leaves every \
+             batch at least {ranks} images, or run fewer ranks",
+            t.batch_size
+        );
+    }
+    let fast = Kernels::for_device(device) == Kernels::FastCpu && t.precision == Precision::F32;
+    if t.sync_batchnorm && !fast {
+        bail!(
+            "train.sync_batchnorm (on by default with {ranks} ranks) needs segtrain's CPU kernels              (train.precision = \"f32\" on the CPU); set train.sync_batchnorm = false to use each              rank's own BatchNorm statistics"
+        );
+    }
+    distributed::set_sync_batchnorm(t.sync_batchnorm);
+    Ok(())
 }
 
 /// Checks a restored checkpoint against the data set and says where the run resumes.

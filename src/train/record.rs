@@ -143,6 +143,9 @@ fn metric_columns(r: &EpochRow) -> Vec<(String, Option<f64>)> {
 /// resumed run neither loses nor duplicates rows.
 fn read_rows(run_dir: &Path, before: usize) -> Result<Vec<EpochRow>> {
     let path = run_dir.join("metrics.csv");
+    if before == 0 {
+        return Ok(vec![]);
+    }
     let Ok(text) = std::fs::read_to_string(&path) else {
         return Ok(vec![]);
     };

@@ -19,7 +19,8 @@ pub(super) struct RunDir {
     pub path: PathBuf,
     /// The resolved config (`config.toml`).
     pub resolved: String,
-    _lock: DirLock,
+    /// None for the ranks of a data-parallel run that do not write (all but rank 0).
+    _lock: Option<DirLock>,
 }
 
 impl RunDir {
@@ -33,9 +34,19 @@ impl RunDir {
         let dir = Self {
             path,
             resolved,
-            _lock: lock,
+            _lock: Some(lock),
         };
         Ok((dir, checkpoints))
+    }
+
+    /// The folder as a rank that does not write sees it: neither locked nor read (rank 0 does
+    /// both and broadcasts what it restores).
+    pub fn unopened(config: &Config, opts: &TrainOptions) -> Result<Self> {
+        Ok(Self {
+            path: opts.runs_dir.join(&config.name),
+            resolved: config.to_toml()?,
+            _lock: None,
+        })
     }
 
     /// Records the resolved config of a run that starts from scratch.

@@ -1,8 +1,10 @@
 //! One training update: forward (in the training precision), loss, backward, global-norm
-//! gradient clipping and an AdamW step; f16's dynamic loss scaling. `bench` times this same
-//! function.
+//! gradient clipping and an AdamW step; f16's dynamic loss scaling; in a data-parallel run the
+//! loss of the whole gathered batch and gradients summed over the ranks
+//! ([`crate::distributed`]). `bench` times this same function.
 
 use anyhow::Result;
+use candle_core::backprop::GradStore;
 use candle_core::{DType, Tensor, Var};
 use candle_nn::VarMap;
 use serde::{Deserialize, Serialize};
@@ -10,6 +12,7 @@ use serde::{Deserialize, Serialize};
 use super::optim::AdamW;
 use crate::config::Precision;
 use crate::cpu::profile::time;
+use crate::distributed::{self, Shard};
 use crate::kernels::Kernels;
 use crate::loss::{Loss, LossValue, PositivesAverage};
 use crate::model::{deep_supervision, is_trainable, SegmentationModel};
@@ -84,8 +87,12 @@ impl LossScale {
 
 /// What an update did.
 pub enum StepOutcome {
-    /// Updated: the loss and each term.
-    Done { loss: f64, terms: Vec<f64> },
+    /// Updated: the loss and each term, over a batch of `images` (every rank's).
+    Done {
+        loss: f64,
+        terms: Vec<f64>,
+        images: usize,
+    },
     /// What was not finite: a loss term or the gradient.
     NonFinite(String),
     /// f16: the scaled gradient overflowed; the scale is halved and the update skipped.
@@ -104,8 +111,8 @@ pub fn train_step(
     let outputs = time("step: forward", || {
         model.training_outputs(images, settings.kernels, settings.dtype)
     })?;
-    let value = time("step: loss", || {
-        supervised_loss(loss, &outputs, &model.aux_levels(), masks, state)
+    let (value, batch) = time("step: loss", || {
+        batch_loss(loss, &outputs, &model.aux_levels(), masks, state)
     })?;
     let scalar = |t: &Tensor| -> Result<f64> { Ok(t.to_dtype(DType::F64)?.to_scalar::<f64>()?) };
     let terms = value.terms.iter().map(scalar).collect::<Result<Vec<_>>>()?;
@@ -119,11 +126,12 @@ pub fn train_step(
     let total = scalar(&value.total)?;
     let factor = state.loss_scale.as_ref().map_or(1.0, |s| s.scale);
     let grads = time("step: backward", || {
-        if factor == 1.0 {
-            value.total.backward()
+        let scaled = if factor == 1.0 {
+            value.total.clone()
         } else {
-            (&value.total * factor)?.backward()
-        }
+            (&value.total * factor)?
+        };
+        gradients(&scaled, &outputs, batch.as_ref(), optimizer)
     })?;
     let norm = time("step: gradient norm", || optimizer.grad_norm(&grads))? / factor;
     if !norm.is_finite() {
@@ -145,7 +153,85 @@ pub fn train_step(
     if let Some(s) = state.loss_scale.as_mut() {
         s.finite();
     }
-    Ok(StepOutcome::Done { loss: total, terms })
+    Ok(StepOutcome::Done {
+        loss: total,
+        terms,
+        images: batch.as_ref().map_or(images.dim(0)?, |b| b.images),
+    })
+}
+
+/// The whole batch of a data-parallel update: every rank's outputs, gathered in batch order as
+/// leaves of the loss's graph.
+struct GatheredBatch {
+    outputs: Vec<Var>,
+    images: usize,
+}
+
+/// The loss of the batch: of this process's outputs, or in a data-parallel run of every
+/// rank's outputs and masks gathered (the same value on every rank).
+fn batch_loss(
+    loss: &Loss,
+    outputs: &[Tensor],
+    levels: &[usize],
+    masks: &Tensor,
+    state: &mut StepState,
+) -> Result<(LossValue, Option<GatheredBatch>)> {
+    if distributed::ranks() == 1 {
+        return Ok((supervised_loss(loss, outputs, levels, masks, state)?, None));
+    }
+    let gathered = outputs
+        .iter()
+        .map(|o| Ok(Var::from_tensor(&gather_rows(&o.detach())?)?))
+        .collect::<Result<Vec<Var>>>()?;
+    let masks = gather_rows(&masks.to_dtype(DType::F32)?)?.to_dtype(masks.dtype())?;
+    let whole: Vec<Tensor> = gathered.iter().map(|v| v.as_tensor().clone()).collect();
+    let value = supervised_loss(loss, &whole, levels, &masks, state)?;
+    let images = masks.dim(0)?;
+    Ok((
+        value,
+        Some(GatheredBatch {
+            outputs: gathered,
+            images,
+        }),
+    ))
+}
+
+/// Every rank's rows of `t` (batch first), in rank order.
+fn gather_rows(t: &Tensor) -> Result<Tensor> {
+    let rows = t.dim(0)?;
+    let row_len = t.elem_count() / rows.max(1);
+    let local: Vec<f32> = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+    let all = distributed::gather_rows(&local, rows, row_len);
+    let mut dims = t.dims().to_vec();
+    dims[0] = all.len() / row_len.max(1);
+    Ok(Tensor::from_vec(all, dims, t.device())?.to_dtype(t.dtype())?)
+}
+
+/// The parameter gradients of `loss`. In a data-parallel run `loss` is of the gathered batch:
+/// its gradient with respect to this rank's rows of each output is back-propagated through
+/// this rank's forward pass (`Σ output·∂L/∂output`), and the parameter gradients are summed
+/// over the ranks.
+fn gradients(
+    loss: &Tensor,
+    outputs: &[Tensor],
+    batch: Option<&GatheredBatch>,
+    optimizer: &AdamW,
+) -> Result<GradStore> {
+    let Some(batch) = batch else {
+        return Ok(loss.backward()?);
+    };
+    let of_outputs = loss.backward()?;
+    let own = Shard::current().slots(batch.images);
+    let mut surrogate = Tensor::zeros((), DType::F32, loss.device())?;
+    for (output, whole) in outputs.iter().zip(&batch.outputs) {
+        if let Some(g) = of_outputs.get(whole.as_tensor()) {
+            let g = g.narrow(0, own.start, own.len())?.detach();
+            surrogate = (surrogate + (output * g)?.sum_all()?.to_dtype(DType::F32)?)?;
+        }
+    }
+    let mut grads = surrogate.backward()?;
+    optimizer.sum_gradients_over_ranks(&mut grads)?;
+    Ok(grads)
 }
 
 /// The loss of a training forward pass: of the logits alone, or with deep supervision

@@ -26,6 +26,21 @@ pub fn ok(args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).to_string()
 }
 
+/// `segtrain args` with `env` set: its standard output, after asserting that it succeeded.
+pub fn ok_with_env(args: &[&str], env: &[(&str, &str)]) -> String {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_segtrain"))
+        .args(args)
+        .envs(env.iter().copied())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 /// Runs segtrain and asserts a clean failure (exit 1, no panic), returning stderr.
 pub fn fails(args: &[&str]) -> String {
     let out = segtrain(args);
