@@ -7,7 +7,8 @@ use candle_core::Device;
 /// A device as named on the command line or in `train.device`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DeviceChoice {
-    /// CUDA if this build has it and a GPU answers, then Metal, then the CPU.
+    /// CUDA if this build has it and a GPU answers (a data-parallel rank's own, by its local
+    /// rank), then Metal, then the CPU.
     Auto,
     Cpu,
     Cuda(usize),
@@ -20,7 +21,8 @@ impl DeviceChoice {
         match s.as_str() {
             "auto" => Ok(Self::Auto),
             "cpu" => Ok(Self::Cpu),
-            "cuda" | "gpu" => Ok(Self::Cuda(0)),
+            // a rank of a data-parallel job takes its own GPU
+            "cuda" | "gpu" => Ok(Self::Cuda(crate::distributed::local_rank())),
             "metal" | "mps" => Ok(Self::Metal),
             other => match other.strip_prefix("cuda:") {
                 Some(n) => n.parse().map(Self::Cuda).map_err(|_| {
@@ -60,8 +62,9 @@ impl DeviceChoice {
             Self::Auto => {
                 let mut tried = vec![];
                 if cfg!(feature = "cuda") {
-                    match Device::new_cuda(0) {
-                        Ok(d) => return Ok((d, "cuda:0 (auto)".into())),
+                    let n = crate::distributed::local_rank();
+                    match Device::new_cuda(n) {
+                        Ok(d) => return Ok((d, format!("cuda:{n} (auto)"))),
                         Err(e) => tried.push(format!("CUDA: {e}")),
                     }
                 } else {

@@ -164,6 +164,84 @@ pub struct ImageScores {
 }
 
 impl Evaluation {
+    /// The evaluation of a whole data set of `len` images from the ranks' evaluations of their
+    /// parts (this one of the images at `own`): one sum over the ranks of a table of every
+    /// image's counts and HD95 (zero outside a rank's own rows) and of the calibration sums.
+    /// Without other ranks, `self`.
+    pub fn merged_over_ranks(self, len: usize, own: std::ops::Range<usize>) -> Self {
+        if crate::distributed::ranks() == 1 {
+            return self;
+        }
+        // the scored classes, from the ranks that have images
+        let mut classes = [self.images.first().map_or(0, Vec::len) as f64, 0.0];
+        classes[1] = f64::from(u8::from(classes[0] > 0.0));
+        crate::distributed::sum(&mut classes);
+        // per image and class: tp, fp, fn, HD95 (NaN: none)
+        let row = 4 * (classes[0] / classes[1].max(1.0)) as usize;
+        let mut table = vec![0f64; len * row + 4 * CALIBRATION_BINS + 2];
+        for (i, (counts, hd95)) in self.images.iter().zip(&self.hd95).enumerate() {
+            let at = (own.start + i) * row;
+            for (c, (k, h)) in counts.iter().zip(hd95).enumerate() {
+                let cell = &mut table[at + 4 * c..at + 4 * c + 4];
+                cell.copy_from_slice(&[
+                    k.tp as f64,
+                    k.fp as f64,
+                    k.fn_ as f64,
+                    h.unwrap_or(f64::NAN),
+                ]);
+            }
+        }
+        let cal = &self.calibration;
+        let sums = &mut table[len * row..];
+        for b in 0..cal.count.len() {
+            sums[3 * b..3 * b + 3].copy_from_slice(&[
+                cal.count[b] as f64,
+                cal.confidence[b],
+                cal.correct[b],
+            ]);
+        }
+        let at = 3 * CALIBRATION_BINS;
+        sums[at..at + 2].copy_from_slice(&[cal.brier_sum, cal.pixels as f64]);
+        crate::distributed::sum(&mut table);
+        let (images, sums) = table.split_at(len * row);
+        let calibration = match sums[at + 1] {
+            0.0 => Calibration::default(),
+            pixels => Calibration {
+                count: (0..CALIBRATION_BINS).map(|b| sums[3 * b] as u64).collect(),
+                confidence: (0..CALIBRATION_BINS).map(|b| sums[3 * b + 1]).collect(),
+                correct: (0..CALIBRATION_BINS).map(|b| sums[3 * b + 2]).collect(),
+                brier_sum: sums[at],
+                pixels: pixels as u64,
+            },
+        };
+        let cells = |image: &[f64]| -> Vec<[f64; 4]> {
+            image.chunks(4).map(|c| [c[0], c[1], c[2], c[3]]).collect()
+        };
+        Self {
+            images: images
+                .chunks(row)
+                .map(|image| {
+                    let cell = |c: [f64; 4]| Counts {
+                        tp: c[0] as u64,
+                        fp: c[1] as u64,
+                        fn_: c[2] as u64,
+                    };
+                    cells(image).into_iter().map(cell).collect()
+                })
+                .collect(),
+            hd95: images
+                .chunks(row)
+                .map(|image| {
+                    cells(image)
+                        .into_iter()
+                        .map(|c| Some(c[3]).filter(|h| !h.is_nan()))
+                        .collect()
+                })
+                .collect(),
+            calibration,
+        }
+    }
+
     /// Each image's scores, named by `names` (in the order the images were added).
     pub fn per_image(&self, names: &[String]) -> Vec<ImageScores> {
         self.images

@@ -1,7 +1,8 @@
-//! Data-parallel training (README "Many machines"). Without the `mpi` feature: a launcher's
-//! ranks are refused. With it (`cargo test --release --features mpi --test data_parallel`,
-//! which needs `mpirun`): N ranks train the weights of one process, only rank 0 writes, a run
-//! resumes with another number of ranks, and a failing, killed or stopped rank ends the job.
+//! Data-parallel training (README "Many machines"). Without the `mpi` feature a launcher's
+//! ranks are refused, and without `nccl` so is `--gpus`. With `mpi` (`cargo test --release
+//! --features mpi --test data_parallel`, which needs `mpirun`): N ranks train the weights of
+//! one process, only rank 0 writes, a run resumes with another number of ranks, and a
+//! failing, killed or stopped rank ends the job.
 
 mod common;
 
@@ -70,12 +71,18 @@ kind = "focal"
 normalize = "positives"
 "#;
 
+/// A fresh folder `name` with a data set of `images` tiny images and the config `WHOLE` on them.
+fn whole_image_job(name: &str, images: usize) -> (PathBuf, PathBuf) {
+    let dir = common::temp_dir(name);
+    let data = common::tiny_dataset(&dir, "lesion", "lesion", images, 32);
+    let cfg = config(&dir, &data, "whole", WHOLE);
+    (dir, cfg)
+}
+
 #[cfg(not(feature = "mpi"))]
 #[test]
 fn a_launcher_s_ranks_are_refused_without_the_mpi_feature() {
-    let dir = common::temp_dir("dp-refused");
-    let data = common::tiny_dataset(&dir, "lesion", "lesion", 8, 32);
-    let cfg = config(&dir, &data, "whole", WHOLE);
+    let (dir, cfg) = whole_image_job("dp-refused", 8);
     let runs = dir.join("runs");
     for key in ["OMPI_COMM_WORLD_SIZE", "PMI_SIZE"] {
         let out = std::process::Command::new(env!("CARGO_BIN_EXE_segtrain"))
@@ -95,6 +102,21 @@ fn a_launcher_s_ranks_are_refused_without_the_mpi_feature() {
     common::ok_with_env(&common::train_args(&cfg, &runs, &[]), &[("PMI_SIZE", "1")]);
 }
 
+#[cfg(not(feature = "nccl"))]
+#[test]
+fn gpus_are_refused_without_the_nccl_feature() {
+    let (dir, cfg) = whole_image_job("dp-gpus", 8);
+    let runs = dir.join("runs");
+    let mut args = common::train_args(&cfg, &runs, &[]);
+    args.extend(["--gpus", "2"]);
+    let stderr = common::fails(&args);
+    assert!(
+        stderr.contains("--gpus") && stderr.contains("--features nccl"),
+        "{stderr}"
+    );
+    assert!(!runs.exists(), "nothing is written");
+}
+
 #[cfg(feature = "mpi")]
 mod mpi {
     use std::collections::HashMap;
@@ -102,16 +124,24 @@ mod mpi {
     use std::process::{Child, Command, Output, Stdio};
     use std::time::{Duration, Instant};
 
-    use super::{config, PATCHES, WHOLE};
+    use super::{config, whole_image_job, PATCHES, WHOLE};
     use crate::common::{self, temp_dir, tensors, tiny_dataset};
 
     /// `mpirun` with one program per group: `(ranks, segtrain arguments)`, in rank order.
     fn mpirun(groups: &[(usize, Vec<&str>)]) -> Command {
+        mpirun_with(groups, &[])
+    }
+
+    /// [`mpirun`] with environment variables for every rank.
+    fn mpirun_with(groups: &[(usize, Vec<&str>)], env: &[(&str, &str)]) -> Command {
         let mut cmd = Command::new("mpirun");
         // root in CI containers; two cores for up to three ranks
         cmd.env("OMPI_ALLOW_RUN_AS_ROOT", "1")
             .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
             .arg("--oversubscribe");
+        for (key, value) in env {
+            cmd.args(["-x", &format!("{key}={value}")]);
+        }
         for (i, (n, args)) in groups.iter().enumerate() {
             if i > 0 {
                 cmd.arg(":");
@@ -165,6 +195,38 @@ mod mpi {
         }
     }
 
+    /// Asserts that two runs' validation (split over the ranks in one) scored alike: every
+    /// `val_*` column of `metrics.csv` and every score of `per_image.csv`, image by image in
+    /// the same order, within 1e-4.
+    fn same_validation(a: &Path, b: &Path, what: &str) {
+        let table = |dir: &Path, file: &str| -> Vec<Vec<String>> {
+            std::fs::read_to_string(dir.join(file))
+                .unwrap()
+                .lines()
+                .map(|l| l.split(',').map(str::to_string).collect())
+                .collect()
+        };
+        for (file, scored) in [("metrics.csv", "val_"), ("per_image.csv", "")] {
+            let (x, y) = (table(a, file), table(b, file));
+            assert_eq!(x.len(), y.len(), "{what}: {file}");
+            assert_eq!(x[0], y[0], "{what}: {file} header");
+            for (row_x, row_y) in x.iter().zip(&y).skip(1) {
+                for ((column, p), q) in x[0].iter().zip(row_x).zip(row_y) {
+                    if !column.starts_with(scored) || column == "seconds" {
+                        continue;
+                    }
+                    match (p.parse::<f64>(), q.parse::<f64>()) {
+                        (Ok(p), Ok(q)) => assert!(
+                            (p - q).abs() <= 1e-4 || (p.is_nan() && q.is_nan()),
+                            "{what}: {file} {column}: {p} vs {q}"
+                        ),
+                        _ => assert_eq!(p, q, "{what}: {file} {column}"),
+                    }
+                }
+            }
+        }
+    }
+
     fn files(dir: &Path) -> Vec<String> {
         let mut names: Vec<String> = std::fs::read_dir(dir)
             .unwrap()
@@ -208,39 +270,41 @@ mod mpi {
                 &a.join("checkpoint.safetensors"),
                 &format!("{name}, {ranks} ranks"),
             );
+            same_validation(&a, &b, &format!("{name}, {ranks} ranks"));
         }
     }
 
     #[test]
-    fn without_sync_batchnorm_the_ranks_train_another_model() {
-        let dir = temp_dir("dp-nosync");
-        let data = tiny_dataset(&dir, "lesion", "lesion", 20, 32);
-        let cfg = config(&dir, &data, "whole", WHOLE);
+    fn batchnorm_is_synchronised_on_both_paths_and_only_when_asked() {
+        // segtrain's CPU kernels, and Candle's ops (the path of CUDA and Metal, here on the
+        // CPU: BatchNorm's batch sums as an op of the autograd graph)
+        let (dir, cfg) = whole_image_job("dp-sync", 20);
         let cfg = cfg.to_str().unwrap();
-        let (one, many) = (dir.join("one"), dir.join("many"));
-        common::ok(&["train", cfg, "--runs", one.to_str().unwrap()]);
-        let args = vec![
-            "train",
-            cfg,
-            "--runs",
-            many.to_str().unwrap(),
-            "--set",
-            "train.sync_batchnorm=false",
-        ];
-        succeeded(&run(&[(2, args)]));
-        let d = difference(
-            &many.join("whole/checkpoint.safetensors"),
-            &one.join("whole/checkpoint.safetensors"),
-            "model.",
-        );
-        assert!(d > 1e-3, "each rank's own statistics: {d:e}");
+        for kernels in ["fast", "candle"] {
+            let env = [("SEGTRAIN_KERNELS", kernels)];
+            let runs = |what: &str| dir.join(format!("{kernels}-{what}"));
+            let one = runs("one");
+            common::ok_with_env(&common::train_args(Path::new(cfg), &one, &[]), &env);
+            let one = one.join("whole/checkpoint.safetensors");
+            for sync in [true, false] {
+                let many = runs(&format!("sync-{sync}"));
+                let set = format!("train.sync_batchnorm={sync}");
+                let args = common::train_args(Path::new(cfg), &many, &["--set", &set]);
+                succeeded(&mpirun_with(&[(2, args)], &env).output().unwrap());
+                let many = many.join("whole/checkpoint.safetensors");
+                if sync {
+                    same_model(&many, &one, &format!("{kernels}, 2 ranks"));
+                } else {
+                    let d = difference(&many, &one, "model.");
+                    assert!(d > 1e-3, "{kernels}: each rank's own statistics: {d:e}");
+                }
+            }
+        }
     }
 
     #[test]
     fn a_run_resumes_with_another_number_of_ranks() {
-        let dir = temp_dir("dp-resume");
-        let data = tiny_dataset(&dir, "lesion", "lesion", 20, 32);
-        let cfg = config(&dir, &data, "whole", WHOLE);
+        let (dir, cfg) = whole_image_job("dp-resume", 20);
         let cfg = cfg.to_str().unwrap();
         let one = dir.join("one");
         let two_epochs = ["--set", "train.epochs=2"];
@@ -277,10 +341,8 @@ mod mpi {
     }
 
     #[test]
-    fn bad_splits_and_unsynchronisable_batchnorm_are_refused_by_name() {
-        let dir = temp_dir("dp-refused");
-        let data = tiny_dataset(&dir, "lesion", "lesion", 20, 32);
-        let cfg = config(&dir, &data, "whole", WHOLE);
+    fn bad_splits_are_refused_by_name() {
+        let (dir, cfg) = whole_image_job("dp-refused", 20);
         let cfg = cfg.to_str().unwrap();
         let runs = dir.join("runs");
         for (set, ranks, expect) in [
@@ -295,7 +357,6 @@ mod mpi {
                 4,
                 "the last batch of an epoch of 15 training images has 3",
             ),
-            ("train.precision=bf16", 2, "train.sync_batchnorm"),
         ] {
             let args = vec!["train", cfg, "--runs", runs.to_str().unwrap(), "--set", set];
             let out = run(&[(ranks, args)]);
@@ -307,19 +368,10 @@ mod mpi {
             );
             assert!(!stderr.contains("panicked"), "{stderr}");
         }
-        // without synchronised BatchNorm bf16 trains
-        let args = vec![
-            "train",
-            cfg,
-            "--runs",
-            runs.to_str().unwrap(),
-            "--overwrite",
-            "--set",
-            "train.precision=bf16",
-            "--set",
-            "train.sync_batchnorm=false",
-        ];
+        // bf16 (Candle's ops) trains with synchronised BatchNorm
+        let args = common::train_args(Path::new(cfg), &runs, &["--set", "train.precision=bf16"]);
         succeeded(&run(&[(2, args)]));
+        assert!(runs.join("whole/model.safetensors").exists());
     }
 
     /// The segtrain processes of `config` and their MPI ranks.
@@ -388,9 +440,7 @@ mod mpi {
 
     #[test]
     fn a_failing_or_killed_rank_ends_the_job_and_a_stop_stops_every_rank() {
-        let dir = temp_dir("dp-ends");
-        let data = tiny_dataset(&dir, "lesion", "lesion", 20, 32);
-        let cfg = config(&dir, &data, "whole", WHOLE);
+        let (dir, cfg) = whole_image_job("dp-ends", 20);
         let cfg = cfg.to_str().unwrap();
 
         // a rank that fails alone (its data is missing) stops the others

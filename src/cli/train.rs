@@ -32,9 +32,17 @@ pub struct Args {
     /// Folder of the run folders.
     #[arg(long, default_value = "runs")]
     runs: PathBuf,
+    /// Train data-parallel on this machine's first N GPUs over NCCL (a build with the
+    /// `nccl` feature; under mpirun or srun leave it out).
+    #[arg(long, value_name = "N")]
+    gpus: Option<usize>,
 }
 
 pub fn run(a: Args) -> Result<()> {
+    // `--gpus N` starts this command once per GPU; each of those is a rank
+    if let (Some(n), Ok(None)) = (a.gpus, crate::distributed::gpus_rank()) {
+        return crate::distributed::launch_gpus(n);
+    }
     // one rank of a data-parallel job when an MPI launcher started this process
     let session = crate::distributed::Session::join()?;
     session.end(train(a))

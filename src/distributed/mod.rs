@@ -14,13 +14,20 @@
 //! The process-wide group lives here (MPI is process-wide too); without one every function
 //! is the identity of a single process.
 
+mod gpus;
 #[cfg(feature = "mpi")]
 mod mpi;
+#[cfg(feature = "nccl")]
+mod nccl;
+
+pub use gpus::{launch as launch_gpus, rank_of_launcher as gpus_rank};
 
 use std::ops::Range;
 use std::sync::Mutex;
 
 use anyhow::{bail, Result};
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
 
 /// The collective operations a data-parallel run needs, over all ranks of the job.
 pub trait Collective: Send {
@@ -35,12 +42,45 @@ pub trait Collective: Send {
     fn broadcast(&self, bytes: &mut Vec<u8>);
     /// Ends every rank of the job at once.
     fn abort(&self, code: i32) -> !;
+    /// Element-wise sums over the ranks of a contiguous f32/f64 CUDA tensor. By default through
+    /// the host: copied out, summed with [`Self::sum_f32`]/[`Self::sum_f64`], copied back.
+    #[cfg(feature = "cuda")]
+    fn sum_cuda(
+        &self,
+        storage: &candle_core::CudaStorage,
+        layout: &Layout,
+    ) -> candle_core::Result<candle_core::CudaStorage> {
+        match storage.dtype() {
+            candle_core::DType::F32 => through_host(storage, layout, |v| self.sum_f32(v)),
+            candle_core::DType::F64 => through_host(storage, layout, |v| self.sum_f64(v)),
+            other => candle_core::bail!("a sum over ranks takes f32 or f64, not {other:?}"),
+        }
+    }
+}
+
+/// `sum` applied to the contiguous CUDA tensor `(storage, layout)` on the host.
+#[cfg(feature = "cuda")]
+fn through_host<
+    T: candle_core::cuda::CudaDType + candle_core::cuda::cudarc::driver::DeviceRepr + 'static,
+>(
+    storage: &candle_core::CudaStorage,
+    layout: &Layout,
+    sum: impl FnOnce(&mut [T]),
+) -> candle_core::Result<candle_core::CudaStorage> {
+    let (start, end) = contiguous(layout)?;
+    let device = storage.device.clone();
+    let mut values = device.clone_dtoh(&storage.as_cuda_slice::<T>()?.slice(start..end))?;
+    sum(&mut values);
+    let summed = device.clone_htod(&values)?;
+    Ok(candle_core::CudaStorage::wrap_cuda_slice(summed, device))
 }
 
 struct Group {
     collective: Box<dyn Collective>,
     /// Whether BatchNorm's batch statistics are summed over the ranks.
     sync_batchnorm: bool,
+    /// The GPU the collective runs on (NCCL), which the rank trains on.
+    device: Option<candle_core::Device>,
 }
 
 static GROUP: Mutex<Option<Group>> = Mutex::new(None);
@@ -98,6 +138,83 @@ pub fn sum_batch_norm(values: &mut [f64]) {
             g.collective.sum_f64(values)
         }
     })
+}
+
+/// `t` summed over the ranks (itself without a group): the gradients of an update.
+pub fn sum_tensor(t: &Tensor) -> candle_core::Result<Tensor> {
+    match ranks() {
+        1 => Ok(t.clone()),
+        _ => t.contiguous()?.apply_op1_no_bwd(&SumOverRanks),
+    }
+}
+
+/// `t` summed over the ranks when BatchNorm is synchronised, as an op of the autograd graph:
+/// BatchNorm's batch sums on Candle's path (CUDA, Metal, bf16).
+pub fn sum_batch_norm_tensor(t: &Tensor) -> candle_core::Result<Tensor> {
+    match with_group(|g| g.is_some_and(|g| g.sync_batchnorm)) {
+        false => Ok(t.clone()),
+        true => t.contiguous()?.apply_op1(SumOverRanks),
+    }
+}
+
+/// The element-wise sum over the ranks as a Candle op. Every rank's loss depends on every
+/// rank's input through the sum, so the gradient of the input is the sum over the ranks of
+/// the incoming gradients: the op is its own adjoint. The ranks' graphs are alike, so they
+/// meet in the backward pass's sums in the same order.
+struct SumOverRanks;
+
+fn contiguous(layout: &Layout) -> candle_core::Result<(usize, usize)> {
+    layout
+        .contiguous_offsets()
+        .ok_or_else(|| candle_core::Error::Msg("a sum over ranks needs a contiguous tensor".into()))
+}
+
+impl CustomOp1 for SumOverRanks {
+    fn name(&self) -> &'static str {
+        "sum-over-ranks"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (start, end) = contiguous(l)?;
+        let summed = match s {
+            CpuStorage::F32(v) => {
+                let mut v = v[start..end].to_vec();
+                sum_f32(&mut v);
+                CpuStorage::F32(v)
+            }
+            CpuStorage::F64(v) => {
+                let mut v = v[start..end].to_vec();
+                sum(&mut v);
+                CpuStorage::F64(v)
+            }
+            other => {
+                candle_core::bail!("a sum over ranks takes f32 or f64, not {:?}", other.dtype())
+            }
+        };
+        Ok((summed, l.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        let summed = with_group(|g| match g {
+            Some(g) => g.collective.sum_cuda(s, l),
+            None => candle_core::bail!("a sum over ranks outside a data-parallel job"),
+        })?;
+        Ok((summed, l.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        _arg: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
+        Ok(Some(grad.contiguous()?.apply_op1(SumOverRanks)?))
+    }
 }
 
 /// Turns BatchNorm synchronisation on or off for the updates that follow.
@@ -186,11 +303,68 @@ fn launcher_ranks() -> Option<usize> {
         .find_map(|key| std::env::var(key).ok()?.parse().ok())
 }
 
+#[cfg(any(feature = "mpi", feature = "nccl"))]
+fn set_group(collective: Box<dyn Collective>, device: Option<candle_core::Device>) {
+    *GROUP.lock().unwrap_or_else(|e| e.into_inner()) = Some(Group {
+        collective,
+        sync_batchnorm: true,
+        device,
+    });
+}
+
+/// This rank's number among the ranks of its machine, as the launcher says (`--gpus`, Open
+/// MPI, MPICH and Intel MPI, Slurm); 0 without one. Picks the rank's GPU.
+pub fn local_rank() -> usize {
+    [
+        gpus::RANK,
+        "OMPI_COMM_WORLD_LOCAL_RANK",
+        "MPI_LOCALRANKID",
+        "SLURM_LOCALID",
+    ]
+    .iter()
+    .find_map(|key| std::env::var(key).ok()?.parse().ok())
+    .unwrap_or(0)
+}
+
+/// The GPU a `--gpus` rank was started for (its collective runs there).
+pub fn device() -> Option<candle_core::Device> {
+    with_group(|g| g.and_then(|g| g.device.clone()))
+}
+
+/// Moves an MPI job's collectives onto the GPU the rank trains on: NCCL, its clique set up
+/// over MPI, when this build has it (`nccl`); otherwise they stay MPI's, through the host.
+pub fn attach_device(device: &candle_core::Device) -> Result<()> {
+    #[cfg(feature = "nccl")]
+    if let candle_core::Device::Cuda(cuda) = device {
+        let mut guard = GROUP.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(group) = guard.take_if(|g| g.device.is_none()) {
+            match nccl::Nccl::over(group.collective.as_ref(), cuda) {
+                Ok(nccl) => {
+                    *guard = Some(Group {
+                        collective: Box::new(nccl.aborting_with(group.collective)),
+                        sync_batchnorm: group.sync_batchnorm,
+                        device: Some(device.clone()),
+                    })
+                }
+                Err(e) => {
+                    *guard = Some(group);
+                    return Err(e);
+                }
+            }
+        }
+    }
+    let _ = device;
+    Ok(())
+}
+
 impl Session {
     /// Joins the job that the launcher started (MPI initialised; a group when it has more than
     /// one rank). A launcher without the `mpi` feature is refused: the ranks would train N
     /// separate models into one folder.
     pub fn join() -> Result<Self> {
+        if let Some(rank) = gpus::rank_of_launcher()? {
+            return gpus::join(rank).map(|()| Self(()));
+        }
         let Some(n) = launcher_ranks() else {
             return Ok(Self(()));
         };
@@ -203,10 +377,7 @@ impl Session {
                     collective.ranks()
                 );
             }
-            *GROUP.lock().unwrap_or_else(|e| e.into_inner()) = Some(Group {
-                collective: Box::new(collective),
-                sync_batchnorm: true,
-            });
+            set_group(Box::new(collective), None);
             Ok(Self(()))
         }
         #[cfg(not(feature = "mpi"))]

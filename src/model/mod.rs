@@ -16,6 +16,7 @@ use fast::UNetKernel;
 pub use init::seeded_var_builder;
 pub use kind::{ModelKind, SegmentationModel};
 
+use crate::distributed;
 use crate::kernels::layer::Moments;
 use crate::kernels::Kernels;
 
@@ -257,16 +258,23 @@ impl BatchNorm {
         let dtype = x.dtype();
         let x = &x.to_dtype(DType::F32)?;
         let (mean, var) = if train {
+            // per-channel means over the batch; with synchronised BatchNorm over every rank's
+            // part, as the sum of the parts' means weighted by their share of the pixels
             let (n, _, h, w) = x.dims4()?;
-            let mean = x.mean_keepdim(0)?.mean_keepdim(2)?.mean_keepdim(3)?;
-            let var = x
-                .broadcast_sub(&mean)?
-                .sqr()?
-                .mean_keepdim(0)?
-                .mean_keepdim(2)?
-                .mean_keepdim(3)?;
+            let mut count = [(n * h * w) as f64];
+            distributed::sum_batch_norm(&mut count);
+            let share = (n * h * w) as f64 / count[0];
+            let batch_mean = |t: &Tensor| -> Result<Tensor> {
+                let mean = t.mean_keepdim(0)?.mean_keepdim(2)?.mean_keepdim(3)?;
+                match share {
+                    1.0 => Ok(mean),
+                    _ => distributed::sum_batch_norm_tensor(&(mean * share)?),
+                }
+            };
+            let mean = batch_mean(x)?;
+            let var = batch_mean(&x.broadcast_sub(&mean)?.sqr()?)?;
             let (mean, var) = (mean.flatten_all()?, var.flatten_all()?);
-            self.update(&mean.detach(), &var.detach(), n * h * w)?;
+            self.update(&mean.detach(), &var.detach(), count[0] as usize)?;
             (mean, var)
         } else {
             (self.running_mean.clone(), self.running_var.clone())

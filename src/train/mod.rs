@@ -34,7 +34,7 @@ use candle_nn::VarMap;
 use indicatif::{MultiProgress, ProgressBar};
 use serde::{Deserialize, Serialize};
 
-use crate::config::{Config, NonFinite, Precision, Selection};
+use crate::config::{Config, NonFinite, Selection};
 use crate::data::loader::{epoch_batches, mix_seed, BatchRecipe, Crop, TrainLoader};
 use crate::data::{DataConfig, Dataset};
 use crate::device::DeviceChoice;
@@ -177,7 +177,15 @@ impl<'a> Run<'a> {
     fn start(config: &'a Config, opts: &'a TrainOptions) -> Result<Self> {
         let loss = config.loss()?;
         let choice = DeviceChoice::parse(opts.device.as_deref().unwrap_or(&config.train.device))?;
-        let (device, device_name) = choice.open()?;
+        let (device, device_name) = match distributed::device() {
+            // a `--gpus` rank trains on the GPU its collective runs on
+            Some(gpu) if matches!(choice, DeviceChoice::Auto | DeviceChoice::Cuda(_)) => {
+                (gpu, format!("cuda:{} (--gpus)", distributed::rank()))
+            }
+            Some(_) => bail!("--gpus trains on GPUs, but the device asked for is {choice:?}"),
+            None => choice.open()?,
+        };
+        distributed::attach_device(&device)?;
         crate::config::check_training_memory(config, &device)?;
         let (dir, checkpoints) = if distributed::is_root() {
             RunDir::open(config, opts)?
@@ -205,7 +213,7 @@ impl<'a> Run<'a> {
             );
         }
         let dataset = Dataset::open(&config.data, config.seed)?;
-        data_parallel(config, &device, dataset.train.len())?;
+        data_parallel(config, dataset.train.len())?;
         let prior = (config.model.prior > 0.0).then_some(config.model.prior);
         let m = &config.model;
         let (model, vars) = m.kind.init(
@@ -414,12 +422,12 @@ impl<'a> Run<'a> {
         Ok(lr)
     }
 
-    /// Validates the epoch just trained, logs it, keeps its model if it is the best so far and
-    /// checkpoints (rank 0 of a data-parallel run); stopped before the last epoch, fails with
-    /// how to resume.
+    /// Validates the epoch just trained (every rank its part of the images), logs it, keeps its
+    /// model if it is the best so far and checkpoints (rank 0 of a data-parallel run); stopped
+    /// before the last epoch, fails with how to resume.
     fn end_epoch(&mut self, lr: f64) -> Result<()> {
+        let evaluation = self.validate()?;
         if distributed::is_root() {
-            let evaluation = self.validate()?;
             let report = evaluation.report();
             let row = EpochRow::finished(&self.progress, lr, &report);
             let line = epoch_line(&row, &report, self.config.train.epochs, &self.log.terms);
@@ -480,8 +488,11 @@ impl<'a> Run<'a> {
             },
             min_lesion_pixels: d.min_lesion_pixels,
         };
+        // each rank evaluates its part of the images; the sums are added over the ranks
         let ignore = self.dataset.format.ignore_mask_value();
-        Ok(predictor.evaluate(&self.dataset.val, ignore)?)
+        let own = Shard::current().slots(self.dataset.val.len());
+        let evaluation = predictor.evaluate(&self.dataset.val[own.clone()], ignore)?;
+        Ok(evaluation.merged_over_ranks(self.dataset.val.len(), own))
     }
 
     /// Exports the model of the epoch just validated, with its per-image scores
@@ -556,8 +567,8 @@ impl<'a> Run<'a> {
 }
 
 /// Checks that a data-parallel run can split its batches (every batch, the last of an epoch
-/// too, needs an image per rank) and synchronise BatchNorm, and turns that on or off.
-fn data_parallel(config: &Config, device: &Device, train_images: usize) -> Result<()> {
+/// too, needs an image per rank), and turns BatchNorm synchronisation on or off.
+fn data_parallel(config: &Config, train_images: usize) -> Result<()> {
     let ranks = distributed::ranks();
     if ranks == 1 {
         return Ok(());
@@ -577,12 +588,6 @@ fn data_parallel(config: &Config, device: &Device, train_images: usize) -> Resul
              {which} {smallest}; choose a batch size (or train.steps_per_epoch) that leaves every \
              batch at least {ranks} images, or run fewer ranks",
             t.batch_size
-        );
-    }
-    let fast = Kernels::for_device(device) == Kernels::FastCpu && t.precision == Precision::F32;
-    if t.sync_batchnorm && !fast {
-        bail!(
-            "train.sync_batchnorm (on by default with {ranks} ranks) needs segtrain's CPU kernels              (train.precision = \"f32\" on the CPU); set train.sync_batchnorm = false to use each              rank's own BatchNorm statistics"
         );
     }
     distributed::set_sync_batchnorm(t.sync_batchnorm);

@@ -55,19 +55,23 @@ impl AdamW {
     /// Sums every parameter's gradient over the ranks of a data-parallel run with one
     /// all-reduce of a flat f32 buffer (a missing gradient counts as zero).
     pub fn sum_gradients_over_ranks(&self, grads: &mut GradStore) -> Result<()> {
-        let mut flat = vec![];
-        for s in &self.slots {
-            match grads.get(s.var.as_tensor()) {
-                Some(g) => flat.extend(g.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?),
-                None => flat.resize(flat.len() + s.var.elem_count(), 0.0),
-            }
-        }
-        crate::distributed::sum_f32(&mut flat);
+        let parts = self
+            .slots
+            .iter()
+            .map(|s| {
+                let t = s.var.as_tensor();
+                match grads.get(t) {
+                    Some(g) => g.to_dtype(DType::F32)?.flatten_all(),
+                    None => Tensor::zeros(t.elem_count(), DType::F32, t.device()),
+                }
+            })
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let flat = crate::distributed::sum_tensor(&Tensor::cat(&parts, 0)?)?;
         let mut at = 0;
         for s in &self.slots {
             let t = s.var.as_tensor();
             let n = t.elem_count();
-            let g = Tensor::from_slice(&flat[at..at + n], t.dims(), t.device())?;
+            let g = flat.narrow(0, at, n)?.reshape(t.dims())?;
             grads.insert(t, g.to_dtype(t.dtype())?);
             at += n;
         }
