@@ -75,12 +75,17 @@ pub fn launch(n: usize) -> Result<()> {
     let rendezvous = std::env::temp_dir().join(format!("segtrain-gpus-{}", std::process::id()));
     std::fs::create_dir_all(&rendezvous)
         .with_context(|| format!("{}: cannot create", rendezvous.display()))?;
-    let result = run_ranks(n, &rendezvous);
+    let status = run_ranks(n, &rendezvous);
     let _ = std::fs::remove_dir_all(&rendezvous);
-    result
+    match status? {
+        // the ranks printed their errors; the job's status is the first failure's
+        Some(code) => std::process::exit(code),
+        None => Ok(()),
+    }
 }
 
-fn run_ranks(n: usize, rendezvous: &std::path::Path) -> Result<()> {
+/// Starts the `n` ranks and waits for them: the exit code of the first that failed, if any.
+fn run_ranks(n: usize, rendezvous: &std::path::Path) -> Result<Option<i32>> {
     let exe = std::env::current_exe().context("cannot find the segtrain executable")?;
     let stop = Arc::new(AtomicBool::new(false));
     let flag = stop.clone();
@@ -124,11 +129,11 @@ fn run_ranks(n: usize, rendezvous: &std::path::Path) -> Result<()> {
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-    match status.iter().flatten().find(|s| !s.success()) {
-        // the ranks printed their errors; the job's status is the first failure's
-        Some(s) => std::process::exit(s.code().unwrap_or(1)),
-        None => Ok(()),
-    }
+    Ok(status
+        .iter()
+        .flatten()
+        .find(|s| !s.success())
+        .map(|s| s.code().unwrap_or(1)))
 }
 
 /// Sends `signal` to every rank still running.
