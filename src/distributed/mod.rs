@@ -405,23 +405,30 @@ impl Session {
                 // would have the launcher kill rank 0 mid-report
                 let root = g.collective.rank() == 0;
                 if root {
-                    eprintln!("error: {e:#}");
+                    report(format!("error: {e:#}"));
                 }
                 drop(group);
                 std::process::exit(if root { 1 } else { 0 });
             }
             if g.collective.ranks() > 1 {
-                eprintln!(
+                report(format!(
                     "error (rank {} of {}): {e:#}\nstopping every rank of the job",
                     g.collective.rank(),
                     g.collective.ranks()
-                );
+                ));
                 g.collective.abort(1);
             }
         }
         drop(group);
         result
     }
+}
+
+/// Writes `text` and a newline to stderr in one write, so that the launcher, which merges the
+/// ranks' output, does not cut it with another rank's lines (`eprintln!` writes piecewise).
+fn report(text: String) {
+    use std::io::Write;
+    let _ = std::io::stderr().write_all(format!("{text}\n").as_bytes());
 }
 
 impl Drop for Session {

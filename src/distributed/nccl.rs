@@ -148,11 +148,11 @@ fn check<T, E: std::fmt::Debug>(result: Result<T, E>, nccl: &Nccl) -> candle_cor
 /// A failed collective leaves the ranks out of step: this rank reports it and ends the job.
 fn fatal<T>(result: candle_core::Result<T>, nccl: &Nccl, what: &str) -> T {
     result.unwrap_or_else(|e| {
-        eprintln!(
+        super::report(format!(
             "error (rank {} of {}): {what}: {e}\nstopping every rank of the job",
             nccl.rank(),
             nccl.ranks()
-        );
+        ));
         nccl.abort(1)
     })
 }
